@@ -1,0 +1,4 @@
+//! kvserve: a local LLM inference server over MLX that computes a coding
+//! agent's long, mostly unchanging prompt once and reuses it turn after turn.
+
+pub mod mlx;

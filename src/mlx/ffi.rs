@@ -1,0 +1,139 @@
+//! The one place in kvserve that says `unsafe`.
+//!
+//! mlx-rs covers most of MLX; where kvserve calls mlx-c or the C library
+//! directly, the call goes through [`guarded`] (or a function here built on it)
+//! so an MLX failure comes back as [`MlxError`] carrying MLX's own message and
+//! the caller's location, never as an abort.
+
+use std::cell::RefCell;
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::panic::Location;
+use std::path::PathBuf;
+use std::sync::Once;
+
+use super::MlxError;
+
+thread_local! {
+    /// The newest MLX error message raised on this thread by a guarded call.
+    static LAST_ERROR: RefCell<Option<String>> = const { RefCell::new(None) };
+}
+
+extern "C" {
+    /// mlx-rs's own handler (exported with #[no_mangle]); ours forwards to it so
+    /// mlx-rs keeps reporting its errors.
+    fn default_mlx_error_handler(msg: *const c_char, data: *mut c_void);
+}
+
+extern "C" fn chained_error_handler(msg: *const c_char, data: *mut c_void) {
+    if !msg.is_null() {
+        // SAFETY: MLX passes a NUL-terminated message valid for this call.
+        let text = unsafe { CStr::from_ptr(msg) }.to_string_lossy().into_owned();
+        LAST_ERROR.with(|e| *e.borrow_mut() = Some(text));
+    }
+    // SAFETY: same contract as the handler MLX would have called.
+    unsafe { default_mlx_error_handler(msg, data) };
+}
+
+static INSTALL: Once = Once::new();
+
+/// Install the chained error handler after mlx-rs has installed its own (it
+/// does so once, on its first guarded call), so neither replaces the other.
+fn install_handler() {
+    INSTALL.call_once(|| {
+        // Any mlx-rs op registers mlx-rs's handler first.
+        let _ = mlx_rs::memory::active_memory();
+        // SAFETY: the handler is a plain extern "C" fn with no captured state.
+        unsafe { mlx_sys::mlx_set_error_handler(Some(chained_error_handler), std::ptr::null_mut(), None) };
+    });
+}
+
+/// Run one raw mlx-c call that returns a status (0 = success) and turn a
+/// failure into [`MlxError`] with MLX's message.
+///
+/// # Safety contract (upheld by the callers in this file)
+/// `f` must only pass valid, live MLX handles and pointers to mlx-c.
+#[track_caller]
+fn guarded(f: impl FnOnce() -> c_int) -> Result<(), MlxError> {
+    install_handler();
+    LAST_ERROR.with(|e| e.borrow_mut().take());
+    let status = f();
+    if status == 0 {
+        return Ok(());
+    }
+    let message = LAST_ERROR
+        .with(|e| e.borrow_mut().take())
+        .unwrap_or_else(|| format!("MLX call failed with status {status}"));
+    Err(MlxError { message, location: Location::caller() })
+}
+
+/// The MLX library version, as MLX reports it (e.g. "0.32.2").
+#[track_caller]
+pub fn mlx_version() -> Result<String, MlxError> {
+    // SAFETY: mlx_string_new returns an empty handle we own and free below.
+    let mut s = unsafe { mlx_sys::mlx_string_new() };
+    let result = guarded(|| unsafe { mlx_sys::mlx_version(&mut s) }).map(|()| {
+        // SAFETY: on success `s` holds a NUL-terminated string owned by `s`.
+        let data = unsafe { mlx_sys::mlx_string_data(s) };
+        if data.is_null() {
+            String::new()
+        } else {
+            unsafe { CStr::from_ptr(data) }.to_string_lossy().into_owned()
+        }
+    });
+    // SAFETY: `s` was created above and is freed exactly once.
+    unsafe { mlx_sys::mlx_string_free(s) };
+    result
+}
+
+/// Which shared object the process's global symbol lookup resolves `symbol`
+/// to: the library whose code MLX's own calls to it will run. `None` when no
+/// loaded object exports it.
+pub fn symbol_provider(symbol: &str) -> Option<PathBuf> {
+    let name = CString::new(symbol).ok()?;
+    // SAFETY: dlsym with RTLD_DEFAULT only reads the loaded objects' tables;
+    // dladdr fills `info` with pointers into the loader's static strings.
+    unsafe {
+        let addr = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr());
+        if addr.is_null() {
+            return None;
+        }
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        let file = CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
+        Some(std::fs::canonicalize(&file).unwrap_or_else(|_| PathBuf::from(file)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_matches_the_pin() {
+        let pins = include_str!("../../vendor/pins.env");
+        let pinned = pins
+            .lines()
+            .find_map(|l| l.strip_prefix("MLX_VERSION="))
+            .expect("pins.env has MLX_VERSION");
+        assert_eq!(mlx_version().unwrap(), pinned.trim());
+    }
+
+    #[test]
+    fn raw_call_failure_is_an_err_with_mlx_message() {
+        let a = mlx_rs::Array::from_slice(&[1.0f32; 6], &[2, 3]);
+        let b = mlx_rs::Array::from_slice(&[1.0f32; 8], &[4, 2]);
+        let stream = mlx_rs::Stream::default();
+        // SAFETY: valid live handles; the result handle is freed below.
+        let mut res = unsafe { mlx_sys::mlx_array_new() };
+        let err = guarded(|| unsafe {
+            mlx_sys::mlx_matmul(&mut res, a.as_ptr(), b.as_ptr(), stream.as_ptr())
+        })
+        .unwrap_err();
+        unsafe { mlx_sys::mlx_array_free(res) };
+        assert!(err.message.contains("matmul"), "message: {}", err.message);
+        assert!(err.message.contains("(2,3)") || err.message.contains("shape"), "message: {}", err.message);
+        assert!(err.location.file().ends_with("ffi.rs"));
+    }
+}

@@ -1,0 +1,118 @@
+//! kvserve's safe layer over MLX: mlx-rs for arrays and ops, plus what it
+//! leaves out (MLX's version, which library serves BLAS, quantized weights as
+//! one value). Raw FFI lives only in [`ffi`].
+
+mod ffi;
+
+use std::fmt;
+use std::panic::Location;
+use std::path::PathBuf;
+
+pub use mlx_rs::{Array, Dtype};
+
+/// An MLX failure: MLX's own message and where kvserve made the call.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct MlxError {
+    /// MLX's message, unchanged (e.g. the shapes of a failed matmul).
+    pub message: String,
+    /// The kvserve call site that issued the failing operation.
+    pub location: &'static Location<'static>,
+}
+
+impl fmt::Display for MlxError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MLX: {} (at {}:{})", self.message, self.location.file(), self.location.line())
+    }
+}
+
+impl From<mlx_rs::error::Exception> for MlxError {
+    #[track_caller]
+    fn from(e: mlx_rs::error::Exception) -> Self {
+        MlxError { message: e.what().to_string(), location: e.location() }
+    }
+}
+
+impl From<mlx_rs::error::AsSliceError> for MlxError {
+    #[track_caller]
+    fn from(e: mlx_rs::error::AsSliceError) -> Self {
+        MlxError { message: e.to_string(), location: Location::caller() }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, MlxError>;
+
+/// The MLX library version the process is running (e.g. "0.32.2").
+pub fn version() -> Result<String> {
+    ffi::mlx_version()
+}
+
+/// The shared object that serves `cblas_sgemm` for MLX in this process
+/// (OpenBLAS when kvserve's link order took effect, else the wheel's
+/// reference BLAS).
+pub fn blas_provider() -> Option<PathBuf> {
+    ffi::symbol_provider("cblas_sgemm")
+}
+
+/// Bytes MLX holds in live arrays.
+pub fn active_memory() -> Result<usize> {
+    Ok(mlx_rs::memory::active_memory()?)
+}
+
+/// Highest [`active_memory`] since start or the last [`reset_peak_memory`].
+pub fn peak_memory() -> Result<usize> {
+    Ok(mlx_rs::memory::peak_memory()?)
+}
+
+pub fn reset_peak_memory() -> Result<()> {
+    Ok(mlx_rs::memory::reset_peak_memory()?)
+}
+
+/// A weight matrix `[out, in]` in MLX's affine quantization: every
+/// `group_size` consecutive values of a row share one scale and one bias,
+/// each value stored in `bits` bits packed into u32 words.
+#[derive(Debug, Clone)]
+pub struct QuantizedMatrix {
+    /// Packed values, `[out, in * bits / 32]` u32.
+    pub packed: Array,
+    /// One scale per group, `[out, in / group_size]`.
+    pub scales: Array,
+    /// One bias per group, `[out, in / group_size]`.
+    pub biases: Array,
+    pub group_size: i32,
+    pub bits: i32,
+}
+
+impl QuantizedMatrix {
+    /// Quantize a dense `[out, in]` matrix.
+    #[track_caller]
+    pub fn quantize(w: &Array, group_size: i32, bits: i32) -> Result<Self> {
+        let (packed, scales, biases) = mlx_rs::ops::quantize(w, group_size, bits)?;
+        Ok(Self { packed, scales, biases, group_size, bits })
+    }
+
+    /// `x @ W^T` with MLX's quantized kernel (the decode path).
+    #[track_caller]
+    pub fn matmul(&self, x: &Array) -> Result<Array> {
+        Ok(mlx_rs::ops::quantized_matmul(
+            x,
+            &self.packed,
+            &self.scales,
+            &self.biases,
+            true,
+            self.group_size,
+            self.bits,
+        )?)
+    }
+
+    /// The dense `[out, in]` matrix these values stand for.
+    #[track_caller]
+    pub fn dequantize(&self) -> Result<Array> {
+        Ok(mlx_rs::ops::dequantize(&self.packed, &self.scales, &self.biases, self.group_size, self.bits)?)
+    }
+
+    /// Rows and columns of the dense matrix.
+    pub fn shape(&self) -> (i32, i32) {
+        let s = self.packed.shape();
+        (s[0], s[1] * 32 / self.bits)
+    }
+}
