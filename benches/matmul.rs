@@ -32,7 +32,7 @@ fn quantized(c: &mut Criterion) {
     group.sample_size(10);
     for m in [1, 32, 512] {
         let x = random(&[m, k]);
-        group.throughput(Throughput::Elements(2 * (m * k * n) as u64));
+        group.throughput(Throughput::Elements(2 * m as u64 * k as u64 * n as u64));
         group.bench_with_input(BenchmarkId::new("quantized_matmul", m), &m, |bench, _| {
             bench.iter(|| w.matmul(&x).unwrap().eval().unwrap())
         });
