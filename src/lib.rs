@@ -1,4 +1,6 @@
 //! kvserve: a local LLM inference server over MLX that computes a coding
 //! agent's long, mostly unchanging prompt once and reuses it turn after turn.
 
+pub mod cache;
 pub mod mlx;
+pub mod model;

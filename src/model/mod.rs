@@ -1,0 +1,132 @@
+//! Models: configuration, weight loading, one file per architecture over
+//! shared layers.
+
+pub mod config;
+pub mod layers;
+pub mod llama;
+pub mod qwen2;
+pub mod qwen3;
+pub mod qwen3_moe;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use mlx_rs::{Array, Device, DeviceType};
+
+use crate::mlx::MlxError;
+pub use config::ModelConfig;
+pub use layers::Transformer;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{file}: {message}")]
+    Config { file: String, message: String },
+    #[error("{file}: {message}")]
+    Load { file: String, message: String },
+    #[error("weights lack tensor '{0}'")]
+    MissingTensor(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Mlx(#[from] MlxError),
+}
+
+/// Whether MLX computes on the CPU here (then prefill uses dequantize + BLAS).
+pub fn on_cpu() -> bool {
+    Device::try_default()
+        .and_then(|d| d.get_type())
+        .map(|t| matches!(t, DeviceType::Cpu))
+        .unwrap_or(true)
+}
+
+/// The safetensors files of an MLX-format directory: those the index names,
+/// else every `*.safetensors`.
+fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let text = std::fs::read_to_string(&index)
+            .map_err(|e| ModelError::Load { file: index.display().to_string(), message: e.to_string() })?;
+        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Load {
+            file: index.display().to_string(),
+            message: format!("not valid JSON: {e}"),
+        })?;
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| ModelError::Load {
+            file: index.display().to_string(),
+            message: "no weight_map object".into(),
+        })?;
+        let mut files: Vec<PathBuf> = map.values().filter_map(|f| f.as_str()).map(|f| dir.join(f)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| ModelError::Load { file: dir.display().to_string(), message: e.to_string() })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(ModelError::Load { file: dir.display().to_string(), message: "no *.safetensors files".into() });
+    }
+    Ok(files)
+}
+
+/// Load every tensor of an MLX-format directory.
+pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Array>, ModelError> {
+    let mut all = HashMap::new();
+    for file in weight_files(dir)? {
+        if !file.exists() {
+            return Err(ModelError::Load { file: file.display().to_string(), message: "file not found".into() });
+        }
+        let part = Array::load_safetensors(&file).map_err(|e| ModelError::Load {
+            file: file.display().to_string(),
+            message: format!("cannot read safetensors ({e}); the file may be truncated or corrupt"),
+        })?;
+        all.extend(part);
+    }
+    Ok(all)
+}
+
+/// Read and validate `config.json` in `dir`.
+pub fn load_config(dir: &Path) -> Result<ModelConfig, ModelError> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| ModelError::Config { file: path.display().to_string(), message: e.to_string() })?;
+    ModelConfig::parse(&text, &path.display().to_string())
+}
+
+/// Build the architecture `cfg` names from `weights`; every tensor must be used.
+pub fn build(cfg: &ModelConfig, weights: HashMap<String, Array>) -> Result<Transformer, ModelError> {
+    build_with(cfg, weights, on_cpu())
+}
+
+/// [`build`], choosing whether quantized layers run large batches through
+/// dequantize + GEMM (`dense_prefill`, the CPU fast path) or MLX's quantized kernel.
+pub fn build_with(cfg: &ModelConfig, weights: HashMap<String, Array>, dense_prefill: bool) -> Result<Transformer, ModelError> {
+    let mut w = layers::Weights::new(weights, cfg.quantization.clone(), dense_prefill);
+    let model = match cfg.model_type.as_str() {
+        "llama" => llama::build(cfg, &mut w)?,
+        "qwen2" => qwen2::build(cfg, &mut w)?,
+        "qwen3" => qwen3::build(cfg, &mut w)?,
+        "qwen3_moe" => qwen3_moe::build(cfg, &mut w)?,
+        other => return Err(ModelError::Invalid(format!("unknown architecture '{other}'"))),
+    };
+    let mut left: Vec<&String> = w.names().collect();
+    if !left.is_empty() {
+        left.sort();
+        return Err(ModelError::Invalid(format!(
+            "{} tensors not used by the {} model, e.g. '{}'",
+            left.len(),
+            cfg.model_type,
+            left[0]
+        )));
+    }
+    Ok(model)
+}
+
+/// Load an MLX-format model directory (config.json + safetensors).
+pub fn load_dir(dir: &Path) -> Result<Transformer, ModelError> {
+    let cfg = load_config(dir)?;
+    let weights = load_safetensors_dir(dir)?;
+    build(&cfg, weights)
+}

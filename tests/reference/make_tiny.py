@@ -1,0 +1,140 @@
+"""Build tiny random models with mlx-lm's own classes, save them in MLX format,
+and record mlx-lm's outputs for them: the numerical oracle for kvserve's
+parity tests.
+
+Usage: python make_tiny.py OUT_DIR
+Writes OUT_DIR/<name>/ (config.json, model.safetensors) and
+OUT_DIR/<name>/reference.json with the prompt ids, mlx-lm's last-position
+logits for the whole prompt, and its 32 greedy tokens.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+from mlx_lm.models import cache as cache_mod
+from mlx_lm.utils import quantize_model, save_config, save_model
+
+mx.set_default_device(mx.cpu)
+
+# mlx-lm 0.32.2 passes `global_scale` to gather_qmm, an argument MLX gained only
+# after 0.32.2; drop it when unset so the same pinned pair can run MoE models.
+_gather_qmm = mx.gather_qmm
+
+
+def _gather_qmm_compat(*args, global_scale=None, **kwargs):
+    if global_scale is not None:
+        raise ValueError("global_scale needs a newer MLX than 0.32.2")
+    return _gather_qmm(*args, **kwargs)
+
+
+mx.gather_qmm = _gather_qmm_compat
+
+BASE = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": 320,
+    "max_position_embeddings": 2048,
+}
+
+MODELS = {
+    # name: (module, extra config, quantization (group_size, bits) or None)
+    "llama_q4": ("llama", {"rope_theta": 10000.0, "tie_word_embeddings": True}, (64, 4)),
+    "llama3_q8_untied": (
+        "llama",
+        {
+            "rope_theta": 500000.0,
+            "tie_word_embeddings": False,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+        (32, 8),
+    ),
+    "llama_f32": ("llama", {"rope_theta": 10000.0, "tie_word_embeddings": True}, None),
+    "qwen2_q4": ("qwen2", {"rope_theta": 1000000.0, "tie_word_embeddings": True}, (64, 4)),
+    "qwen3_q4": (
+        "qwen3",
+        {"rope_theta": 1000000.0, "tie_word_embeddings": False, "head_dim": 32},
+        (128, 4),
+    ),
+    "qwen3_moe_q4": (
+        "qwen3_moe",
+        {
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": False,
+            "head_dim": 32,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "norm_topk_prob": True,
+        },
+        (64, 4),
+    ),
+}
+
+PROMPT = [5, 17, 42, 99, 7, 250, 3, 3, 128, 64, 31, 200, 11, 0, 19, 77, 301, 150, 22, 9]
+GREEDY = 32
+
+
+def build(name, module_name, extra, quant, out: Path):
+    module = __import__(f"mlx_lm.models.{module_name}", fromlist=["Model", "ModelArgs"])
+    config = {"model_type": module_name, **BASE, **extra}
+    mx.random.seed(sum(map(ord, name)))
+    args = module.ModelArgs.from_dict(config)
+    model = module.Model(args)
+    # Random init has tiny logits; scale weights up so greedy choices are decisive.
+    params = tree_flatten(model.parameters())
+    model.load_weights(
+        [(k, v * 4.0 if "norm" not in k else v) for k, v in params], strict=True
+    )
+    if quant is not None:
+        group_size, bits = quant
+        model, config = quantize_model(model, config, group_size, bits)
+    mx.eval(model.parameters())
+    path = out / name
+    path.mkdir(parents=True, exist_ok=True)
+    save_model(path, model, donate_model=False)
+    save_config(config, config_path=path / "config.json")
+
+    logits = model(mx.array([PROMPT]))[0, -1].astype(mx.float32)
+    cache = cache_mod.make_prompt_cache(model)
+    out_logits = model(mx.array([PROMPT]), cache=cache)
+    tokens = []
+    y = mx.argmax(out_logits[0, -1])
+    for _ in range(GREEDY):
+        tokens.append(y.item())
+        out_logits = model(y.reshape(1, 1), cache=cache)
+        y = mx.argmax(out_logits[0, -1])
+    ref = {
+        "prompt": PROMPT,
+        "last_logits": logits.tolist(),
+        "greedy": tokens,
+    }
+    (path / "reference.json").write_text(json.dumps(ref))
+
+
+def main():
+    out = Path(sys.argv[1])
+    only = set(sys.argv[2:])
+    for name, (module_name, extra, quant) in MODELS.items():
+        if only and name not in only:
+            continue
+        build(name, module_name, extra, quant, out)
+        print(f"built {name}")
+
+
+if __name__ == "__main__":
+    main()
