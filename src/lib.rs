@@ -4,3 +4,5 @@
 pub mod cache;
 pub mod mlx;
 pub mod model;
+pub mod text;
+pub mod engine;

@@ -1,5 +1,13 @@
-use anyhow::Result;
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use kvserve::engine::generate::{generate, GenerateOptions};
+use kvserve::engine::sampler::SamplingParams;
+use kvserve::model::config::QuantSpec;
+use kvserve::model::{gguf, source};
+use kvserve::text::template::TemplateInput;
 
 /// kvserve: local LLM inference over MLX with a prompt cache.
 #[derive(Parser)]
@@ -11,16 +19,119 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Show the MLX runtime kvserve is linked against: version, library paths,
-    /// which BLAS serves matrix products, and a quick GEMM check.
+    /// Show the MLX runtime kvserve is linked against: version, which BLAS
+    /// serves matrix products, and a quick GEMM check.
     Info,
+    /// Generate text for one prompt (chat template applied) and print speeds.
+    Generate {
+        /// An MLX-format directory, a .gguf file, or a Hugging Face repo id in the local cache.
+        #[arg(long)]
+        model: String,
+        #[arg(long)]
+        prompt: String,
+        /// System message.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        /// Sampling temperature; 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temp: f32,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 0.0)]
+        min_p: f32,
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f32,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Feed the prompt as is, without the chat template.
+        #[arg(long)]
+        raw: bool,
+    },
+    /// Convert a GGUF file into an MLX-format directory that mlx-lm can load.
+    Convert {
+        input: PathBuf,
+        output: PathBuf,
+        /// Re-quantize every matrix to this many bits (default: keep the file's own blocks).
+        #[arg(long)]
+        q_bits: Option<i32>,
+        /// Group size when re-quantizing.
+        #[arg(long, default_value_t = 64)]
+        q_group_size: i32,
+    },
 }
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Info => info(),
+        Command::Generate { model, prompt, system, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, raw } => {
+            let sampling = SamplingParams { temperature: temp, top_p, top_k, min_p, repetition_penalty, seed, ..Default::default() };
+            run_generate(&model, &prompt, system.as_deref(), max_tokens, sampling, raw)
+        }
+        Command::Convert { input, output, q_bits, q_group_size } => {
+            let requant = q_bits.map(|bits| QuantSpec { group_size: q_group_size, bits });
+            let c = gguf::convert(&input, requant)?;
+            gguf::write_dir(&c, &output)?;
+            eprintln!("wrote {}", output.display());
+            Ok(())
+        }
     }
+}
+
+fn run_generate(spec: &str, prompt: &str, system: Option<&str>, max_tokens: usize, sampling: SamplingParams, raw: bool) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let m = source::load(spec)?;
+    eprintln!("loaded {} in {:.1}s", m.path.display(), t0.elapsed().as_secs_f64());
+    let text = if raw {
+        prompt.to_string()
+    } else {
+        let Some(template) = &m.template else { bail!("{} has no chat template; use --raw", m.path.display()) };
+        let mut messages = vec![];
+        if let Some(s) = system {
+            messages.push(serde_json::json!({"role": "system", "content": s}));
+        }
+        messages.push(serde_json::json!({"role": "user", "content": prompt}));
+        let messages = serde_json::Value::Array(messages);
+        template.render(&TemplateInput {
+            messages: &messages,
+            add_generation_prompt: true,
+            bos_token: m.tokenizer.bos_token.as_deref().unwrap_or(""),
+            eos_token: m.tokenizer.eos_token.as_deref().unwrap_or(""),
+            ..Default::default()
+        })?
+    };
+    let ids = m.tokenizer.encode(&text)?;
+    if ids.is_empty() {
+        bail!("the prompt is empty after tokenization");
+    }
+    let ctx = m.model.config.context_length as usize;
+    if ids.len() + max_tokens > ctx {
+        bail!("prompt is {} tokens plus {max_tokens} to generate; model context is {ctx}", ids.len());
+    }
+    let opts = GenerateOptions { sampling, max_tokens, eos_ids: m.eos_ids.clone(), ..Default::default() };
+    let mut cache = kvserve::cache::kv::new_cache(m.model.num_layers());
+    let mut out = std::io::stdout().lock();
+    let stats = generate(&m.model, &m.tokenizer, &mut cache, &ids, &opts, &mut |t| {
+        let _ = out.write_all(t.as_bytes());
+        let _ = out.flush();
+        true
+    })
+    .context("generation failed")?;
+    println!();
+    eprintln!(
+        "prompt: {} tokens, {:.1} tokens/s | generation: {} tokens, {:.1} tokens/s | peak memory {:.1} MB | finish {:?}",
+        stats.prompt_tokens,
+        stats.prompt_tps(),
+        stats.generated_tokens,
+        stats.generation_tps(),
+        stats.peak_memory as f64 / 1e6,
+        stats.finish
+    );
+    Ok(())
 }
 
 fn info() -> Result<()> {
@@ -40,10 +151,6 @@ fn info() -> Result<()> {
     let c = a.matmul(&b)?;
     c.eval()?;
     let secs = start.elapsed().as_secs_f64();
-    println!(
-        "fp32 GEMM {n}x{n}x{n}: {:.1} ms, {:.1} GFLOPS",
-        secs * 1e3,
-        2.0 * (n as f64).powi(3) / secs / 1e9
-    );
+    println!("fp32 GEMM {n}x{n}x{n}: {:.1} ms, {:.1} GFLOPS", secs * 1e3, 2.0 * (n as f64).powi(3) / secs / 1e9);
     Ok(())
 }

@@ -13,7 +13,7 @@ pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "qwen3_moe"];
 
 /// Quantization of one layer: MLX affine, `bits` per value, one scale and
 /// bias per `group_size` values.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct QuantSpec {
     pub group_size: i32,
     pub bits: i32,

@@ -2,11 +2,13 @@
 //! shared layers.
 
 pub mod config;
+pub mod gguf;
 pub mod layers;
 pub mod llama;
 pub mod qwen2;
 pub mod qwen3;
 pub mod qwen3_moe;
+pub mod source;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

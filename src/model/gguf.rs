@@ -1,0 +1,350 @@
+//! GGUF models through MLX's GGUF loader: F32, F16, Q4_0, Q4_1 and Q8_0
+//! tensors (MLX maps the quantized ones to its affine quantization, group
+//! size 32). Turns one into what an MLX-format directory holds: a config,
+//! Hugging Face-named weights, a tokenizer.json and a tokenizer_config.json.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use mlx_rs::io::{GgufFile as Gguf, GgufMetadataValue};
+use mlx_rs::{Array, Dtype};
+use serde_json::{json, Map, Value};
+
+use super::config::{ModelConfig, QuantSpec};
+use super::ModelError;
+use crate::mlx::{MlxError, QuantizedMatrix};
+
+/// A GGUF file turned into MLX-format pieces.
+pub struct Converted {
+    /// config.json, with a `quantization` block for quantized tensors.
+    pub config: Value,
+    /// Weights under Hugging Face names; quantized ones as weight/scales/biases.
+    pub weights: HashMap<String, Array>,
+    /// tokenizer.json (Hugging Face `tokenizers` format).
+    pub tokenizer: Value,
+    /// tokenizer_config.json (special tokens, chat template).
+    pub tokenizer_config: Value,
+}
+
+fn err(path: &Path, message: impl Into<String>) -> ModelError {
+    ModelError::Load { file: path.display().to_string(), message: message.into() }
+}
+
+struct Meta<'a> {
+    g: &'a Gguf,
+    path: &'a Path,
+}
+
+impl Meta<'_> {
+    fn get(&self, key: &str) -> Result<Option<GgufMetadataValue>, ModelError> {
+        self.g.get_metadata(key).map_err(|e| err(self.path, format!("metadata {key}: {e}")))
+    }
+    fn string(&self, key: &str) -> Result<Option<String>, ModelError> {
+        Ok(match self.get(key)? {
+            Some(GgufMetadataValue::String(s)) => Some(s),
+            _ => None,
+        })
+    }
+    fn strings(&self, key: &str) -> Result<Option<Vec<String>>, ModelError> {
+        Ok(match self.get(key)? {
+            Some(GgufMetadataValue::Strings(s)) => Some(s),
+            _ => None,
+        })
+    }
+    fn number(&self, key: &str) -> Result<Option<f64>, ModelError> {
+        Ok(match self.get(key)? {
+            Some(GgufMetadataValue::Array(a)) if a.size() == 1 => {
+                Some(a.as_dtype(Dtype::Float64).and_then(|a| { a.eval()?; Ok(a.item_exact::<f64>()) }).map_err(MlxError::from)?)
+            }
+            _ => None,
+        })
+    }
+    fn require(&self, key: &str) -> Result<f64, ModelError> {
+        self.number(key)?.ok_or_else(|| err(self.path, format!("metadata lacks {key}")))
+    }
+    fn ints(&self, key: &str) -> Result<Option<Vec<i32>>, ModelError> {
+        Ok(match self.get(key)? {
+            Some(GgufMetadataValue::Array(a)) => {
+                let a = a.as_dtype(Dtype::Int32).map_err(MlxError::from)?;
+                a.eval().map_err(MlxError::from)?;
+                Some(a.as_slice::<i32>().to_vec())
+            }
+            _ => None,
+        })
+    }
+}
+
+/// Hugging Face name of a GGUF tensor (without its .weight/.bias/.scales suffix).
+fn hf_name(gguf: &str) -> Option<String> {
+    let fixed = match gguf {
+        "token_embd" => Some("model.embed_tokens"),
+        "output_norm" => Some("model.norm"),
+        "output" => Some("lm_head"),
+        _ => None,
+    };
+    if let Some(f) = fixed {
+        return Some(f.to_string());
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, part) = rest.split_once('.')?;
+    let hf = match part {
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}"))
+}
+
+/// Undo llama.cpp's permutation of Q/K rows for its rotary layout. Its
+/// converter did `reshape(heads, 2, d/2, cols).swapaxes(1, 2)`; the inverse
+/// reads the rows as (heads, d/2, 2) and swaps back.
+fn unpermute_rows(a: &Array, heads: i32) -> Result<Array, MlxError> {
+    let s = a.shape().to_vec();
+    let (out, cols) = (s[0], s[1]);
+    let d = out / heads;
+    Ok(a.reshape(&[heads, d / 2, 2, cols])?.swap_axes(1, 2)?.reshape(&[out, cols])?)
+}
+
+/// Pre-tokenizer for a GGUF `tokenizer.ggml.pre` value.
+fn pre_tokenizer(pre: &str) -> Option<Value> {
+    let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
+    let split = |pattern: &str| json!({"type": "Split", "pattern": {"Regex": pattern}, "behavior": "Isolated", "invert": false});
+    Some(match pre {
+        "default" | "gpt2" | "gpt-2" => byte_level(true),
+        "smollm" => json!({"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": true}, byte_level(true)]}),
+        "qwen2" => json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]}),
+        "llama-bpe" | "llama3" => json!({"type": "Sequence", "pretokenizers": [
+            split(r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"),
+            byte_level(false)]}),
+        _ => return None,
+    })
+}
+
+/// Open a GGUF file and convert it. `requant` re-quantizes every matrix
+/// (otherwise quantized tensors keep the file's own blocks).
+pub fn convert(path: &Path, requant: Option<QuantSpec>) -> Result<Converted, ModelError> {
+    if !path.is_file() {
+        return Err(err(path, "file not found"));
+    }
+    let g = Gguf::load(path).map_err(|e| err(path, format!("cannot load GGUF: {e}")))?;
+    let meta = Meta { g: &g, path };
+    let arch = meta.string("general.architecture")?.ok_or_else(|| err(path, "metadata lacks general.architecture"))?;
+    if !["llama", "qwen2", "qwen3"].contains(&arch.as_str()) {
+        return Err(err(path, format!("GGUF architecture '{arch}' is not supported (llama, qwen2, qwen3)")));
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = meta.require(&key("embedding_length"))? as i32;
+    let heads = meta.require(&key("attention.head_count"))? as i32;
+    let kv_heads = meta.number(&key("attention.head_count_kv"))?.map(|x| x as i32).unwrap_or(heads);
+    let layers = meta.require(&key("block_count"))? as i32;
+    let head_dim = meta.number(&key("attention.key_length"))?.map(|x| x as i32).unwrap_or(hidden / heads);
+
+    let arrays = g.arrays().map_err(|e| err(path, format!("cannot read tensors: {e}")))?;
+    let mut weights = HashMap::new();
+    let mut quant_layers: HashMap<String, QuantSpec> = HashMap::new();
+    // Group GGUF tensors by base name.
+    let mut bases = arrays
+        .keys()
+        .filter_map(|k| k.strip_suffix(".weight").or_else(|| k.strip_suffix(".bias")).map(str::to_string))
+        .collect::<Vec<String>>();
+    bases.sort();
+    bases.dedup();
+    for base in bases {
+        let hf = hf_name(&base).ok_or_else(|| err(path, format!("tensor '{base}' has no known Hugging Face name")))?;
+        let permute = arch == "llama" && (base.ends_with("attn_q") || base.ends_with("attn_k"));
+        let n_heads = if base.ends_with("attn_q") { heads } else { kv_heads };
+        let fix = |a: &Array| -> Result<Array, MlxError> {
+            if permute { unpermute_rows(a, n_heads) } else { Ok(a.clone()) }
+        };
+        let w = &arrays[&format!("{base}.weight")];
+        if let Some(scales) = arrays.get(&format!("{base}.scales")) {
+            let biases = arrays
+                .get(&format!("{base}.biases"))
+                .ok_or_else(|| err(path, format!("{base} has scales but no biases")))?;
+            // MLX's GGUF loader maps Q4_0/Q4_1/Q8_0 to affine groups of 32.
+            let bits = w.shape()[1] * 32 / (scales.shape()[1] * 32);
+            let spec = QuantSpec { group_size: 32, bits };
+            let q = QuantizedMatrix {
+                packed: fix(w)?,
+                scales: fix(&scales.as_dtype(Dtype::Float32).map_err(MlxError::from)?)?,
+                biases: fix(&biases.as_dtype(Dtype::Float32).map_err(MlxError::from)?)?,
+                group_size: spec.group_size,
+                bits: spec.bits,
+            };
+            let q = match requant {
+                Some(r) if r != spec => QuantizedMatrix::quantize(&q.dequantize()?, r.group_size, r.bits)?,
+                _ => q,
+            };
+            quant_layers.insert(hf.clone(), QuantSpec { group_size: q.group_size, bits: q.bits });
+            weights.insert(format!("{hf}.weight"), q.packed);
+            weights.insert(format!("{hf}.scales"), q.scales);
+            weights.insert(format!("{hf}.biases"), q.biases);
+        } else {
+            let dense = fix(&w.as_dtype(Dtype::Float32).map_err(MlxError::from)?)?;
+            match requant {
+                Some(r) if dense.ndim() == 2 && !hf.contains("norm") => {
+                    let q = QuantizedMatrix::quantize(&dense, r.group_size, r.bits)?;
+                    quant_layers.insert(hf.clone(), r);
+                    weights.insert(format!("{hf}.weight"), q.packed);
+                    weights.insert(format!("{hf}.scales"), q.scales);
+                    weights.insert(format!("{hf}.biases"), q.biases);
+                }
+                _ => {
+                    weights.insert(format!("{hf}.weight"), dense);
+                }
+            }
+        }
+        if let Some(b) = arrays.get(&format!("{base}.bias")) {
+            weights.insert(format!("{hf}.bias"), fix(&b.reshape(&[-1, 1]).map_err(MlxError::from)?)?.reshape(&[-1]).map_err(MlxError::from)?);
+        }
+    }
+    let tied = !weights.contains_key("lm_head.weight");
+
+    // The most common spec is the global one; others are per-layer overrides.
+    let mut counts: HashMap<QuantSpec, usize> = HashMap::new();
+    for s in quant_layers.values() {
+        *counts.entry(*s).or_default() += 1;
+    }
+    let quantization = counts.iter().max_by_key(|(s, n)| (**n, s.bits)).map(|(global, _)| {
+        let mut q = Map::new();
+        q.insert("group_size".into(), json!(global.group_size));
+        q.insert("bits".into(), json!(global.bits));
+        q.insert("mode".into(), json!("affine"));
+        let mut names: Vec<&String> = quant_layers.keys().collect();
+        names.sort();
+        for name in names {
+            let s = quant_layers[name];
+            if s != *global {
+                q.insert(name.clone(), json!({"group_size": s.group_size, "bits": s.bits}));
+            }
+        }
+        Value::Object(q)
+    });
+
+    let bos = meta.number("tokenizer.ggml.bos_token_id")?.map(|x| x as u32);
+    let eos = meta.number("tokenizer.ggml.eos_token_id")?.map(|x| x as u32);
+    let mut config = json!({
+        "model_type": arch,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": meta.require(&key("feed_forward_length"))? as i32,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": weights["model.embed_tokens.weight"].shape()[0],
+        "rms_norm_eps": meta.number(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6),
+        "rope_theta": meta.number(&key("rope.freq_base"))?.unwrap_or(10000.0),
+        "max_position_embeddings": meta.number(&key("context_length"))?.unwrap_or(4096.0) as i64,
+        "tie_word_embeddings": tied,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+    });
+    if let Some(q) = quantization {
+        config["quantization"] = q.clone();
+        config["quantization_config"] = q;
+    }
+
+    let (tokenizer, tokenizer_config) = tokenizer_files(&meta, path, bos, eos)?;
+    Ok(Converted { config, weights, tokenizer, tokenizer_config })
+}
+
+/// Build tokenizer.json and tokenizer_config.json from the GGUF vocabulary.
+fn tokenizer_files(meta: &Meta, path: &Path, bos: Option<u32>, eos: Option<u32>) -> Result<(Value, Value), ModelError> {
+    let model = meta.string("tokenizer.ggml.model")?.unwrap_or_default();
+    if model != "gpt2" {
+        return Err(err(path, format!("tokenizer model '{model}' is not supported (gpt2 byte-level BPE)")));
+    }
+    let pre_name = meta.string("tokenizer.ggml.pre")?.unwrap_or_else(|| "default".into());
+    let pre = pre_tokenizer(&pre_name)
+        .ok_or_else(|| err(path, format!("tokenizer pre-tokenizer '{pre_name}' is not supported (default, smollm, qwen2, llama-bpe)")))?;
+    let tokens = meta.strings("tokenizer.ggml.tokens")?.ok_or_else(|| err(path, "metadata lacks tokenizer.ggml.tokens"))?;
+    let merges = meta.strings("tokenizer.ggml.merges")?.unwrap_or_default();
+    let types = meta.ints("tokenizer.ggml.token_type")?.unwrap_or_default();
+    let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    // Control (3) and user-defined (4) tokens are added tokens; control ones are special.
+    let added: Vec<Value> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| **t == 3 || **t == 4)
+        .map(|(i, t)| {
+            json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": *t == 4, "special": *t == 3})
+        })
+        .collect();
+    let tokenizer = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": pre,
+        "post_processor": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                  "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                  "vocab": vocab, "merges": merges},
+    });
+    let tok = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).map(|s| json!(s)).unwrap_or(Value::Null);
+    let unk = meta.number("tokenizer.ggml.unknown_token_id")?.map(|x| x as u32);
+    let pad = meta.number("tokenizer.ggml.padding_token_id")?.map(|x| x as u32);
+    let add_bos = matches!(meta.get("tokenizer.ggml.add_bos_token")?, Some(GgufMetadataValue::Array(a)) if a.item_exact::<bool>());
+    let config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": tok(bos),
+        "eos_token": tok(eos),
+        "unk_token": tok(unk),
+        "pad_token": tok(pad),
+        "add_bos_token": add_bos,
+        "clean_up_tokenization_spaces": false,
+        "chat_template": meta.string("tokenizer.chat_template")?,
+        "model_max_length": meta.number("llama.context_length")?.map(|x| x as i64),
+    });
+    Ok((tokenizer, config))
+}
+
+/// Write a converted model as an MLX-format directory that mlx-lm can load.
+pub fn write_dir(c: &Converted, out: &Path) -> Result<(), ModelError> {
+    let io = |e: std::io::Error| err(out, e.to_string());
+    std::fs::create_dir_all(out).map_err(io)?;
+    let write_json = |name: &str, v: &Value| {
+        std::fs::write(out.join(name), serde_json::to_string_pretty(v).unwrap()).map_err(|e| err(&out.join(name), e.to_string()))
+    };
+    write_json("config.json", &c.config)?;
+    write_json("tokenizer.json", &c.tokenizer)?;
+    write_json("tokenizer_config.json", &c.tokenizer_config)?;
+    let mut gen = json!({});
+    if let Some(e) = c.config.get("eos_token_id") {
+        gen["eos_token_id"] = e.clone();
+    }
+    if let Some(b) = c.config.get("bos_token_id") {
+        gen["bos_token_id"] = b.clone();
+    }
+    write_json("generation_config.json", &gen)?;
+    let file = out.join("model.safetensors");
+    let tmp = out.join(".partial.model.safetensors");
+    let meta: HashMap<String, String> = [("format".to_string(), "mlx".to_string())].into();
+    Array::save_safetensors(c.weights.iter().map(|(k, v)| (k.as_str(), v)), &meta, &tmp)
+        .map_err(|e| err(&file, format!("cannot write: {e}")))?;
+    std::fs::rename(&tmp, &file).map_err(|e| err(&file, e.to_string()))?;
+    let index = json!({"metadata": {"total_size": c.weights.values().map(Array::nbytes).sum::<usize>()},
+                       "weight_map": c.weights.keys().map(|k| (k.clone(), json!("model.safetensors"))).collect::<Map<_, _>>()});
+    write_json("model.safetensors.index.json", &index)?;
+    Ok(())
+}
+
+/// Load a GGUF model for running: its config and weights, built in memory.
+pub fn parse_config(c: &Converted, path: &Path) -> Result<ModelConfig, ModelError> {
+    ModelConfig::parse(&c.config.to_string(), &path.display().to_string())
+}

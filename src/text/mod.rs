@@ -1,0 +1,5 @@
+//! Text: tokenizer, chat template, streaming detokenizer.
+
+pub mod detok;
+pub mod template;
+pub mod tokenizer;
