@@ -114,6 +114,14 @@ fn unpermute_rows(a: &Array, heads: i32) -> Result<Array, MlxError> {
     Ok(a.reshape(&[heads, d / 2, 2, cols])?.swap_axes(1, 2)?.reshape(&[out, cols])?)
 }
 
+/// Store a quantized matrix under `hf` and record its spec.
+fn insert_quantized(weights: &mut HashMap<String, Array>, specs: &mut HashMap<String, QuantSpec>, hf: &str, q: QuantizedMatrix) {
+    specs.insert(hf.to_string(), QuantSpec { group_size: q.group_size, bits: q.bits });
+    weights.insert(format!("{hf}.weight"), q.packed);
+    weights.insert(format!("{hf}.scales"), q.scales);
+    weights.insert(format!("{hf}.biases"), q.biases);
+}
+
 /// Pre-tokenizer for a GGUF `tokenizer.ggml.pre` value.
 fn pre_tokenizer(pre: &str) -> Option<Value> {
     let byte_level = |use_regex: bool| json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": use_regex});
@@ -187,19 +195,13 @@ pub fn convert(path: &Path, requant: Option<QuantSpec>) -> Result<Converted, Mod
                 Some(r) if r != spec => QuantizedMatrix::quantize(&q.dequantize()?, r.group_size, r.bits)?,
                 _ => q,
             };
-            quant_layers.insert(hf.clone(), QuantSpec { group_size: q.group_size, bits: q.bits });
-            weights.insert(format!("{hf}.weight"), q.packed);
-            weights.insert(format!("{hf}.scales"), q.scales);
-            weights.insert(format!("{hf}.biases"), q.biases);
+            insert_quantized(&mut weights, &mut quant_layers, &hf, q);
         } else {
             let dense = fix(&w.as_dtype(Dtype::Float32).map_err(MlxError::from)?)?;
             match requant {
                 Some(r) if dense.ndim() == 2 && !hf.contains("norm") => {
                     let q = QuantizedMatrix::quantize(&dense, r.group_size, r.bits)?;
-                    quant_layers.insert(hf.clone(), r);
-                    weights.insert(format!("{hf}.weight"), q.packed);
-                    weights.insert(format!("{hf}.scales"), q.scales);
-                    weights.insert(format!("{hf}.biases"), q.biases);
+                    insert_quantized(&mut weights, &mut quant_layers, &hf, q);
                 }
                 _ => {
                     weights.insert(format!("{hf}.weight"), dense);

@@ -65,7 +65,7 @@ impl Weights {
     }
 
     /// Quantized triple at `prefix` if `prefix.scales` exists.
-    fn quantized(&mut self, prefix: &str) -> Result<Option<QuantizedMatrix>> {
+    pub fn quantized(&mut self, prefix: &str) -> Result<Option<QuantizedMatrix>> {
         if !self.contains(&format!("{prefix}.scales")) {
             return Ok(None);
         }

@@ -5,41 +5,31 @@
 use mlx_rs::ops::{self, indexing::IndexOp};
 use mlx_rs::Array;
 
-use super::config::{ModelConfig, MoeConfig, QuantSpec};
+use super::config::{ModelConfig, MoeConfig};
 use super::layers::{FeedForward, Linear, Mlp, Transformer, Weights};
 use super::ModelError;
-use crate::mlx::MlxError;
+use crate::mlx::{MlxError, QuantizedMatrix};
 
 /// Experts' weights stacked on a leading axis: `[experts, out, in]`.
 enum ExpertWeight {
     Dense(Array),
-    Quantized { packed: Array, scales: Array, biases: Array, spec: QuantSpec },
+    Quantized(QuantizedMatrix),
 }
 
 impl ExpertWeight {
     fn load(w: &mut Weights, prefix: &str) -> Result<Self, ModelError> {
-        if w.contains(&format!("{prefix}.scales")) {
-            let spec = w.quant.for_layer(prefix).ok_or_else(|| {
-                ModelError::Invalid(format!("{prefix} has scales but config.json has no quantization for it"))
-            })?;
-            let packed = w.remove(&format!("{prefix}.weight")).ok_or_else(|| ModelError::MissingTensor(format!("{prefix}.weight")))?;
-            Ok(ExpertWeight::Quantized {
-                packed,
-                scales: w.take(&format!("{prefix}.scales"))?,
-                biases: w.take(&format!("{prefix}.biases"))?,
-                spec,
-            })
-        } else {
-            Ok(ExpertWeight::Dense(w.take(&format!("{prefix}.weight"))?))
-        }
+        Ok(match w.quantized(prefix)? {
+            Some(q) => ExpertWeight::Quantized(q),
+            None => ExpertWeight::Dense(w.take(&format!("{prefix}.weight"))?),
+        })
     }
 
     /// `x [.., 1, in]` through the experts named by `idx [.., k]` -> `[.., k, 1, out]`.
     fn forward(&self, x: &Array, idx: &Array) -> Result<Array, MlxError> {
         Ok(match self {
             ExpertWeight::Dense(w) => ops::gather_mm(x, w.swap_axes(-1, -2)?, None, idx, false)?,
-            ExpertWeight::Quantized { packed, scales, biases, spec } => ops::gather_qmm(
-                x, packed, scales, biases, None, idx, true, spec.group_size, spec.bits, false,
+            ExpertWeight::Quantized(q) => ops::gather_qmm(
+                x, &q.packed, &q.scales, &q.biases, None, idx, true, q.group_size, q.bits, false,
             )?,
         })
     }
