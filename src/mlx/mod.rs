@@ -32,13 +32,6 @@ impl From<mlx_rs::error::Exception> for MlxError {
     }
 }
 
-impl From<mlx_rs::error::AsSliceError> for MlxError {
-    #[track_caller]
-    fn from(e: mlx_rs::error::AsSliceError) -> Self {
-        MlxError { message: e.to_string(), location: Location::caller() }
-    }
-}
-
 pub type Result<T> = std::result::Result<T, MlxError>;
 
 /// The MLX library version the process is running (e.g. "0.32.2").

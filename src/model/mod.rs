@@ -125,10 +125,3 @@ pub fn build_with(cfg: &ModelConfig, weights: HashMap<String, Array>, dense_pref
     }
     Ok(model)
 }
-
-/// Load an MLX-format model directory (config.json + safetensors).
-pub fn load_dir(dir: &Path) -> Result<Transformer, ModelError> {
-    let cfg = load_config(dir)?;
-    let weights = load_safetensors_dir(dir)?;
-    build(&cfg, weights)
-}

@@ -2,11 +2,10 @@
 //! The config's `qkv_bias` carries the difference; the rest is llama's.
 
 use super::config::ModelConfig;
-use super::layers::{FeedForward, Mlp, Transformer, Weights};
+use super::layers::{Transformer, Weights};
 use super::ModelError;
 
 pub fn build(cfg: &ModelConfig, w: &mut Weights) -> Result<Transformer, ModelError> {
     debug_assert!(cfg.qkv_bias && !cfg.o_bias);
-    super::llama::sanitize(cfg, w);
-    Transformer::load(cfg, w, |w, _, p| Ok(FeedForward::Dense(Mlp::load(w, p, false)?)))
+    super::llama::build(cfg, w)
 }
