@@ -94,6 +94,11 @@ fn converted_model_matches_mlx_lm() {
     let stats = generate(&m.model, &m.tokenizer, &mut cache, &prompt, &opts, &mut |_| true).unwrap();
     let want: Vec<u32> = r["greedy"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     assert_eq!(stats.tokens, want);
+    // A cache that already holds the whole prompt gives the same tokens.
+    let mut cache = new_cache(m.model.num_layers());
+    prefill(&m.model, &mut cache, &prompt, 512).unwrap();
+    let again = generate(&m.model, &m.tokenizer, &mut cache, &prompt, &opts, &mut |_| true).unwrap();
+    assert_eq!(again.tokens, want, "resumed from a cache holding the full prompt");
 }
 
 #[test]

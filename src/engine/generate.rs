@@ -151,17 +151,23 @@ pub fn generate(
 ) -> Result<GenerationStats, GenerateError> {
     mlx::reset_peak_memory()?;
     let start = Instant::now();
+    // The last prompt token is always computed: its logits choose the first token.
     let held = cache.first().map_or(0, |c| c.offset() as usize);
-    let todo = &prompt[held.min(prompt.len().saturating_sub(1))..];
-    let logits = prefill(model, cache, todo, opts.prefill_chunk)?;
+    let reuse = held.min(prompt.len().saturating_sub(1));
+    if reuse < held {
+        for kv in cache.iter_mut() {
+            kv.trim_to(reuse as i32)?;
+        }
+    }
+    let logits = prefill(model, cache, &prompt[reuse..], opts.prefill_chunk)?;
     let prompt_secs = start.elapsed().as_secs_f64();
 
     let gen_start = Instant::now();
     let mut rng = Rng::new(opts.sampling.seed);
+    // Prompt then generated tokens (the sampler's repetition window reads it).
     let mut history: Vec<u32> = prompt.to_vec();
     let mut detok = StreamDetokenizer::new();
     let mut stops = StopScanner { stops: opts.stop.clone(), text: String::new(), released: 0 };
-    let mut out_tokens = Vec::new();
     let greedy = opts.sampling.is_greedy();
     let choose = |logits: &Array, history: &[u32], rng: &mut Rng| -> Result<u32, GenerateError> {
         logits.eval()?;
@@ -179,10 +185,11 @@ pub fn generate(
         choose(&logits, &history, &mut rng)?
     };
     let mut finish = FinishReason::Length;
-    while out_tokens.len() < opts.max_tokens {
+    let generated = |history: &Vec<u32>| history.len() - prompt.len();
+    while generated(&history) < opts.max_tokens {
         let mut queued = None;
         if let Some(y) = pending.take() {
-            if out_tokens.len() + 1 < opts.max_tokens {
+            if generated(&history) + 1 < opts.max_tokens {
                 let l = model.forward(&y.reshape(&[1, 1])?, cache, true)?.index((0, 0, ..));
                 let ny = argmax_axis(&l, -1, None)?;
                 async_eval([&ny])?;
@@ -195,7 +202,6 @@ pub fn generate(
             finish = FinishReason::Eos;
             break;
         }
-        out_tokens.push(next_id);
         history.push(next_id);
         let piece = detok.push(tok, next_id)?;
         let (text, hit) = stops.push(&piece);
@@ -207,7 +213,7 @@ pub fn generate(
             finish = FinishReason::StopString;
             break;
         }
-        if out_tokens.len() >= opts.max_tokens {
+        if generated(&history) >= opts.max_tokens {
             break;
         }
         if greedy {
@@ -229,12 +235,12 @@ pub fn generate(
     }
     Ok(GenerationStats {
         prompt_tokens: prompt.len(),
-        generated_tokens: out_tokens.len(),
+        generated_tokens: generated(&history),
         prompt_secs,
         generation_secs: gen_start.elapsed().as_secs_f64(),
         peak_memory: mlx::peak_memory()?,
         finish,
-        tokens: out_tokens,
+        tokens: history.split_off(prompt.len()),
     })
 }
 
