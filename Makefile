@@ -45,7 +45,13 @@ $(DEFAULT_MODEL)/.complete: $(SMOL_GGUF) | build
 
 # Test fixtures generated at test time: tiny random models of every
 # architecture built by mlx-lm, with mlx-lm's outputs for them.
-fixtures: $(FIXTURES)/tiny/.complete $(FIXTURES)/smollm2.json
+fixtures: $(FIXTURES)/tiny/.complete $(FIXTURES)/smollm2.json $(FIXTURES)/tokenizer-smollm2.json $(FIXTURES)/tokenizer-qwen3.json
+$(FIXTURES)/qwen3-tokenizer/.complete: scripts/fetch_qwen3_tokenizer.sh
+	bash scripts/fetch_qwen3_tokenizer.sh $(FIXTURES)/qwen3-tokenizer
+$(FIXTURES)/tokenizer-qwen3.json: tests/reference/tokenizer_reference.py $(FIXTURES)/qwen3-tokenizer/.complete $(VENV)/.installed
+	$(PYTHON) tests/reference/tokenizer_reference.py $(FIXTURES)/qwen3-tokenizer $@
+$(FIXTURES)/tokenizer-smollm2.json: tests/reference/tokenizer_reference.py $(DEFAULT_MODEL)/.complete $(VENV)/.installed
+	$(PYTHON) tests/reference/tokenizer_reference.py $(DEFAULT_MODEL) $@
 $(FIXTURES)/smollm2.json: tests/reference/real_reference.py $(DEFAULT_MODEL)/.complete $(VENV)/.installed
 	$(PYTHON) tests/reference/real_reference.py $(DEFAULT_MODEL) $@
 $(FIXTURES)/tiny/.complete: tests/reference/make_tiny.py $(VENV)/.installed

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages the build needs, only those missing.
-# Debian/Ubuntu: libclang-dev (bindgen), OpenBLAS (fast cblas_sgemm), pkg-config.
+# Debian/Ubuntu: libclang-dev (bindgen), OpenBLAS (fast cblas_sgemm), and npm
+# (test fixtures and Claude Code come from npm) unless a node install has it.
 # macOS: Xcode command-line tools provide clang; nothing else is needed.
 set -euo pipefail
 
@@ -23,6 +24,7 @@ missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+command -v npm >/dev/null 2>&1 || missing+=(npm)
 if [ ${#missing[@]} -eq 0 ]; then
     echo "setup: system packages present (${pkgs[*]})"
     exit 0

@@ -78,6 +78,65 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
+/// `json.dumps(value, ensure_ascii=False, indent=indent)`, as Hugging Face's
+/// `tojson` filter writes it: `", "` and `": "` separators (or newlines and
+/// `","` with an indent), key order kept, no HTML escaping.
+pub fn python_json(value: &serde_json::Value, indent: Option<usize>) -> String {
+    fn newline(out: &mut String, indent: Option<usize>, depth: usize) {
+        if let Some(n) = indent {
+            out.push('\n');
+            out.extend(std::iter::repeat_n(' ', n * depth));
+        }
+    }
+    fn write(out: &mut String, v: &serde_json::Value, indent: Option<usize>, depth: usize) {
+        use serde_json::Value as J;
+        let sep = if indent.is_some() { "," } else { ", " };
+        match v {
+            J::Array(items) if !items.is_empty() => {
+                out.push('[');
+                for (i, item) in items.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(sep);
+                    }
+                    newline(out, indent, depth + 1);
+                    write(out, item, indent, depth + 1);
+                }
+                newline(out, indent, depth);
+                out.push(']');
+            }
+            J::Object(map) if !map.is_empty() => {
+                out.push('{');
+                for (i, (k, item)) in map.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(sep);
+                    }
+                    newline(out, indent, depth + 1);
+                    out.push_str(&J::String(k.clone()).to_string());
+                    out.push_str(": ");
+                    write(out, item, indent, depth + 1);
+                }
+                newline(out, indent, depth);
+                out.push('}');
+            }
+            // Scalars and empty containers: serde_json writes them as Python does.
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut out = String::new();
+    write(&mut out, value, indent, 0);
+    out
+}
+
+fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> Result<Value, Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    // Accepted as Hugging Face does; ensure_ascii=False is the only mode.
+    let _: Option<bool> = kwargs.get("ensure_ascii")?;
+    let _: Option<bool> = kwargs.get("sort_keys")?;
+    kwargs.assert_all_used()?;
+    let json = serde_json::to_value(&value).map_err(|e| Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    Ok(Value::from_safe_string(python_json(&json, indent)))
+}
+
 impl ChatTemplate {
     pub fn new(source: &str) -> Result<Self, TemplateError> {
         let mut env = Environment::new();
@@ -87,6 +146,7 @@ impl ChatTemplate {
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
+        env.add_filter("tojson", tojson);
         env.add_template_owned("chat", source.to_string()).map_err(|e| TemplateError(e.to_string()))?;
         Ok(ChatTemplate { env })
     }
@@ -108,6 +168,19 @@ impl ChatTemplate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tojson_writes_like_python_json_dumps() {
+        let v = serde_json::json!({"b": [1, 2.5, "é<&>"], "a": {}, "c": [], "d": null, "e": "tab\tquote\""});
+        assert_eq!(python_json(&v, None), r#"{"b": [1, 2.5, "é<&>"], "a": {}, "c": [], "d": null, "e": "tab\tquote\""}"#);
+        assert_eq!(python_json(&serde_json::json!({"k": [1, {}]}), Some(2)), "{\n  \"k\": [\n    1,\n    {}\n  ]\n}");
+        let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=1) }}").unwrap();
+        let x = serde_json::json!({"z": 1, "a": [true]});
+        let ctx = serde_json::json!({"x": x});
+        let env = &t.env;
+        let out = env.get_template("chat").unwrap().render(&ctx).unwrap();
+        assert_eq!(out, "{\"z\": 1, \"a\": [true]}|{\n \"z\": 1,\n \"a\": [\n  true\n ]\n}");
+    }
 
     #[test]
     fn civil_dates() {
