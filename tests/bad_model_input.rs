@@ -60,6 +60,49 @@ fn missing_weights_file_is_named() {
     assert!(e.contains("model.safetensors: file not found"), "{e}");
 }
 
+/// A GGUF header: one string metadata entry and one tensor of type `ty`.
+fn gguf_with_tensor_type(ty: u32) -> Vec<u8> {
+    let s = |b: &mut Vec<u8>, x: &str| {
+        b.extend((x.len() as u64).to_le_bytes());
+        b.extend(x.as_bytes());
+    };
+    let mut b = b"GGUF".to_vec();
+    b.extend(3u32.to_le_bytes());
+    b.extend(1u64.to_le_bytes()); // tensors
+    b.extend(1u64.to_le_bytes()); // metadata entries
+    s(&mut b, "general.architecture");
+    b.extend(8u32.to_le_bytes());
+    s(&mut b, "llama");
+    s(&mut b, "blk.0.ffn_down.weight");
+    b.extend(2u32.to_le_bytes());
+    b.extend(256u64.to_le_bytes());
+    b.extend(2u64.to_le_bytes());
+    b.extend(ty.to_le_bytes());
+    b.extend(0u64.to_le_bytes());
+    b.resize(b.len().next_multiple_of(32) + 4096, 0);
+    b
+}
+
+#[test]
+fn gguf_with_an_unsupported_tensor_type_is_refused_by_name() {
+    let d = tmp("gguf-q4k");
+    for (ty, name) in [(12, "Q4_K"), (14, "Q6_K"), (23, "IQ4_XS")] {
+        let f = d.join(format!("{name}.gguf"));
+        std::fs::write(&f, gguf_with_tensor_type(ty)).unwrap();
+        let e = err_of(f.to_str().unwrap());
+        assert!(
+            e.contains(&format!("{name}.gguf")) && e.contains(&format!("'blk.0.ffn_down.weight' has type {name}")),
+            "{e}"
+        );
+        assert_eq!(e.lines().count(), 1, "{e}");
+    }
+    // A truncated header is named as such.
+    let f = d.join("cut.gguf");
+    std::fs::write(&f, &gguf_with_tensor_type(12)[..40]).unwrap();
+    let e = err_of(f.to_str().unwrap());
+    assert!(e.contains("cut.gguf") && e.contains("header is truncated"), "{e}");
+}
+
 #[test]
 fn not_a_gguf_is_refused() {
     let d = tmp("gguf");

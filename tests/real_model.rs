@@ -77,7 +77,7 @@ fn converted_model_matches_mlx_lm() {
     let m = converted();
     let prompt: Vec<u32> = r["prompt"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
     // Our template + tokenizer give mlx-lm's prompt ids.
-    let messages = r["renders"][0]["messages"].clone();
+    let messages = r["messages"].clone();
     assert_eq!(m.tokenizer.encode(&render(&m, &messages)).unwrap(), prompt);
     for dense_prefill_chunk in [prompt.len(), 4] {
         let mut cache = new_cache(m.model.num_layers());

@@ -146,6 +146,16 @@ pub fn convert(path: &Path, requant: Option<QuantSpec>) -> Result<Converted, Mod
     if !path.is_file() {
         return Err(err(path, "file not found"));
     }
+    match super::gguf_types::unsupported_tensor(path) {
+        Err(e) => return Err(err(path, format!("cannot load GGUF: {e}"))),
+        Ok(Some((tensor, ty))) => {
+            return Err(err(
+                path,
+                format!("tensor '{tensor}' has type {ty}, which kvserve does not load (F32, F16, BF16, Q4_0, Q4_1, Q8_0); convert the model to one of these"),
+            ))
+        }
+        Ok(None) => {}
+    }
     let g = Gguf::load(path).map_err(|e| err(path, format!("cannot load GGUF: {e}")))?;
     let meta = Meta { g: &g, path };
     let arch = meta.string("general.architecture")?.ok_or_else(|| err(path, "metadata lacks general.architecture"))?;

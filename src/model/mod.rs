@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod gguf;
+pub mod gguf_types;
 pub mod layers;
 pub mod llama;
 pub mod qwen2;
@@ -74,20 +75,40 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
 }
 
 /// Load every tensor of an MLX-format directory.
+///
+/// The weights are read into memory here (not at the first request); models
+/// over [`PROGRESS_BYTES`] report each file on stderr as it is read.
 pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Array>, ModelError> {
+    let files = weight_files(dir)?;
+    let mut sizes = Vec::with_capacity(files.len());
+    for file in &files {
+        let meta = std::fs::metadata(file)
+            .map_err(|_| ModelError::Load { file: file.display().to_string(), message: "file not found".into() })?;
+        sizes.push(meta.len());
+    }
+    let total: u64 = sizes.iter().sum();
+    let gb = |b: u64| b as f64 / 1e9;
+    let mut done = 0;
     let mut all = HashMap::new();
-    for file in weight_files(dir)? {
-        if !file.exists() {
-            return Err(ModelError::Load { file: file.display().to_string(), message: "file not found".into() });
-        }
-        let part = Array::load_safetensors(&file).map_err(|e| ModelError::Load {
+    for (i, (file, size)) in files.iter().zip(&sizes).enumerate() {
+        let bad = |e: &dyn std::fmt::Display| ModelError::Load {
             file: file.display().to_string(),
             message: format!("cannot read safetensors ({e}); the file may be truncated or corrupt"),
-        })?;
+        };
+        let part = Array::load_safetensors(file).map_err(|e| bad(&e))?;
+        let arrays: Vec<&Array> = part.values().collect();
+        mlx_rs::transforms::eval(arrays).map_err(|e| bad(&e))?;
+        done += size;
+        if total > PROGRESS_BYTES {
+            eprintln!("loading weights: file {}/{}, {:.2}/{:.2} GB", i + 1, files.len(), gb(done), gb(total));
+        }
         all.extend(part);
     }
     Ok(all)
 }
+
+/// Models larger than this show loading progress.
+pub const PROGRESS_BYTES: u64 = 256 << 20;
 
 /// Read and validate `config.json` in `dir`.
 pub fn load_config(dir: &Path) -> Result<ModelConfig, ModelError> {

@@ -30,6 +30,7 @@ def main():
         greedy.append(y)
         step = model(mx.array([[y]]), cache=cache)
     ref = {
+        "messages": PROMPT,
         "prompt": prompt,
         "last_logits": logits.tolist(),
         "greedy": greedy,
