@@ -68,8 +68,11 @@ test: setup vendor fixtures model
 run: build $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
 	$(KVSERVE) generate --model $(MODEL) --prompt "$(or $(PROMPT),What is the capital of France?)" $(ARGS)
 
-bench: setup vendor
-	$(CARGO) bench --bench matmul
+# Criterion benchmarks (GEMM, 4-bit matmul, SmolLM2 prefill/decode), then
+# mlx-lm on the same prompts in the same session.
+bench: setup vendor model venv
+	$(CARGO) bench
+	$(PYTHON) benches/mlx_lm_generate.py $(DEFAULT_MODEL)
 
 clean:
 	$(CARGO) clean

@@ -6,3 +6,4 @@ pub mod mlx;
 pub mod model;
 pub mod text;
 pub mod engine;
+pub mod server;

@@ -51,6 +51,8 @@ enum Command {
         #[arg(long)]
         raw: bool,
     },
+    /// Serve the OpenAI and Anthropic APIs for one model, with the prompt cache.
+    Serve(ServeArgs),
     /// Convert a GGUF file into an MLX-format directory that mlx-lm can load.
     Convert {
         input: PathBuf,
@@ -64,9 +66,113 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// An MLX-format directory, a .gguf file, or a Hugging Face repo id in the local cache.
+    #[arg(long)]
+    model: String,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on (0: any free port).
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require this key as `Authorization: Bearer KEY` or `x-api-key: KEY`
+    /// (default: any token is accepted).
+    #[arg(long, env = "KVSERVE_API_KEY")]
+    api_key: Option<String>,
+    /// Memory for prompt-cache snapshots: bytes, or with K/M/G suffix
+    /// (default: a quarter of RAM, at most 16G).
+    #[arg(long, value_parser = parse_bytes)]
+    cache_bytes: Option<usize>,
+    /// Keep snapshots in this folder so they survive restarts.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Requests that may wait for the engine; more get 429 / 529.
+    #[arg(long, default_value_t = 32)]
+    queue: usize,
+    /// Largest request body, bytes or with K/M/G suffix.
+    #[arg(long, value_parser = parse_bytes, default_value = "32M")]
+    max_body: usize,
+    /// Prompt tokens computed per step.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+}
+
+/// "4G", "512M", "64K" or a plain number of bytes.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: usize = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                _ => return Err(format!("'{s}': the suffix must be K, M or G")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: f64 = num.trim().parse().map_err(|_| format!("'{s}' is not a size (examples: 4G, 512M, 1048576)"))?;
+    if !(n >= 0.0) {
+        return Err(format!("'{s}' is negative"));
+    }
+    Ok((n * mult as f64) as usize)
+}
+
+fn serve(args: ServeArgs) -> Result<()> {
+    use kvserve::engine::worker::{default_cache_bytes, Engine, EngineConfig};
+    use kvserve::server::{self, ServerConfig, State};
+    let cache_bytes = args.cache_bytes.unwrap_or_else(default_cache_bytes);
+    let cfg = EngineConfig {
+        model: args.model.clone(),
+        cache_bytes,
+        cache_dir: args.cache_dir.clone(),
+        queue: args.queue,
+        prefill_chunk: args.prefill_chunk,
+    };
+    let t0 = std::time::Instant::now();
+    let engine = Engine::start(cfg).map_err(anyhow::Error::msg)?;
+    let info = engine.info.clone();
+    tracing::info!("loaded {} ({} tokens of context) in {:.1}s", info.path.display(), info.context, t0.elapsed().as_secs_f64());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let addr: std::net::SocketAddr = format!("{}:{}", args.host, args.port)
+            .parse()
+            .with_context(|| format!("'{}:{}' is not a valid address", args.host, args.port))?;
+        let listener = server::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        let state = State::new(engine, ServerConfig { api_key: args.api_key.clone(), max_body_bytes: args.max_body });
+        println!("kvserve listening on http://{local}");
+        println!("model: {} ({})", info.name, info.path.display());
+        println!(
+            "prompt cache: {:.1} GB in memory{}",
+            cache_bytes as f64 / 1e9,
+            args.cache_dir.as_ref().map(|d| format!(", persisted in {}", d.display())).unwrap_or_default()
+        );
+        println!(
+            "Claude Code: ANTHROPIC_BASE_URL=http://{local} ANTHROPIC_AUTH_TOKEN={} ANTHROPIC_MODEL={} claude",
+            args.api_key.as_deref().unwrap_or("kvserve"),
+            info.name
+        );
+        let _ = std::io::stdout().flush();
+        server::serve(listener, state, async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await;
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
 fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KVSERVE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Info => info(),
         Command::Generate { model, prompt, system, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, raw } => {
             let sampling = SamplingParams { temperature: temp, top_p, top_k, min_p, repetition_penalty, seed, ..Default::default() };

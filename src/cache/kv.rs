@@ -2,12 +2,17 @@
 //! owns it). MLX arrays are immutable, so a snapshot is a set of references:
 //! later writes build new arrays and leave the snapshot as it was.
 
-use mlx_rs::ops::{self, indexing::IndexOp};
+use mlx_rs::ops::indexing::{IndexOp, TryIndexMutOp};
+use mlx_rs::ops::{self};
 use mlx_rs::Array;
 
 use crate::mlx::MlxError;
 
-/// Keys and values of one attention layer, `[B, kv_heads, tokens, head_dim]`.
+/// Buffers grow by this many tokens at a time (as mlx-lm's KVCache does).
+pub const STEP: i32 = 256;
+
+/// Keys and values of one attention layer, `[B, kv_heads, capacity, head_dim]`
+/// buffers of which the first `offset` tokens are valid.
 #[derive(Clone, Default)]
 pub struct LayerKv {
     keys: Option<Array>,
@@ -25,42 +30,82 @@ impl LayerKv {
         self.offset
     }
 
-    /// Append this step's keys and values; return everything held so far.
-    pub fn update_and_fetch(&mut self, k: Array, v: Array) -> Result<(Array, Array), MlxError> {
-        let n = k.shape()[2];
-        let (keys, values) = match (&self.keys, &self.values) {
-            (Some(pk), Some(pv)) => (ops::concatenate(&[pk, &k], 2)?, ops::concatenate(&[pv, &v], 2)?),
-            _ => (k, v),
-        };
-        self.keys = Some(keys.clone());
-        self.values = Some(values.clone());
-        self.offset += n;
-        Ok((keys, values))
+    /// Tokens the buffers can hold before they grow.
+    pub fn capacity(&self) -> i32 {
+        self.keys.as_ref().map_or(0, |k| k.shape()[2])
     }
 
-    /// Keep only the first `len` tokens.
+    /// Write this step's keys and values after the ones held; return
+    /// everything held so far. The buffers grow in [`STEP`]s; the write is an
+    /// MLX slice update, done in place unless a snapshot still references the
+    /// buffer (then MLX copies, and the snapshot keeps its contents).
+    pub fn update_and_fetch(&mut self, k: Array, v: Array) -> Result<(Array, Array), MlxError> {
+        let n = k.shape()[2];
+        let end = self.offset + n;
+        if end > self.capacity() {
+            let grow = |buf: Option<&Array>, new: &Array| -> Result<Array, MlxError> {
+                let shape = new.shape();
+                let add = (n + STEP - 1) / STEP * STEP;
+                let zeros = ops::zeros_dtype(&[shape[0], shape[1], add, shape[3]], new.dtype())?;
+                Ok(match buf {
+                    // Drop the unused tail before growing so the layout stays contiguous.
+                    Some(b) => ops::concatenate(&[&b.index((.., .., ..self.offset, ..)), &zeros], 2)?,
+                    None => zeros,
+                })
+            };
+            self.keys = Some(grow(self.keys.as_ref(), &k)?);
+            self.values = Some(grow(self.values.as_ref(), &v)?);
+        }
+        let (keys, values) = (self.keys.as_mut().expect("grown above"), self.values.as_mut().expect("grown above"));
+        keys.try_index_mut((.., .., self.offset..end, ..), &k)?;
+        values.try_index_mut((.., .., self.offset..end, ..), &v)?;
+        self.offset = end;
+        Ok((keys.index((.., .., ..end, ..)), values.index((.., .., ..end, ..))))
+    }
+
+    /// Keep only the first `len` tokens (the buffers keep their capacity;
+    /// later writes overwrite the rest).
     pub fn trim_to(&mut self, len: i32) -> Result<(), MlxError> {
         let len = len.clamp(0, self.offset);
         if len == 0 {
             *self = Self::default();
             return Ok(());
         }
-        if let (Some(k), Some(v)) = (&self.keys, &self.values) {
-            self.keys = Some(k.index((.., .., ..len, ..)));
-            self.values = Some(v.index((.., .., ..len, ..)));
-        }
         self.offset = len;
         Ok(())
     }
 
-    /// Bytes held by keys and values.
+    /// Bytes held by the key and value buffers (capacity, not just offset).
     pub fn nbytes(&self) -> usize {
         self.keys.as_ref().map_or(0, Array::nbytes) + self.values.as_ref().map_or(0, Array::nbytes)
     }
 
-    /// A snapshot: references to the current arrays, unaffected by later writes.
+    /// The buffers, to evaluate before a snapshot is kept.
+    pub fn arrays(&self) -> impl Iterator<Item = &Array> {
+        self.keys.iter().chain(self.values.iter())
+    }
+
+    /// A snapshot: references to the current buffers, unaffected by later
+    /// writes (MLX never updates a buffer in place while another reference to it lives).
     pub fn snapshot(&self) -> Self {
         self.clone()
+    }
+
+    /// The valid keys and values, `[B, kv_heads, offset, head_dim]` (for
+    /// saving); `None` when empty.
+    pub fn state(&self) -> Option<(Array, Array)> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if self.offset > 0 => {
+                Some((k.index((.., .., ..self.offset, ..)), v.index((.., .., ..self.offset, ..))))
+            }
+            _ => None,
+        }
+    }
+
+    /// A state holding exactly `keys` and `values` (as [`state`](Self::state) gave them).
+    pub fn from_state(keys: Array, values: Array) -> Self {
+        let offset = keys.shape()[2];
+        LayerKv { keys: Some(keys), values: Some(values), offset }
     }
 }
 

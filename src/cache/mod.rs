@@ -1,3 +1,6 @@
-//! KV state of a running sequence (and, later, the prefix store over it).
+//! The prompt cache: per-layer KV state (kv), the radix index of snapshots
+//! with its byte budget (prefix), and snapshots on disk (store).
 
 pub mod kv;
+pub mod prefix;
+pub mod store;

@@ -69,6 +69,8 @@ pub struct GenerationStats {
     pub finish: FinishReason,
     /// The generated token ids (the end-of-sequence token excluded).
     pub tokens: Vec<u32>,
+    /// The end-of-sequence token that stopped generation, if one did.
+    pub end_token: Option<u32>,
 }
 
 impl GenerationStats {
@@ -185,6 +187,7 @@ pub fn generate(
         choose(&logits, &history, &mut rng)?
     };
     let mut finish = FinishReason::Length;
+    let mut end_token = None;
     let generated = |history: &Vec<u32>| history.len() - prompt.len();
     while generated(&history) < opts.max_tokens {
         let mut queued = None;
@@ -200,6 +203,7 @@ pub fn generate(
         }
         if opts.eos_ids.contains(&next_id) {
             finish = FinishReason::Eos;
+            end_token = Some(next_id);
             break;
         }
         history.push(next_id);
@@ -241,6 +245,7 @@ pub fn generate(
         peak_memory: mlx::peak_memory()?,
         finish,
         tokens: history.split_off(prompt.len()),
+        end_token,
     })
 }
 

@@ -1,4 +1,6 @@
 //! Generation: sampling and the prefill/decode loop.
 
 pub mod generate;
+pub mod request;
 pub mod sampler;
+pub mod worker;

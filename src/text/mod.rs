@@ -3,3 +3,4 @@
 pub mod detok;
 pub mod template;
 pub mod tokenizer;
+pub mod tools;

@@ -70,16 +70,23 @@ impl Tokenizer {
 
     /// Token ids of `text`; special tokens written in the text are recognised.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        Ok(self.encode_with_ends(text)?.0)
+    }
+
+    /// Token ids of `text` and, for each, the byte offset in `text` where it ends.
+    pub fn encode_with_ends(&self, text: &str) -> Result<(Vec<u32>, Vec<usize>), TokenizerError> {
         let enc = self.inner.encode(text, false).map_err(|e| TokenizerError::Tokenize(e.to_string()))?;
         let mut ids = enc.get_ids().to_vec();
+        let mut ends: Vec<usize> = enc.get_offsets().iter().map(|o| o.1).collect();
         if self.add_bos {
             if let Some(bos) = self.bos_token.as_deref().and_then(|t| self.inner.token_to_id(t)) {
                 if ids.first() != Some(&bos) {
                     ids.insert(0, bos);
+                    ends.insert(0, 0);
                 }
             }
         }
-        Ok(ids)
+        Ok((ids, ends))
     }
 
     /// Text of `ids`, special tokens included.

@@ -1,0 +1,192 @@
+//! The one canonical chat request both APIs map to, and how it becomes the
+//! model's prompt: chat template, token ids, and the token positions where
+//! snapshots are worth storing (cache breakpoints, end of system + tools).
+
+use serde_json::{json, Value};
+
+use super::sampler::SamplingParams;
+use super::worker::ModelInfo;
+use crate::text::template::TemplateInput;
+
+/// A tool call in a conversation (an assistant's request, or one generated).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolCall {
+    pub id: String,
+    pub name: String,
+    /// The arguments object (or, if a client sent unparsable text, that string).
+    pub arguments: Value,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ChatMessage {
+    /// system, user, assistant or tool.
+    pub role: String,
+    pub content: String,
+    pub tool_calls: Vec<ToolCall>,
+    /// For role tool: the call it answers.
+    pub tool_call_id: Option<String>,
+    /// For role tool: the tool's name, when known.
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    /// Tool definitions in OpenAI's shape: `{"type":"function","function":{name,description,parameters}}`.
+    pub tools: Vec<Value>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub stop: Vec<String>,
+    pub enable_thinking: Option<bool>,
+    /// Texts (in prompt order) whose ends are cache breakpoints.
+    pub cache_marks: Vec<String>,
+}
+
+/// The rendered prompt.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub text: String,
+    pub ids: Vec<u32>,
+    /// Token positions to snapshot at, ascending.
+    pub breakpoints: Vec<usize>,
+    /// Tokens the answer may use (max_tokens, capped by the context left).
+    pub max_tokens: usize,
+}
+
+/// Why a request cannot be served; `field` names what to fix.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{message}")]
+pub struct RequestError {
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl RequestError {
+    pub fn new(field: impl Into<Option<String>>, message: impl Into<String>) -> Self {
+        RequestError { field: field.into(), message: message.into() }
+    }
+}
+
+/// Thousands separators, as error messages show counts ("12,408").
+pub fn grouped(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+impl ChatRequest {
+    /// The messages as the chat template reads them.
+    pub fn template_messages(&self) -> Value {
+        Value::Array(
+            self.messages
+                .iter()
+                .map(|m| {
+                    let mut o = json!({"role": m.role, "content": m.content});
+                    if !m.tool_calls.is_empty() {
+                        o["tool_calls"] = Value::Array(
+                            m.tool_calls
+                                .iter()
+                                .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                                .collect(),
+                        );
+                    }
+                    if let Some(id) = &m.tool_call_id {
+                        o["tool_call_id"] = json!(id);
+                    }
+                    if let Some(n) = &m.name {
+                        o["name"] = json!(n);
+                    }
+                    o
+                })
+                .collect(),
+        )
+    }
+
+    /// Render and tokenize for `model`; checks the context length.
+    pub fn prompt(&self, model: &ModelInfo) -> Result<Prompt, RequestError> {
+        let (text, ids, ends) = self.render(model)?;
+        if ids.len() >= model.context {
+            return Err(RequestError::new(
+                "messages".to_string(),
+                format!(
+                    "prompt is {} tokens; model context is {} (at least one token must be left to answer)",
+                    grouped(ids.len()),
+                    grouped(model.context)
+                ),
+            ));
+        }
+        let breakpoints = self.breakpoints(&text, &ends, ids.len());
+        let max_tokens = self.max_tokens.min(model.context - ids.len());
+        Ok(Prompt { text, ids, breakpoints, max_tokens })
+    }
+
+    /// The prompt's text, token ids and each token's end offset in the text
+    /// (no context check: count_tokens reports long prompts too).
+    pub fn render(&self, model: &ModelInfo) -> Result<(String, Vec<u32>, Vec<usize>), RequestError> {
+        if self.messages.is_empty() {
+            return Err(RequestError::new("messages".to_string(), "messages: at least one message is required"));
+        }
+        let template = model
+            .template
+            .as_ref()
+            .ok_or_else(|| RequestError::new(None, format!("model '{}' has no chat template", model.name)))?;
+        let messages = self.template_messages();
+        let tools = Value::Array(self.tools.clone());
+        let text = template
+            .render(&TemplateInput {
+                messages: &messages,
+                tools: (!self.tools.is_empty()).then_some(&tools),
+                add_generation_prompt: true,
+                bos_token: model.tokenizer.bos_token.as_deref().unwrap_or(""),
+                eos_token: model.tokenizer.eos_token.as_deref().unwrap_or(""),
+                enable_thinking: self.enable_thinking,
+            })
+            .map_err(|e| RequestError::new("messages".to_string(), e.to_string()))?;
+        // The template already writes BOS where the model wants it.
+        let (ids, ends) = model.tokenizer.encode_with_ends(&text).map_err(|e| RequestError::new(None, e.to_string()))?;
+        Ok((text, ids, ends))
+    }
+
+    /// Token positions where the marked texts end, and where the
+    /// conversation after the system + tools part begins.
+    fn breakpoints(&self, text: &str, ends: &[usize], n: usize) -> Vec<usize> {
+        let tokens_before = |byte: usize| ends.partition_point(|&e| e <= byte);
+        let mut out = vec![];
+        let mut from = 0;
+        for mark in self.cache_marks.iter().filter(|m| !m.is_empty()) {
+            if let Some(i) = text[from..].find(mark.as_str()) {
+                let end = from + i + mark.len();
+                out.push(tokens_before(end));
+                from = end;
+            }
+        }
+        if let Some(first) = self.messages.iter().find(|m| m.role != "system" && !m.content.is_empty()) {
+            if let Some(i) = text.find(first.content.as_str()) {
+                out.push(tokens_before(i));
+            }
+        }
+        out.retain(|&p| p > 0 && p < n);
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_grouped() {
+        assert_eq!(grouped(12408), "12,408");
+        assert_eq!(grouped(8192), "8,192");
+        assert_eq!(grouped(999), "999");
+        assert_eq!(grouped(1_000_000), "1,000,000");
+    }
+}

@@ -1,0 +1,478 @@
+//! The engine thread: the one thread that owns MLX, the model and the prefix
+//! cache. Requests reach it through a bounded queue, each with its own event
+//! channel; start-up failure comes back on a ready channel; if the thread
+//! dies, submissions fail at once (never a hang).
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use tokio::sync::{mpsc as tmpsc, oneshot};
+
+use super::generate::{generate, prefill, FinishReason, GenerateOptions};
+use crate::cache::kv::{new_cache, LayerKv, STEP};
+use crate::cache::prefix::{CacheStats, Cached, PrefixCache};
+use crate::cache::store::{self, Store};
+use crate::model::source::{self, LoadedModel};
+use crate::model::Transformer;
+use crate::text::template::ChatTemplate;
+use crate::text::tokenizer::Tokenizer;
+
+/// How the engine is set up.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// A model directory, GGUF file, or Hugging Face repo id.
+    pub model: String,
+    /// The prefix cache's memory budget in bytes.
+    pub cache_bytes: usize,
+    /// Where snapshots persist across restarts (none: memory only).
+    pub cache_dir: Option<PathBuf>,
+    /// Requests that may wait for the engine before new ones are refused.
+    pub queue: usize,
+    /// Tokens per prefill step.
+    pub prefill_chunk: usize,
+}
+
+/// A sensible default budget: a quarter of physical memory, at most 16 GiB.
+pub fn default_cache_bytes() -> usize {
+    let total = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok()))
+        .map(|kib| kib * 1024)
+        .unwrap_or(8 << 30);
+    (total / 4).min(16 << 30)
+}
+
+/// What the HTTP side needs to know about the model (thread-safe parts).
+pub struct ModelInfo {
+    pub name: String,
+    pub path: PathBuf,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+    pub eos_ids: Vec<u32>,
+    /// The model's context length in tokens.
+    pub context: usize,
+    /// Bytes of KV state per token (all layers), as measured at start-up.
+    pub kv_bytes_per_token: usize,
+}
+
+/// Where a prompt's tokens came from. `cache_read + cache_creation + input == prompt`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PromptUsage {
+    pub prompt: usize,
+    /// Served from a snapshot.
+    pub cache_read: usize,
+    /// Computed and stored in a snapshot for reuse.
+    pub cache_creation: usize,
+    /// Computed and not stored.
+    pub input: usize,
+}
+
+/// What the engine tells a request, in order: `Started`, `Text`*, then `Done` or `Error`.
+#[derive(Debug)]
+pub enum Event {
+    /// The cache lookup is done; computing the rest of the prompt begins.
+    Started(PromptUsage),
+    Text(String),
+    Done(Done),
+    Error(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub finish: FinishReason,
+    /// The prompt's usage as it turned out (the snapshot stored or not).
+    pub usage: PromptUsage,
+    pub generated_tokens: usize,
+    /// Seconds from the job starting to the first token.
+    pub ttft_secs: f64,
+    pub prompt_secs: f64,
+    pub generation_secs: f64,
+}
+
+/// One generation request, already tokenized.
+pub struct Job {
+    pub prompt: Vec<u32>,
+    /// Token positions at which to store snapshots (cache_control breakpoints,
+    /// the end of system + tools); the end of the prompt is always one.
+    pub breakpoints: Vec<usize>,
+    pub opts: GenerateOptions,
+    pub events: tmpsc::UnboundedSender<Event>,
+}
+
+enum Msg {
+    Generate(Job),
+    ClearCache(oneshot::Sender<usize>),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    #[error("the engine's queue is full ({0} waiting)")]
+    Full(usize),
+    #[error("the engine has stopped")]
+    Dead,
+}
+
+/// The handle the server holds.
+pub struct Engine {
+    tx: mpsc::SyncSender<Msg>,
+    pub info: Arc<ModelInfo>,
+    queued: Arc<AtomicUsize>,
+    alive: Arc<AtomicBool>,
+    stats: Arc<Mutex<CacheStats>>,
+    queue: usize,
+}
+
+/// Marks the engine dead when its thread ends, however it ends.
+struct AliveGuard(Arc<AtomicBool>);
+impl Drop for AliveGuard {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// A KV snapshot in the prefix cache: in memory, on disk, or both.
+#[derive(Clone)]
+struct Snapshot {
+    layers: Option<Rc<Vec<LayerKv>>>,
+    file: Option<PathBuf>,
+}
+
+impl Cached for Snapshot {
+    fn bytes(&self) -> usize {
+        self.layers.as_ref().map_or(0, |l| l.iter().map(LayerKv::nbytes).sum())
+    }
+    fn demote(&self) -> Option<Self> {
+        self.file.as_ref().map(|f| Snapshot { layers: None, file: Some(f.clone()) })
+    }
+}
+
+impl Engine {
+    /// Start the engine thread and load the model there; returns when it is
+    /// ready, or with the reason it could not start.
+    pub fn start(cfg: EngineConfig) -> Result<Engine, String> {
+        let (tx, rx) = mpsc::sync_channel::<Msg>(cfg.queue.max(1));
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Arc<ModelInfo>, String>>();
+        let alive = Arc::new(AtomicBool::new(true));
+        let queued = Arc::new(AtomicUsize::new(0));
+        let stats = Arc::new(Mutex::new(CacheStats { budget_bytes: cfg.cache_bytes, ..Default::default() }));
+        let (a, q, s, c) = (alive.clone(), queued.clone(), stats.clone(), cfg.clone());
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                let _guard = AliveGuard(a);
+                let mut worker = match Worker::new(&c, s) {
+                    Ok((w, info)) => {
+                        let _ = ready_tx.send(Ok(info));
+                        w
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                for msg in rx {
+                    q.fetch_sub(1, Ordering::SeqCst);
+                    match msg {
+                        Msg::Generate(job) => worker.run(job),
+                        Msg::ClearCache(reply) => {
+                            let _ = reply.send(worker.clear());
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("cannot start the engine thread: {e}"))?;
+        let info = ready_rx.recv().map_err(|_| "the engine thread stopped while loading".to_string())??;
+        Ok(Engine { tx, info, queued, alive, stats, queue: cfg.queue.max(1) })
+    }
+
+    /// Queue a job; refused at once when the queue is full or the engine is gone.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        self.send(Msg::Generate(job))
+    }
+
+    fn send(&self, msg: Msg) -> Result<(), SubmitError> {
+        if !self.is_alive() {
+            return Err(SubmitError::Dead);
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        match self.tx.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.queued.fetch_sub(1, Ordering::SeqCst);
+                match e {
+                    mpsc::TrySendError::Full(_) => Err(SubmitError::Full(self.queue)),
+                    mpsc::TrySendError::Disconnected(_) => Err(SubmitError::Dead),
+                }
+            }
+        }
+    }
+
+    /// Drop every cached snapshot (memory and disk); returns how many.
+    pub async fn clear_cache(&self) -> Result<usize, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Msg::ClearCache(tx))?;
+        rx.await.map_err(|_| SubmitError::Dead)
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Requests waiting for the engine.
+    pub fn queue_depth(&self) -> usize {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        *self.stats.lock()
+    }
+}
+
+struct Worker {
+    model: Transformer,
+    info: Arc<ModelInfo>,
+    cache: PrefixCache<Snapshot>,
+    store: Option<Store>,
+    stats: Arc<Mutex<CacheStats>>,
+    prefill_chunk: usize,
+    kv_bytes_per_token: usize,
+}
+
+/// The weight, config and tokenizer files a model's KV state depends on.
+fn model_files(path: &Path) -> Vec<PathBuf> {
+    if path.is_file() {
+        return vec![path.to_path_buf()];
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.ends_with(".safetensors") || name == "config.json" || name == "tokenizer.json" || name == "tokenizer_config.json"
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+impl Worker {
+    fn new(cfg: &EngineConfig, stats: Arc<Mutex<CacheStats>>) -> Result<(Worker, Arc<ModelInfo>), String> {
+        let LoadedModel { model, tokenizer, template, eos_ids, path, name } =
+            source::load(&cfg.model).map_err(|e| e.to_string())?;
+        // Warm up (first-use costs out of the first request) and measure the
+        // KV bytes per token.
+        let mut kv = new_cache(model.num_layers());
+        prefill(&model, &mut kv, &[tokenizer.eos_ids.first().copied().unwrap_or(0)], 1).map_err(|e| e.to_string())?;
+        let kv_bytes_per_token = kv.iter().map(LayerKv::nbytes).sum::<usize>() / STEP as usize;
+        let context = model.config.context_length.max(1) as usize;
+        let mut cache = PrefixCache::new(cfg.cache_bytes);
+        let store = match &cfg.cache_dir {
+            Some(dir) => {
+                let fp = store::fingerprint(&model_files(&path), tokenizer.chat_template.as_deref());
+                let s = Store::open(dir, fp).map_err(|e| e.to_string())?;
+                let (found, warnings) = store::scan(dir, &s.fingerprint);
+                for w in warnings {
+                    tracing::warn!("{w}");
+                }
+                let n = found.len();
+                for f in found {
+                    cache.insert(&f.tokens, Snapshot { layers: None, file: Some(f.path) });
+                }
+                // Files made redundant by longer ones stay on disk but are not indexed.
+                cache.take_removed();
+                tracing::info!("prompt cache: {n} snapshots found in {}", dir.display());
+                Some(s)
+            }
+            None => None,
+        };
+        let info = Arc::new(ModelInfo {
+            name,
+            path,
+            tokenizer,
+            template,
+            eos_ids,
+            context,
+            kv_bytes_per_token,
+        });
+        let w = Worker { model, info: info.clone(), cache, store, stats, prefill_chunk: cfg.prefill_chunk.max(1), kv_bytes_per_token };
+        w.publish();
+        Ok((w, info))
+    }
+
+    fn publish(&self) {
+        *self.stats.lock() = self.cache.stats();
+    }
+
+    fn clear(&mut self) -> usize {
+        let n = self.cache.clear();
+        self.forget_removed();
+        self.publish();
+        n
+    }
+
+    /// Delete the files of snapshots the cache dropped.
+    fn forget_removed(&mut self) {
+        for s in self.cache.take_removed() {
+            if let Some(f) = s.file {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+
+    /// Store a snapshot of `live` (holding `tokens`); true if it was kept.
+    fn keep(&mut self, tokens: &[u32], live: &[LayerKv], persist: bool) -> bool {
+        let arrays: Vec<&mlx_rs::Array> = live.iter().flat_map(LayerKv::arrays).collect();
+        if let Err(e) = mlx_rs::transforms::eval(arrays) {
+            tracing::warn!("snapshot not kept: {e}");
+            return false;
+        }
+        let layers: Vec<LayerKv> = live.iter().map(LayerKv::snapshot).collect();
+        let file = match (&self.store, persist) {
+            (Some(store), true) => match store.save(tokens, &layers) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    tracing::warn!("snapshot not written to disk: {e}");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let kept = self.cache.insert(tokens, Snapshot { layers: Some(Rc::new(layers)), file }).is_some();
+        self.forget_removed();
+        kept
+    }
+
+    /// The deepest usable snapshot for `prompt` as a live cache, and how many
+    /// tokens it serves; a snapshot that cannot be read from disk is dropped.
+    fn lookup(&mut self, prompt: &[u32]) -> (Vec<LayerKv>, usize, Option<u64>) {
+        loop {
+            let Some(hit) = self.cache.fetch_nearest(prompt, prompt.len() - 1) else {
+                return (new_cache(self.model.num_layers()), 0, None);
+            };
+            let layers = match (&hit.value.layers, &hit.value.file, &self.store) {
+                (Some(l), _, _) => l.clone(),
+                (None, Some(f), Some(store)) => {
+                    match store::load(f, self.model.num_layers(), hit.entry_len, &store.fingerprint) {
+                        Ok(l) => {
+                            let l = Rc::new(l);
+                            self.cache.replace(hit.id, Snapshot { layers: Some(l.clone()), file: Some(f.clone()) });
+                            l
+                        }
+                        Err(e) => {
+                            tracing::warn!("ignoring a cached snapshot: {e}");
+                            self.cache.remove(hit.id);
+                            self.forget_removed();
+                            continue;
+                        }
+                    }
+                }
+                _ => {
+                    self.cache.remove(hit.id);
+                    continue;
+                }
+            };
+            let mut live: Vec<LayerKv> = layers.iter().map(LayerKv::snapshot).collect();
+            for l in &mut live {
+                if l.trim_to(hit.usable as i32).is_err() {
+                    return (new_cache(self.model.num_layers()), 0, Some(hit.id));
+                }
+            }
+            return (live, hit.usable, Some(hit.id));
+        }
+    }
+
+    fn run(&mut self, job: Job) {
+        let start = Instant::now();
+        let result = self.run_inner(&job, start);
+        if let Err(e) = result {
+            let _ = job.events.send(Event::Error(e));
+        }
+        self.publish();
+    }
+
+    fn run_inner(&mut self, job: &Job, start: Instant) -> Result<(), String> {
+        let prompt = &job.prompt;
+        let n = prompt.len();
+        if n == 0 {
+            return Err("the prompt is empty".into());
+        }
+        if job.events.is_closed() {
+            return Ok(());
+        }
+        let (mut live, read, pinned) = self.lookup(prompt);
+        let result = self.compute(job, &mut live, read, start);
+        if let Some(id) = pinned {
+            self.cache.release(id);
+        }
+        result
+    }
+
+    fn compute(&mut self, job: &Job, live: &mut [LayerKv], read: usize, start: Instant) -> Result<(), String> {
+        let prompt = &job.prompt;
+        let n = prompt.len();
+        // Snapshot points past what was read; the last is the end of the prompt
+        // (all but its last token, whose logits start generation).
+        let mut stops: Vec<usize> = job.breakpoints.iter().copied().filter(|&b| b > read && b < n - 1).collect();
+        stops.push(n - 1);
+        stops.sort_unstable();
+        stops.dedup();
+        let will_store = n - 1 > read && (n - 1).div_ceil(STEP as usize) * STEP as usize * self.kv_bytes_per_token <= self.cache.budget();
+        let planned = if will_store { n - 1 - read } else { 0 };
+        let mut usage = PromptUsage { prompt: n, cache_read: read, cache_creation: planned, input: n - read - planned };
+        if job.events.send(Event::Started(usage)).is_err() {
+            return Ok(());
+        }
+        let mut pos = read;
+        let mut stored_to = read;
+        for s in stops {
+            if s <= pos {
+                continue;
+            }
+            prefill(&self.model, live, &prompt[pos..s], self.prefill_chunk).map_err(|e| e.to_string())?;
+            pos = s;
+            if job.events.is_closed() {
+                return Ok(());
+            }
+            if self.keep(&prompt[..s], live, false) {
+                stored_to = s;
+            }
+        }
+        usage.cache_creation = stored_to - read;
+        usage.input = n - read - usage.cache_creation;
+
+        let prefill_done = start.elapsed().as_secs_f64();
+        let mut first_token: Option<f64> = None;
+        let events = &job.events;
+        let stats = generate(&self.model, &self.info.tokenizer, live, prompt, &job.opts, &mut |text| {
+            if first_token.is_none() {
+                first_token = Some(start.elapsed().as_secs_f64());
+            }
+            events.send(Event::Text(text.to_string())).is_ok()
+        })
+        .map_err(|e| e.to_string())?;
+        let done = Done {
+            finish: stats.finish,
+            usage,
+            generated_tokens: stats.generated_tokens,
+            ttft_secs: first_token.unwrap_or(prefill_done + stats.generation_secs),
+            prompt_secs: prefill_done,
+            generation_secs: stats.generation_secs,
+        };
+        let _ = job.events.send(Event::Done(done));
+        // The conversation so far, for the next turn: prompt + answer (+ the
+        // end token), as far as the KV state holds.
+        let held = live.first().map_or(0, |l| l.offset() as usize);
+        let mut all = prompt.clone();
+        all.extend(&stats.tokens);
+        all.extend(stats.end_token);
+        if held > read && held <= all.len() {
+            self.keep(&all[..held], live, true);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,388 @@
+//! Anthropic Messages API: the request mapped to the canonical one, and the
+//! response as Anthropic's event sequence (a small state machine over
+//! content blocks) or one JSON message.
+
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use super::fields::{body_object, item, Fields};
+use super::stream::Out;
+use crate::engine::generate::FinishReason;
+use crate::engine::request::{ChatMessage, ChatRequest, ToolCall};
+use crate::engine::sampler::SamplingParams;
+use crate::engine::worker::PromptUsage;
+use crate::text::tools::Piece;
+
+/// The line Claude Code puts first in `system`; it changes every turn and
+/// never reaches the model (it would break the cached prefix at token 0).
+const BILLING: &str = "x-anthropic-billing-header:";
+
+/// The largest `max_tokens` accepted (the context limit caps it further).
+pub const MAX_TOKENS_LIMIT: i64 = 1_000_000;
+
+pub struct Parsed {
+    pub model: String,
+    pub stream: bool,
+    pub request: ChatRequest,
+}
+
+fn has_cache_control(f: &Fields) -> bool {
+    f.get("cache_control").is_some()
+}
+
+/// Text of a `content` that is a string or an array of blocks of `kind`
+/// text (for system and tool results); the texts of blocks with
+/// cache_control are pushed to `marks`.
+fn text_of(v: &Value, path: &str, marks: &mut Vec<String>, drop_billing: bool) -> Result<String, ApiError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(blocks) => {
+            let mut parts = vec![];
+            for (i, b) in blocks.iter().enumerate() {
+                let f = item(b, path, i)?;
+                let kind = f.req_str("type")?;
+                if kind != "text" {
+                    return Err(ApiError::invalid(f.at("type"), format!("{}: '{kind}' blocks are not supported here (text only)", f.at("type"))));
+                }
+                let text = f.req_str("text")?;
+                if drop_billing && text.starts_with(BILLING) {
+                    continue;
+                }
+                if has_cache_control(&f) {
+                    marks.push(text.to_string());
+                }
+                parts.push(text.to_string());
+            }
+            Ok(parts.join("\n"))
+        }
+        other => Err(ApiError::invalid(path, format!("{path}: expected a string or an array of content blocks, got {}", super::fields::type_name(other)))),
+    }
+}
+
+/// Strip Claude Code's billing line from a system prompt given as a string.
+fn strip_billing(s: &str) -> String {
+    if s.starts_with(BILLING) {
+        s.split_once('\n').map(|(_, rest)| rest.to_string()).unwrap_or_default()
+    } else {
+        s.to_string()
+    }
+}
+
+/// Map one message's content blocks to canonical messages (tool results
+/// become `tool` messages in place).
+fn message(v: &Value, i: usize, out: &mut Vec<ChatMessage>, marks: &mut Vec<String>) -> Result<(), ApiError> {
+    let f = item(v, "messages", i)?;
+    let role = f.req_str("role")?;
+    if !matches!(role, "user" | "assistant" | "system") {
+        return Err(ApiError::invalid(f.at("role"), format!("{}: '{role}' is not one of user, assistant, system", f.at("role"))));
+    }
+    let content = f.required("content")?;
+    if role == "system" {
+        let text = text_of(content, &f.at("content"), marks, true)?;
+        out.push(ChatMessage { role: "system".into(), content: strip_billing(&text), ..Default::default() });
+        return Ok(());
+    }
+    let blocks = match content {
+        Value::String(s) => {
+            out.push(ChatMessage { role: role.into(), content: s.clone(), ..Default::default() });
+            return Ok(());
+        }
+        Value::Array(b) => b,
+        other => {
+            return Err(ApiError::invalid(
+                f.at("content"),
+                format!("{}: expected a string or an array of content blocks, got {}", f.at("content"), super::fields::type_name(other)),
+            ))
+        }
+    };
+    let mut text = String::new();
+    let mut calls = vec![];
+    let flush = |text: &mut String, calls: &mut Vec<ToolCall>, out: &mut Vec<ChatMessage>| {
+        if !text.is_empty() || !calls.is_empty() {
+            out.push(ChatMessage { role: role.into(), content: std::mem::take(text), tool_calls: std::mem::take(calls), ..Default::default() });
+        }
+    };
+    let path = f.at("content");
+    for (j, b) in blocks.iter().enumerate() {
+        let bf = item(b, &path, j)?;
+        let kind = bf.req_str("type")?;
+        match kind {
+            "text" => {
+                let t = bf.req_str("text")?;
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(t);
+                if has_cache_control(&bf) {
+                    marks.push(t.to_string());
+                }
+            }
+            "tool_use" if role == "assistant" => {
+                let input = bf.get("input").cloned().unwrap_or_else(|| json!({}));
+                if !input.is_object() {
+                    return Err(ApiError::invalid(bf.at("input"), format!("{}: expected an object", bf.at("input"))));
+                }
+                calls.push(ToolCall { id: bf.req_str("id")?.to_string(), name: bf.req_str("name")?.to_string(), arguments: input });
+            }
+            "tool_result" if role == "user" => {
+                flush(&mut text, &mut calls, out);
+                let id = bf.req_str("tool_use_id")?.to_string();
+                let mut content = match bf.get("content") {
+                    None => String::new(),
+                    Some(c) => text_of(c, &bf.at("content"), marks, false)?,
+                };
+                if bf.bool("is_error")? == Some(true) {
+                    content = format!("Error: {content}");
+                }
+                if has_cache_control(&bf) && !content.is_empty() {
+                    marks.push(content.clone());
+                }
+                out.push(ChatMessage { role: "tool".into(), content, tool_call_id: Some(id), ..Default::default() });
+            }
+            // Earlier reasoning is not replayed to the model.
+            "thinking" | "redacted_thinking" if role == "assistant" => {}
+            other => {
+                return Err(ApiError::invalid(
+                    bf.at("type"),
+                    format!("{}: '{other}' blocks are not supported in {role} messages", bf.at("type")),
+                ))
+            }
+        }
+    }
+    flush(&mut text, &mut calls, out);
+    Ok(())
+}
+
+/// Parse a Messages request (`count_only`: for count_tokens, where
+/// max_tokens is not required).
+pub fn parse(body: &Value, count_only: bool) -> Result<Parsed, ApiError> {
+    let f = Fields::new(body_object(body)?, "");
+    let model = f.req_str("model")?.to_string();
+    let max_tokens = if count_only {
+        f.int_in("max_tokens", 1, MAX_TOKENS_LIMIT)?.unwrap_or(1)
+    } else {
+        f.int_in("max_tokens", 1, MAX_TOKENS_LIMIT)?
+            .ok_or_else(|| ApiError::invalid("max_tokens", "max_tokens: field required"))?
+    };
+    let mut marks = vec![];
+    let mut messages = vec![];
+    if let Some(system) = f.get("system") {
+        let text = strip_billing(&text_of(system, "system", &mut marks, true)?);
+        if !text.is_empty() {
+            messages.push(ChatMessage { role: "system".into(), content: text, ..Default::default() });
+        }
+    }
+    let list = f.array("messages")?.ok_or_else(|| ApiError::invalid("messages", "messages: field required"))?;
+    if list.is_empty() {
+        return Err(ApiError::invalid("messages", "messages: at least one message is required"));
+    }
+    for (i, m) in list.iter().enumerate() {
+        message(m, i, &mut messages, &mut marks)?;
+    }
+    let mut tools = vec![];
+    for (i, t) in f.array("tools")?.into_iter().flatten().enumerate() {
+        let tf = item(t, "tools", i)?;
+        let name = tf.req_str("name")?;
+        // Server-side tools (web search, ...) have a type and no schema: not ours to run.
+        let Some(schema) = tf.object("input_schema")? else { continue };
+        let mut function = Map::new();
+        function.insert("name".into(), json!(name));
+        if let Some(d) = tf.str("description")? {
+            function.insert("description".into(), json!(d));
+        }
+        function.insert("parameters".into(), Value::Object(schema.clone()));
+        tools.push(json!({"type": "function", "function": function}));
+    }
+    if let Some(choice) = f.object("tool_choice")? {
+        if choice.get("type").and_then(Value::as_str) == Some("none") {
+            tools.clear();
+        }
+    }
+    let enable_thinking = match f.object("thinking")?.and_then(|t| t.get("type")).and_then(Value::as_str) {
+        Some("disabled") => Some(false),
+        Some("enabled") => Some(true),
+        _ => None,
+    };
+    let sampling = SamplingParams {
+        temperature: f.f64_in("temperature", 0.0, 2.0)?.unwrap_or(0.0) as f32,
+        top_p: f.f64_in("top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32,
+        top_k: f.int_in("top_k", 0, 1_000_000)?.unwrap_or(0) as usize,
+        ..Default::default()
+    };
+    let request = ChatRequest {
+        messages,
+        tools,
+        max_tokens: max_tokens as usize,
+        sampling,
+        stop: f.strings("stop_sequences")?,
+        enable_thinking,
+        cache_marks: marks,
+    };
+    Ok(Parsed { model, stream: f.bool("stream")?.unwrap_or(false), request })
+}
+
+pub fn usage_json(u: &PromptUsage, output_tokens: usize) -> Value {
+    json!({
+        "input_tokens": u.input,
+        "cache_creation_input_tokens": u.cache_creation,
+        "cache_read_input_tokens": u.cache_read,
+        "output_tokens": output_tokens,
+    })
+}
+
+fn stop_reason(finish: FinishReason, calls: usize, cut: bool) -> &'static str {
+    match finish {
+        _ if cut => "max_tokens",
+        FinishReason::Length => "max_tokens",
+        FinishReason::StopString => "stop_sequence",
+        _ if calls > 0 => "tool_use",
+        _ => "end_turn",
+    }
+}
+
+/// What kind of block is open.
+#[derive(PartialEq)]
+enum Open {
+    None,
+    Text,
+    Thinking,
+}
+
+/// Turns the engine's output into Anthropic's stream events.
+pub struct Events {
+    id: String,
+    model: String,
+    index: usize,
+    open: Open,
+    calls: usize,
+    usage: PromptUsage,
+    output_tokens: usize,
+}
+
+/// One SSE event.
+pub fn sse(event: &str, data: &Value) -> String {
+    format!("event: {event}\ndata: {data}\n\n")
+}
+
+/// Split a JSON text into fragments (streamed as input_json_delta).
+fn fragments(s: &str, size: usize) -> Vec<&str> {
+    let mut out = vec![];
+    let mut start = 0;
+    while start < s.len() {
+        let mut end = (start + size).min(s.len());
+        while !s.is_char_boundary(end) {
+            end += 1;
+        }
+        out.push(&s[start..end]);
+        start = end;
+    }
+    out
+}
+
+impl Events {
+    pub fn new(id: String, model: String) -> Self {
+        Events { id, model, index: 0, open: Open::None, calls: 0, usage: PromptUsage::default(), output_tokens: 0 }
+    }
+
+    fn close(&mut self, out: &mut String) {
+        if self.open != Open::None {
+            out.push_str(&sse("content_block_stop", &json!({"type": "content_block_stop", "index": self.index})));
+            self.index += 1;
+            self.open = Open::None;
+        }
+    }
+
+    /// The SSE text for one output event.
+    pub fn on(&mut self, o: &Out) -> String {
+        let mut out = String::new();
+        match o {
+            Out::Started(u) => {
+                self.usage = *u;
+                let message = json!({
+                    "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+                    "content": [], "stop_reason": null, "stop_sequence": null,
+                    "usage": usage_json(u, 0),
+                });
+                out.push_str(&sse("message_start", &json!({"type": "message_start", "message": message})));
+            }
+            Out::Piece(Piece::Text(t)) | Out::Piece(Piece::Thinking(t)) => {
+                let thinking = matches!(o, Out::Piece(Piece::Thinking(_)));
+                let want = if thinking { Open::Thinking } else { Open::Text };
+                if self.open != want {
+                    self.close(&mut out);
+                    let block = if thinking { json!({"type": "thinking", "thinking": ""}) } else { json!({"type": "text", "text": ""}) };
+                    out.push_str(&sse("content_block_start", &json!({"type": "content_block_start", "index": self.index, "content_block": block})));
+                    self.open = want;
+                }
+                let delta = if thinking { json!({"type": "thinking_delta", "thinking": t}) } else { json!({"type": "text_delta", "text": t}) };
+                out.push_str(&sse("content_block_delta", &json!({"type": "content_block_delta", "index": self.index, "delta": delta})));
+            }
+            Out::Piece(Piece::Call(c)) => {
+                self.close(&mut out);
+                self.calls += 1;
+                let block = json!({"type": "tool_use", "id": c.id, "name": c.name, "input": {}});
+                out.push_str(&sse("content_block_start", &json!({"type": "content_block_start", "index": self.index, "content_block": block})));
+                let args = c.arguments.to_string();
+                for frag in fragments(&args, 64) {
+                    let delta = json!({"type": "input_json_delta", "partial_json": frag});
+                    out.push_str(&sse("content_block_delta", &json!({"type": "content_block_delta", "index": self.index, "delta": delta})));
+                }
+                out.push_str(&sse("content_block_stop", &json!({"type": "content_block_stop", "index": self.index})));
+                self.index += 1;
+            }
+            Out::Done { done, cut } => {
+                self.close(&mut out);
+                self.usage = done.usage;
+                self.output_tokens = done.generated_tokens;
+                let delta = json!({"stop_reason": stop_reason(done.finish, self.calls, *cut), "stop_sequence": null});
+                out.push_str(&sse(
+                    "message_delta",
+                    &json!({"type": "message_delta", "delta": delta, "usage": usage_json(&done.usage, done.generated_tokens)}),
+                ));
+                out.push_str(&sse("message_stop", &json!({"type": "message_stop"})));
+            }
+            Out::Error(e) => {
+                out.push_str(&sse("error", &json!({"type": "error", "error": {"type": "api_error", "message": e}})));
+            }
+        }
+        out
+    }
+}
+
+/// The whole (non-streaming) message from every output event.
+pub fn message_json(id: &str, model: &str, outs: &[Out]) -> Result<Value, String> {
+    let mut content: Vec<Value> = vec![];
+    let mut calls = 0;
+    for o in outs {
+        match o {
+            Out::Piece(Piece::Text(t)) => match content.last_mut() {
+                Some(b) if b["type"] == "text" => {
+                    let s = b["text"].as_str().unwrap_or("").to_string() + t;
+                    b["text"] = json!(s);
+                }
+                _ => content.push(json!({"type": "text", "text": t})),
+            },
+            Out::Piece(Piece::Thinking(t)) => match content.last_mut() {
+                Some(b) if b["type"] == "thinking" => {
+                    let s = b["thinking"].as_str().unwrap_or("").to_string() + t;
+                    b["thinking"] = json!(s);
+                }
+                _ => content.push(json!({"type": "thinking", "thinking": t, "signature": ""})),
+            },
+            Out::Piece(Piece::Call(c)) => {
+                calls += 1;
+                content.push(json!({"type": "tool_use", "id": c.id, "name": c.name, "input": c.arguments}));
+            }
+            Out::Error(e) => return Err(e.clone()),
+            Out::Started(_) => {}
+            Out::Done { done, cut } => {
+                return Ok(json!({
+                    "id": id, "type": "message", "role": "assistant", "model": model, "content": content,
+                    "stop_reason": stop_reason(done.finish, calls, *cut), "stop_sequence": null,
+                    "usage": usage_json(&done.usage, done.generated_tokens),
+                }));
+            }
+        }
+    }
+    Err("generation ended without a result".into())
+}

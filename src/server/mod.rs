@@ -1,0 +1,333 @@
+//! The HTTP server (hyper 1 + tokio): OpenAI Chat Completions, Anthropic
+//! Messages, count_tokens, models, health, metrics and cache control. Every
+//! request is validated before a 200 is sent; generation runs on the engine
+//! thread and streams back through a per-request channel.
+
+pub mod anthropic;
+pub mod error;
+pub mod fields;
+pub mod metrics;
+pub mod openai;
+pub mod stream;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use crate::engine::generate::GenerateOptions;
+use crate::engine::request::ChatRequest;
+use crate::engine::worker::{Engine, Job};
+use crate::text::tools::{ToolFormat, ToolStream};
+use error::{Api, ApiError, Kind};
+use metrics::Metrics;
+use stream::{Generation, Out};
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Seconds between keep-alive events while a prompt is being computed.
+const PING_SECS: u64 = 3;
+
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Required as `Authorization: Bearer` or `x-api-key` when set.
+    pub api_key: Option<String>,
+    /// Largest request body accepted, in bytes.
+    pub max_body_bytes: usize,
+}
+
+pub struct State {
+    pub engine: Engine,
+    pub metrics: Metrics,
+    pub cfg: ServerConfig,
+    tool_format: Option<ToolFormat>,
+    next_id: AtomicU64,
+}
+
+impl State {
+    pub fn new(engine: Engine, cfg: ServerConfig) -> Arc<State> {
+        let tool_format = engine.info.template.as_ref().and_then(|_| engine.info.tokenizer.chat_template.as_deref()).and_then(ToolFormat::for_template);
+        Arc::new(State { engine, metrics: Metrics::new(), cfg, tool_format, next_id: AtomicU64::new(1) })
+    }
+
+    fn id(&self, prefix: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        format!("{prefix}{t:x}{n:06x}")
+    }
+
+    /// Names this server answers to: the model's name, its path, and the
+    /// path's last component.
+    fn serves(&self, model: &str) -> bool {
+        let info = &self.engine.info;
+        let path = info.path.to_string_lossy();
+        model == info.name || model == path || info.path.file_name().is_some_and(|f| f.to_string_lossy() == model)
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn full(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .body(Full::new(body.into()).boxed())
+        .expect("static response parts are valid")
+}
+
+fn json_response(status: u16, v: &Value) -> Response<Body> {
+    full(status, "application/json", v.to_string())
+}
+
+fn error_response(api: Api, e: &ApiError) -> Response<Body> {
+    json_response(e.status(api), &e.body(api))
+}
+
+/// Equal in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
+fn authorized(cfg: &ServerConfig, req: &Request<Incoming>) -> bool {
+    let Some(key) = &cfg.api_key else { return true };
+    let h = req.headers();
+    let bearer = h.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    let x = h.get("x-api-key").and_then(|v| v.to_str().ok());
+    [bearer, x].into_iter().flatten().any(|t| constant_time_eq(t.as_bytes(), key.as_bytes()))
+}
+
+/// The body as JSON, within the size limit.
+async fn read_json(req: Request<Incoming>, limit: usize) -> Result<Value, ApiError> {
+    let bytes = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Err(ApiError::new(Kind::TooLarge, format!("request body is over the limit of {} bytes", limit)));
+        }
+        Err(e) => return Err(ApiError::invalid("body", format!("cannot read the request body: {e}"))),
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|e| ApiError::invalid("body", format!("request body is not valid UTF-8: {e}")))?;
+    if text.trim().is_empty() {
+        return Err(ApiError::invalid("body", "request body is empty; expected a JSON object"));
+    }
+    serde_json::from_str(text).map_err(|e| ApiError::invalid("body", format!("request body is not valid JSON: {e}")))
+}
+
+/// Serve until `shutdown` completes.
+pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+/// Bind `addr` (port 0: any free port).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let api = match path.as_str() {
+        "/v1/messages" | "/v1/messages/count_tokens" => Api::Anthropic,
+        "/v1/chat/completions" => Api::OpenAi,
+        _ => Api::Own,
+    };
+    let open = matches!(path.as_str(), "/health" | "/metrics");
+    let resp = if !open && !authorized(&state.cfg, &req) {
+        Err(ApiError::new(Kind::Authentication, "invalid API key: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`"))
+    } else {
+        route(&state, api, &method, &path, req).await
+    };
+    let resp = resp.unwrap_or_else(|e| error_response(api, &e));
+    state.metrics.request(api.label(), &path, resp.status().as_u16());
+    Ok(resp)
+}
+
+async fn route(state: &Arc<State>, api: Api, method: &Method, path: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    match (method, path) {
+        (&Method::POST, "/v1/messages") => messages(state, read_json(req, state.cfg.max_body_bytes).await?).await,
+        (&Method::POST, "/v1/messages/count_tokens") => count_tokens(state, read_json(req, state.cfg.max_body_bytes).await?).await,
+        (&Method::POST, "/v1/chat/completions") => chat(state, read_json(req, state.cfg.max_body_bytes).await?).await,
+        (&Method::GET, "/v1/models") => Ok(json_response(200, &models(state))),
+        (&Method::GET, "/health") => Ok(health(state)),
+        (&Method::GET, "/metrics") => {
+            let text = state.metrics.render(state.engine.queue_depth(), &state.engine.cache_stats());
+            Ok(full(200, "application/openmetrics-text; version=1.0.0; charset=utf-8", text))
+        }
+        (&Method::GET, "/v1/cache/stats") => Ok(json_response(200, &json!(state.engine.cache_stats()))),
+        (&Method::DELETE, "/v1/cache") => {
+            let removed = state.engine.clear_cache().await?;
+            Ok(json_response(200, &json!({"removed": removed, "stats": state.engine.cache_stats()})))
+        }
+        _ => {
+            let _ = api;
+            Err(ApiError::new(Kind::NotFound, format!("no route for {method} {path}")))
+        }
+    }
+}
+
+fn models(state: &State) -> Value {
+    let name = &state.engine.info.name;
+    let entry = json!({
+        "id": name, "object": "model", "type": "model", "display_name": name,
+        "created": 0, "created_at": "1970-01-01T00:00:00Z", "owned_by": "kvserve",
+        "context_length": state.engine.info.context,
+    });
+    json!({"object": "list", "data": [entry], "has_more": false, "first_id": name, "last_id": name})
+}
+
+fn health(state: &State) -> Response<Body> {
+    if state.engine.is_alive() {
+        json_response(200, &json!({"status": "ok", "model": state.engine.info.name, "queue_depth": state.engine.queue_depth()}))
+    } else {
+        json_response(503, &json!({"status": "error", "message": "the inference engine has stopped"}))
+    }
+}
+
+fn check_model(state: &State, model: &str) -> Result<(), ApiError> {
+    if state.serves(model) {
+        return Ok(());
+    }
+    Err(ApiError {
+        kind: Kind::NotFound,
+        message: format!("model '{model}' is not served here; this server serves '{}'", state.engine.info.name),
+        param: Some("model".into()),
+    })
+}
+
+/// Validate, tokenize and queue a request; the generation's events follow.
+fn start(state: &State, request: &ChatRequest, id: &str) -> Result<Generation, ApiError> {
+    let info = &state.engine.info;
+    let prompt = request.prompt(info)?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let opts = GenerateOptions {
+        sampling: request.sampling.clone(),
+        max_tokens: prompt.max_tokens,
+        stop: request.stop.clone(),
+        eos_ids: info.eos_ids.clone(),
+        ..Default::default()
+    };
+    let thinking_open = prompt.text.trim_end().ends_with("<think>");
+    state.engine.submit(Job { prompt: prompt.ids, breakpoints: prompt.breakpoints, opts, events: tx })?;
+    let tools = ToolStream::new(state.tool_format, &request.tools, thinking_open, id);
+    Ok(Generation::new(rx, tools))
+}
+
+/// Stream a generation as SSE: `render` turns each output into text;
+/// keep-alives go out while nothing else does (`ping` once `started`).
+fn sse_response<F>(state: &Arc<State>, mut gen: Generation, anthropic: bool, mut render: F) -> Response<Body>
+where
+    F: FnMut(&Out) -> String + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    let state = state.clone();
+    tokio::spawn(async move {
+        let mut started = false;
+        loop {
+            let o = match tokio::time::timeout(Duration::from_secs(PING_SECS), gen.next()).await {
+                Ok(Some(o)) => o,
+                Ok(None) => break,
+                Err(_) => {
+                    let ka = if anthropic && started { anthropic::sse("ping", &json!({"type": "ping"})) } else { ": keep-alive\n\n".into() };
+                    if tx.send(Ok(Frame::data(Bytes::from(ka)))).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            started |= matches!(o, Out::Started(_));
+            if let Out::Done { done, .. } = &o {
+                state.metrics.finished(&done.usage, done);
+            }
+            if tx.send(Ok(Frame::data(Bytes::from(render(&o))))).await.is_err() {
+                // The client left: dropping `gen` stops the engine within a token.
+                break;
+            }
+        }
+    });
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(BodyExt::boxed(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        .expect("static response parts are valid")
+}
+
+fn record_done(state: &State, outs: &[Out]) {
+    for o in outs {
+        if let Out::Done { done, .. } = o {
+            state.metrics.finished(&done.usage, done);
+        }
+    }
+}
+
+async fn messages(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiError> {
+    let p = anthropic::parse(&body, false)?;
+    check_model(state, &p.model)?;
+    let id = state.id("msg_");
+    let gen = start(state, &p.request, &format!("toolu_{}", &id[4..]))?;
+    if p.stream {
+        let mut events = anthropic::Events::new(id, p.model);
+        return Ok(sse_response(state, gen, true, move |o| events.on(o)));
+    }
+    let outs = gen.collect().await;
+    record_done(state, &outs);
+    anthropic::message_json(&id, &p.model, &outs)
+        .map(|m| json_response(200, &m))
+        .map_err(|e| ApiError::new(Kind::Internal, e))
+}
+
+async fn count_tokens(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiError> {
+    let p = anthropic::parse(&body, true)?;
+    check_model(state, &p.model)?;
+    let (_, ids, _) = p.request.render(&state.engine.info)?;
+    Ok(json_response(200, &json!({"input_tokens": ids.len()})))
+}
+
+async fn chat(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiError> {
+    let p = openai::parse(&body)?;
+    check_model(state, &p.model)?;
+    let id = state.id("chatcmpl-");
+    let created = now_secs();
+    let gen = start(state, &p.request, &format!("call_{}", &id[9..]))?;
+    if p.stream {
+        let mut chunks = openai::Chunks::new(id, p.model, created, p.include_usage);
+        return Ok(sse_response(state, gen, false, move |o| chunks.on(o)));
+    }
+    let outs = gen.collect().await;
+    record_done(state, &outs);
+    openai::completion_json(&id, &p.model, created, &outs)
+        .map(|m| json_response(200, &m))
+        .map_err(|e| ApiError::new(Kind::Internal, e))
+}
