@@ -158,7 +158,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         );
         let _ = std::io::stdout().flush();
         server::serve(listener, state, async {
-            let _ = tokio::signal::ctrl_c().await;
+            // Ctrl-C or SIGTERM: stop accepting, finish, write snapshots.
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+            tracing::info!("shutting down");
         })
         .await;
         Ok::<(), anyhow::Error>(())

@@ -106,6 +106,8 @@ pub struct Job {
 enum Msg {
     Generate(Job),
     ClearCache(oneshot::Sender<usize>),
+    /// Finish writing snapshots to disk, then stop.
+    Shutdown(mpsc::Sender<()>),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -181,6 +183,13 @@ impl Engine {
                         Msg::ClearCache(reply) => {
                             let _ = reply.send(worker.clear());
                         }
+                        Msg::Shutdown(done) => {
+                            if let Some(store) = &worker.store {
+                                store.flush();
+                            }
+                            let _ = done.send(());
+                            return;
+                        }
                     }
                 }
             })
@@ -216,6 +225,15 @@ impl Engine {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::ClearCache(tx))?;
         rx.await.map_err(|_| SubmitError::Dead)
+    }
+
+    /// Stop after the queued requests, with every snapshot file written.
+    pub fn shutdown(&self) {
+        let (tx, rx) = mpsc::channel();
+        // A blocking send: waits for room in the queue.
+        if self.tx.send(Msg::Shutdown(tx)).is_ok() {
+            let _ = rx.recv();
+        }
     }
 
     pub fn is_alive(&self) -> bool {
@@ -405,6 +423,7 @@ impl Worker {
             return Ok(());
         }
         let (mut live, read, pinned) = self.lookup(prompt);
+        self.publish();
         let result = self.compute(job, &mut live, read, start);
         if let Some(id) = pinned {
             self.cache.release(id);

@@ -127,8 +127,15 @@ async fn read_json(req: Request<Incoming>, limit: usize) -> Result<Value, ApiErr
     serde_json::from_str(text).map_err(|e| ApiError::invalid("body", format!("request body is not valid JSON: {e}")))
 }
 
-/// Serve until `shutdown` completes.
+/// Serve until `shutdown` completes; then let the engine finish its queue
+/// and write its snapshot files.
 pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl std::future::Future<Output = ()>) {
+    accept_loop(listener, state.clone(), shutdown).await;
+    let s = state.clone();
+    let _ = tokio::task::spawn_blocking(move || s.engine.shutdown()).await;
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
