@@ -12,3 +12,152 @@ pub fn fixtures() -> PathBuf {
     assert!(dir.is_dir(), "fixtures missing at {}: run `make fixtures`", dir.display());
     dir
 }
+
+/// The real default model (`make model`).
+pub fn smollm2_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
+    assert!(dir.join("config.json").exists(), "run `make model` first");
+    dir
+}
+
+/// A `kvserve serve` process on a free port; killed when dropped.
+pub struct Server {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub stdout: Vec<String>,
+}
+
+impl Server {
+    /// Start the server binary with `args` after `serve --port 0`.
+    pub fn start(args: &[&str]) -> Server {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve"))
+            .arg("serve")
+            .args(["--port", "0"])
+            .args(args)
+            .env("KVSERVE_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start kvserve");
+        let out = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(out).lines();
+        let mut stdout = vec![];
+        let addr = loop {
+            let Some(Ok(line)) = lines.next() else {
+                let status = child.wait().unwrap();
+                panic!("kvserve exited before listening ({status}); output: {stdout:?}");
+            };
+            stdout.push(line.clone());
+            if let Some(a) = line.strip_prefix("kvserve listening on http://") {
+                break a.trim().to_string();
+            }
+        };
+        // Read the remaining start-up lines (model, cache, Claude Code hint).
+        for _ in 0..3 {
+            if let Some(Ok(line)) = lines.next() {
+                stdout.push(line);
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, addr, stdout }
+    }
+
+    /// Stop with SIGTERM (snapshots are flushed) and wait for the exit.
+    pub fn stop(mut self) {
+        send_sigterm(self.child.id());
+        let _ = self.child.wait();
+    }
+}
+
+fn send_sigterm(pid: u32) {
+    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP response.
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+    /// Server-sent events as (event name, data).
+    pub fn events(&self) -> Vec<(String, String)> {
+        self.body
+            .split("\n\n")
+            .filter(|b| !b.trim().is_empty() && !b.starts_with(':'))
+            .map(|b| {
+                let mut ev = String::new();
+                let mut data = String::new();
+                for line in b.lines() {
+                    if let Some(e) = line.strip_prefix("event: ") {
+                        ev = e.to_string();
+                    } else if let Some(d) = line.strip_prefix("data: ") {
+                        data = d.to_string();
+                    }
+                }
+                (ev, data)
+            })
+            .collect()
+    }
+}
+
+/// Send one HTTP/1.1 request with raw bytes as the body; read the whole reply.
+pub fn request_raw(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        head += &format!("{k}: {v}\r\n");
+    }
+    head += "\r\n";
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = vec![];
+    s.read_to_end(&mut raw).unwrap();
+    parse_reply(&raw)
+}
+
+pub fn parse_reply(raw: &[u8]) -> Reply {
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header block");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status: u16 = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
+        let mut out = vec![];
+        let mut rest = &body[..];
+        loop {
+            let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else { break };
+            let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16).unwrap_or(0);
+            if size == 0 {
+                break;
+            }
+            out.extend_from_slice(&rest[nl + 2..nl + 2 + size]);
+            rest = &rest[nl + 2 + size + 2..];
+        }
+        body = out;
+    }
+    Reply { status, headers, body: String::from_utf8(body).expect("UTF-8 body") }
+}
+
+pub fn post(addr: &str, path: &str, body: &serde_json::Value) -> Reply {
+    request_raw(addr, "POST", path, &[("content-type", "application/json")], body.to_string().as_bytes())
+}
+
+pub fn get(addr: &str, path: &str) -> Reply {
+    request_raw(addr, "GET", path, &[], b"")
+}
