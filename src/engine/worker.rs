@@ -342,72 +342,92 @@ impl Worker {
         }
     }
 
-    /// Store a snapshot of `live` (holding `tokens`); true if it was kept.
-    fn keep(&mut self, tokens: &[u32], live: &[LayerKv], persist: bool) -> bool {
+    /// Store a snapshot of `live` (holding `tokens`), on disk too when a
+    /// cache folder is set; true if it was kept.
+    fn keep(&mut self, tokens: &[u32], live: &[LayerKv]) -> bool {
         let arrays: Vec<&mlx_rs::Array> = live.iter().flat_map(LayerKv::arrays).collect();
         if let Err(e) = mlx_rs::transforms::eval(arrays) {
             tracing::warn!("snapshot not kept: {e}");
             return false;
         }
         let layers: Vec<LayerKv> = live.iter().map(LayerKv::snapshot).collect();
-        let file = match (&self.store, persist) {
-            (Some(store), true) => match store.save(tokens, &layers) {
-                Ok(p) => Some(p),
-                Err(e) => {
-                    tracing::warn!("snapshot not written to disk: {e}");
-                    None
-                }
-            },
-            _ => None,
-        };
+        let bytes: usize = layers.iter().map(LayerKv::nbytes).sum();
+        if bytes > self.cache.budget() {
+            return false;
+        }
+        let file = self.store.as_ref().and_then(|store| match store.save(tokens, &layers) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::warn!("snapshot not written to disk: {e}");
+                None
+            }
+        });
         let kept = self.cache.insert(tokens, Snapshot { layers: Some(Rc::new(layers)), file }).is_some();
         self.forget_removed();
         kept
     }
 
-    /// The deepest usable snapshot for `prompt` as a live cache, and how many
-    /// tokens it serves; a snapshot that cannot be read from disk is dropped.
-    fn lookup(&mut self, prompt: &[u32]) -> (Vec<LayerKv>, usize, Option<u64>) {
+    /// The deepest usable snapshot for `prompt` as a live cache and how many
+    /// tokens it serves. A snapshot the prompt extends is taken out of the
+    /// index (this request's own snapshot will replace it), so the live state
+    /// owns its buffers and MLX writes them in place; one that must be
+    /// trimmed stays (it is another conversation's) and is copied on write.
+    /// A snapshot that cannot be read from disk is dropped.
+    fn lookup(&mut self, prompt: &[u32]) -> (Vec<LayerKv>, usize, Option<PathBuf>) {
         loop {
             let Some(hit) = self.cache.fetch_nearest(prompt, prompt.len() - 1) else {
                 return (new_cache(self.model.num_layers()), 0, None);
             };
+            self.cache.release(hit.id);
             let layers = match (&hit.value.layers, &hit.value.file, &self.store) {
                 (Some(l), _, _) => l.clone(),
-                (None, Some(f), Some(store)) => {
-                    match store::load(f, self.model.num_layers(), hit.entry_len, &store.fingerprint) {
-                        Ok(l) => {
-                            let l = Rc::new(l);
+                (None, Some(f), Some(store)) => match store::load(f, self.model.num_layers(), hit.entry_len, &store.fingerprint) {
+                    Ok(l) => {
+                        let l = Rc::new(l);
+                        if hit.usable < hit.entry_len {
                             self.cache.replace(hit.id, Snapshot { layers: Some(l.clone()), file: Some(f.clone()) });
-                            l
                         }
-                        Err(e) => {
-                            tracing::warn!("ignoring a cached snapshot: {e}");
-                            self.cache.remove(hit.id);
-                            self.forget_removed();
-                            continue;
-                        }
+                        l
                     }
-                }
+                    Err(e) => {
+                        tracing::warn!("ignoring a cached snapshot: {e}");
+                        self.cache.remove(hit.id);
+                        self.forget_removed();
+                        continue;
+                    }
+                },
                 _ => {
                     self.cache.remove(hit.id);
                     continue;
                 }
             };
-            let mut live: Vec<LayerKv> = layers.iter().map(LayerKv::snapshot).collect();
-            for l in &mut live {
-                if l.trim_to(hit.usable as i32).is_err() {
-                    return (new_cache(self.model.num_layers()), 0, Some(hit.id));
-                }
+            let file = hit.value.file.clone();
+            let owned = hit.usable == hit.entry_len;
+            let id = hit.id;
+            drop(hit);
+            let mut taken_file = None;
+            if owned {
+                // Out of the index; its file stays until this request's snapshot is written.
+                self.cache.remove(id);
+                self.cache.take_removed();
+                taken_file = file;
             }
-            return (live, hit.usable, Some(hit.id));
+            let layers = match Rc::try_unwrap(layers) {
+                Ok(l) => l,
+                Err(shared) => shared.iter().map(LayerKv::snapshot).collect(),
+            };
+            let usable = layers.first().map_or(0, |l| l.offset() as usize).min(prompt.len() - 1);
+            let mut live = layers;
+            for l in &mut live {
+                let _ = l.trim_to(usable as i32);
+            }
+            return (live, usable, taken_file);
         }
     }
 
     fn run(&mut self, job: Job) {
         let start = Instant::now();
-        let result = self.run_inner(&job, start);
-        if let Err(e) = result {
+        if let Err(e) = self.run_inner(&job, start) {
             let _ = job.events.send(Event::Error(e));
         }
         self.publish();
@@ -422,48 +442,55 @@ impl Worker {
         if job.events.is_closed() {
             return Ok(());
         }
-        let (mut live, read, pinned) = self.lookup(prompt);
+        let (mut live, read, taken_file) = self.lookup(prompt);
         self.publish();
         let result = self.compute(job, &mut live, read, start);
-        if let Some(id) = pinned {
-            self.cache.release(id);
+        // One snapshot per request, whatever happened: every token boundary
+        // in it (each breakpoint included) is served by trimming it.
+        let held = live.first().map_or(0, |l| l.offset() as usize);
+        let t_keep = Instant::now();
+        let mut kept_path = None;
+        if let Ok(tokens) = &result {
+            if held > 0 && held <= tokens.len() && self.keep(&tokens[..held], &live) {
+                kept_path = self.store.as_ref().map(|s| s.path_for(&tokens[..held]));
+            }
+        } else if read > 0 {
+            // After an error only what was read is known to be good.
+            for l in &mut live {
+                let _ = l.trim_to(read as i32);
+            }
+            if self.keep(&prompt[..read], &live) {
+                kept_path = self.store.as_ref().map(|s| s.path_for(&prompt[..read]));
+            }
         }
-        result
+        if let Some(old) = taken_file {
+            if kept_path.as_ref() != Some(&old) && kept_path.is_some() {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        tracing::debug!("snapshot of {held} tokens kept in {:.0} ms", t_keep.elapsed().as_secs_f64() * 1e3);
+        result.map(|_| ())
     }
 
-    fn compute(&mut self, job: &Job, live: &mut [LayerKv], read: usize, start: Instant) -> Result<(), String> {
+    /// Compute the prompt past `read` and generate; returns the tokens the
+    /// live state holds (prompt, answer, end token).
+    fn compute(&mut self, job: &Job, live: &mut [LayerKv], read: usize, start: Instant) -> Result<Vec<u32>, String> {
         let prompt = &job.prompt;
         let n = prompt.len();
-        // Snapshot points past what was read; the last is the end of the prompt
-        // (all but its last token, whose logits start generation).
-        let mut stops: Vec<usize> = job.breakpoints.iter().copied().filter(|&b| b > read && b < n - 1).collect();
-        stops.push(n - 1);
-        stops.sort_unstable();
-        stops.dedup();
-        let will_store = n - 1 > read && (n - 1).div_ceil(STEP as usize) * STEP as usize * self.kv_bytes_per_token <= self.cache.budget();
-        let planned = if will_store { n - 1 - read } else { 0 };
-        let mut usage = PromptUsage { prompt: n, cache_read: read, cache_creation: planned, input: n - read - planned };
+        let planned_tokens = (n + job.opts.max_tokens).div_ceil(STEP as usize) * STEP as usize;
+        let fits = |tokens: usize| tokens * self.kv_bytes_per_token <= self.cache.budget();
+        let creation = if fits(planned_tokens) { n - read } else { 0 };
+        let mut usage = PromptUsage { prompt: n, cache_read: read, cache_creation: creation, input: n - read - creation };
         if job.events.send(Event::Started(usage)).is_err() {
-            return Ok(());
+            return Ok(prompt[..read].to_vec());
         }
-        let mut pos = read;
-        let mut stored_to = read;
-        for s in stops {
-            if s <= pos {
-                continue;
-            }
-            prefill(&self.model, live, &prompt[pos..s], self.prefill_chunk).map_err(|e| e.to_string())?;
-            pos = s;
+        // The prompt but its last token, in chunks; a client that leaves stops it between chunks.
+        for part in prompt[read..n - 1].chunks(self.prefill_chunk) {
+            prefill(&self.model, live, part, self.prefill_chunk).map_err(|e| e.to_string())?;
             if job.events.is_closed() {
-                return Ok(());
-            }
-            if self.keep(&prompt[..s], live, false) {
-                stored_to = s;
+                return Ok(prompt.clone());
             }
         }
-        usage.cache_creation = stored_to - read;
-        usage.input = n - read - usage.cache_creation;
-
         let prefill_done = start.elapsed().as_secs_f64();
         let mut first_token: Option<f64> = None;
         let events = &job.events;
@@ -474,6 +501,15 @@ impl Worker {
             events.send(Event::Text(text.to_string())).is_ok()
         })
         .map_err(|e| e.to_string())?;
+        let mut all = prompt.clone();
+        all.extend(&stats.tokens);
+        all.extend(stats.end_token);
+        // The snapshot stored after this returns holds every prompt token.
+        let held: usize = live.first().map_or(0, |l| l.offset() as usize);
+        let bytes: usize = live.iter().map(LayerKv::nbytes).sum();
+        let stored = held >= n && bytes <= self.cache.budget();
+        usage.cache_creation = if stored { n - read } else { 0 };
+        usage.input = n - read - usage.cache_creation;
         let done = Done {
             finish: stats.finish,
             usage,
@@ -482,16 +518,17 @@ impl Worker {
             prompt_secs: prefill_done,
             generation_secs: stats.generation_secs,
         };
+        tracing::info!(
+            "prompt {} tokens ({} from cache, {} computed) in {:.2}s; first token at {:.2}s; {} tokens at {:.1} tok/s",
+            n,
+            read,
+            n - read,
+            prefill_done,
+            done.ttft_secs,
+            stats.generated_tokens,
+            stats.generation_tps(),
+        );
         let _ = job.events.send(Event::Done(done));
-        // The conversation so far, for the next turn: prompt + answer (+ the
-        // end token), as far as the KV state holds.
-        let held = live.first().map_or(0, |l| l.offset() as usize);
-        let mut all = prompt.clone();
-        all.extend(&stats.tokens);
-        all.extend(stats.end_token);
-        if held > read && held <= all.len() {
-            self.keep(&all[..held], live, true);
-        }
-        Ok(())
+        Ok(all)
     }
 }
