@@ -106,6 +106,7 @@ pub struct Job {
 enum Msg {
     Generate(Job),
     ClearCache(oneshot::Sender<usize>),
+    Stats(oneshot::Sender<CacheStats>),
     /// Finish writing snapshots to disk, then stop.
     Shutdown(mpsc::Sender<()>),
 }
@@ -183,6 +184,9 @@ impl Engine {
                         Msg::ClearCache(reply) => {
                             let _ = reply.send(worker.clear());
                         }
+                        Msg::Stats(reply) => {
+                            let _ = reply.send(worker.cache.stats());
+                        }
                         Msg::Shutdown(done) => {
                             if let Some(store) = &worker.store {
                                 store.flush();
@@ -245,8 +249,23 @@ impl Engine {
         self.queued.load(Ordering::SeqCst)
     }
 
+    /// The cache's numbers as last published (after each lookup and request).
     pub fn cache_stats(&self) -> CacheStats {
         *self.stats.lock()
+    }
+
+    /// The cache's numbers once the engine is between requests (so they
+    /// include the last request's snapshot); the published ones if that
+    /// takes longer than `wait`.
+    pub async fn cache_stats_settled(&self, wait: std::time::Duration) -> CacheStats {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Msg::Stats(tx)).is_err() {
+            return self.cache_stats();
+        }
+        match tokio::time::timeout(wait, rx).await {
+            Ok(Ok(s)) => s,
+            _ => self.cache_stats(),
+        }
     }
 }
 

@@ -192,7 +192,7 @@ async fn route(state: &Arc<State>, api: Api, method: &Method, path: &str, req: R
             let text = state.metrics.render(state.engine.queue_depth(), &state.engine.cache_stats());
             Ok(full(200, "application/openmetrics-text; version=1.0.0; charset=utf-8", text))
         }
-        (&Method::GET, "/v1/cache/stats") => Ok(json_response(200, &json!(state.engine.cache_stats()))),
+        (&Method::GET, "/v1/cache/stats") => Ok(json_response(200, &json!(state.engine.cache_stats_settled(Duration::from_secs(2)).await))),
         (&Method::DELETE, "/v1/cache") => {
             let removed = state.engine.clear_cache().await?;
             Ok(json_response(200, &json!({"removed": removed, "stats": state.engine.cache_stats()})))
