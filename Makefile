@@ -15,7 +15,7 @@ DEFAULT_MODEL := models/SmolLM2-135M-Instruct
 MODEL ?= $(DEFAULT_MODEL)
 KVSERVE := target/release/kvserve
 
-.PHONY: all setup vendor venv fixtures model build test run bench clean distclean
+.PHONY: all setup vendor venv fixtures model build test run generate claude claude-code bench clean distclean
 
 all: build
 
@@ -65,7 +65,28 @@ build: setup vendor
 test: setup vendor fixtures model
 	$(CARGO) test $(CARGO_FLAGS)
 
+# The server (OpenAI + Anthropic APIs) for MODEL; ARGS adds flags (--port, --cache-dir, ...).
 run: build $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
+	$(KVSERVE) serve --model $(MODEL) $(ARGS)
+
+# Claude Code (npm @anthropic-ai/claude-code), installed into tools/claude-code.
+CLAUDE_CODE := tools/claude-code/node_modules/.bin/claude
+claude-code: $(CLAUDE_CODE)
+$(CLAUDE_CODE):
+	@command -v npm >/dev/null || bash scripts/setup.sh
+	npm install --silent --no-audit --no-fund --prefix tools/claude-code @anthropic-ai/claude-code@2.1.328
+	@# Its postinstall step may be skipped by npm's script policy; run it (idempotent).
+	cd tools/claude-code/node_modules/@anthropic-ai/claude-code && node install.cjs >/dev/null 2>&1 || true
+	$(CLAUDE_CODE) --version
+
+# Claude Code against MODEL in one command; ARGS go to claude (e.g. ARGS='-p "hi"').
+# SmolLM2's 8K context is smaller than Claude Code's prompt: the default model
+# runs with a 32K context override (answers past 8K tokens may be poor).
+claude: build claude-code $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
+	$(KVSERVE) claude --model $(MODEL) $(if $(filter $(DEFAULT_MODEL),$(MODEL)),--context 32768) --cache-dir $(or $(CACHE_DIR),$(HOME)/.cache/kvserve/$(notdir $(MODEL))) -- $(ARGS)
+
+# One prompt from the command line, streamed to stdout, with speeds.
+generate: build $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
 	$(KVSERVE) generate --model $(MODEL) --prompt "$(or $(PROMPT),What is the capital of France?)" $(ARGS)
 
 # Criterion benchmarks (GEMM, 4-bit matmul, SmolLM2 prefill/decode), then

@@ -6,4 +6,5 @@ pub mod mlx;
 pub mod model;
 pub mod text;
 pub mod engine;
+pub mod launch;
 pub mod server;

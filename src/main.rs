@@ -53,6 +53,26 @@ enum Command {
     },
     /// Serve the OpenAI and Anthropic APIs for one model, with the prompt cache.
     Serve(ServeArgs),
+    /// Run Claude Code against a local model: starts the server (or uses
+    /// --url), runs `claude` with the environment set, stops the server after.
+    Claude {
+        /// The model to serve (not needed with --url).
+        #[arg(long)]
+        model: Option<String>,
+        /// Use a kvserve already running at this address instead of starting one.
+        #[arg(long)]
+        url: Option<String>,
+        /// Context length for the started server (Claude Code's prompt is
+        /// about 12K-24K tokens; a smaller model needs an override).
+        #[arg(long)]
+        context: Option<usize>,
+        /// Snapshot folder for the started server (survives restarts).
+        #[arg(long)]
+        cache_dir: Option<PathBuf>,
+        /// Arguments for Claude Code, after `--` (e.g. -- -p "hello").
+        #[arg(last = true)]
+        claude_args: Vec<String>,
+    },
     /// Convert a GGUF file into an MLX-format directory that mlx-lm can load.
     Convert {
         input: PathBuf,
@@ -97,6 +117,10 @@ struct ServeArgs {
     /// Prompt tokens computed per step.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Accept prompts up to this many tokens instead of the model's own
+    /// context length (past what it was trained on, answers may be poor).
+    #[arg(long)]
+    context: Option<usize>,
 }
 
 /// "4G", "512M", "64K" or a plain number of bytes.
@@ -131,6 +155,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         cache_dir: args.cache_dir.clone(),
         queue: args.queue,
         prefill_chunk: args.prefill_chunk,
+        context_override: args.context,
     };
     let t0 = std::time::Instant::now();
     let engine = Engine::start(cfg).map_err(anyhow::Error::msg)?;
@@ -171,6 +196,40 @@ fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
+fn claude(model: Option<String>, url: Option<String>, context: Option<usize>, cache_dir: Option<PathBuf>, args: &[String]) -> Result<i32> {
+    use kvserve::launch;
+    let Some(exe) = launch::find_claude() else {
+        bail!(
+            "Claude Code is not installed: run `make claude-code` (installs it into {}) or `npm install -g @anthropic-ai/claude-code`",
+            launch::LOCAL_CLAUDE
+        );
+    };
+    let (server, url, name) = match url {
+        Some(u) => {
+            let name = launch::served_model(&u)?;
+            (None, u, name)
+        }
+        None => {
+            let Some(model) = model else { bail!("give --model M (or --url of a running kvserve)") };
+            let mut serve_args = vec!["--model".to_string(), model];
+            if let Some(c) = context {
+                eprintln!("context override: {c} tokens (Claude Code's prompt may not fit the model's own context)");
+                serve_args.extend(["--context".to_string(), c.to_string()]);
+            }
+            if let Some(d) = cache_dir {
+                serve_args.extend(["--cache-dir".to_string(), d.display().to_string()]);
+            }
+            let s = launch::start_server(&serve_args)?;
+            let (u, n) = (s.url.clone(), s.model.clone());
+            (Some(s), u, n)
+        }
+    };
+    eprintln!("running {} against {url} (model {name})", exe.display());
+    let code = launch::run_claude(&exe, &url, &name, "kvserve", args)?;
+    drop(server);
+    Ok(code)
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KVSERVE_LOG").unwrap_or_else(|_| "info".into()))
@@ -179,6 +238,10 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Claude { model, url, context, cache_dir, claude_args } => {
+            let code = claude(model, url, context, cache_dir, &claude_args)?;
+            std::process::exit(code);
+        }
         Command::Info => info(),
         Command::Generate { model, prompt, system, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, raw } => {
             let sampling = SamplingParams { temperature: temp, top_p, top_k, min_p, repetition_penalty, seed, ..Default::default() };

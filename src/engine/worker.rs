@@ -34,6 +34,9 @@ pub struct EngineConfig {
     pub queue: usize,
     /// Tokens per prefill step.
     pub prefill_chunk: usize,
+    /// Use this context length instead of the model's own (beyond what the
+    /// model was trained on, quality drops; said at start-up).
+    pub context_override: Option<usize>,
 }
 
 /// A sensible default budget: a quarter of physical memory, at most 16 GiB.
@@ -306,7 +309,11 @@ impl Worker {
         let mut kv = new_cache(model.num_layers());
         prefill(&model, &mut kv, &[tokenizer.eos_ids.first().copied().unwrap_or(0)], 1).map_err(|e| e.to_string())?;
         let kv_bytes_per_token = kv.iter().map(LayerKv::nbytes).sum::<usize>() / STEP as usize;
-        let context = model.config.context_length.max(1) as usize;
+        let trained = model.config.context_length.max(1) as usize;
+        let context = cfg.context_override.unwrap_or(trained);
+        if context > trained {
+            tracing::warn!("context set to {context} tokens; the model was trained on {trained}: answers past that may be poor");
+        }
         let mut cache = PrefixCache::new(cfg.cache_bytes);
         let store = match &cfg.cache_dir {
             Some(dir) => {

@@ -88,6 +88,20 @@ pub fn mlx_version() -> Result<String, MlxError> {
 /// Which shared object the process's global symbol lookup resolves `symbol`
 /// to: the library whose code MLX's own calls to it will run. `None` when no
 /// loaded object exports it.
+/// Send `signal` (e.g. `libc::SIGTERM`) to process `pid`; false if it failed.
+pub fn send_signal(pid: u32, signal: c_int) -> bool {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
+}
+
+/// Ignore SIGINT in this process (a launcher whose child owns the terminal).
+pub fn ignore_interrupt() {
+    // SAFETY: installing SIG_IGN for SIGINT has no memory effects.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
+}
+
 pub fn symbol_provider(symbol: &str) -> Option<PathBuf> {
     let name = CString::new(symbol).ok()?;
     // SAFETY: dlsym with RTLD_DEFAULT only reads the loaded objects' tables;

@@ -8,6 +8,7 @@ use std::fmt;
 use std::panic::Location;
 use std::path::PathBuf;
 
+pub use ffi::{ignore_interrupt, send_signal};
 pub use mlx_rs::{Array, Dtype};
 
 /// An MLX failure: MLX's own message and where kvserve made the call.

@@ -1,0 +1,121 @@
+//! `kvserve claude`: start the server (or use one already running), then run
+//! Claude Code against it with the environment it needs, and stop the server
+//! when Claude Code exits.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct LaunchError(pub String);
+
+/// Where the project's own `make claude-code` installs Claude Code.
+pub const LOCAL_CLAUDE: &str = "tools/claude-code/node_modules/.bin/claude";
+
+/// The `claude` executable: `$KVSERVE_CLAUDE`, then PATH, then the
+/// project's own npm install (looked up from the current folder and from
+/// this executable's folder upwards).
+pub fn find_claude() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("KVSERVE_CLAUDE").map(PathBuf::from) {
+        return p.is_file().then_some(p);
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("claude");
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    let starts = [std::env::current_dir().ok(), std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf))];
+    for start in starts.into_iter().flatten() {
+        for dir in start.ancestors() {
+            let p = dir.join(LOCAL_CLAUDE);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// A server started for the session; stopped (snapshots flushed) on drop.
+pub struct StartedServer {
+    child: Child,
+    pub url: String,
+    pub model: String,
+}
+
+impl Drop for StartedServer {
+    fn drop(&mut self) {
+        crate::mlx::send_signal(self.child.id(), libc::SIGTERM);
+        let _ = self.child.wait();
+    }
+}
+
+/// Start `kvserve serve --port 0 ARGS` in its own process group (a Ctrl-C
+/// meant for Claude Code does not reach it) and wait until it listens.
+pub fn start_server(serve_args: &[String]) -> Result<StartedServer, LaunchError> {
+    let exe = std::env::current_exe().map_err(|e| LaunchError(format!("cannot find the kvserve executable: {e}")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve").args(["--port", "0"]).args(serve_args).stdout(Stdio::piped());
+    #[cfg(unix)]
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let mut child = cmd.spawn().map_err(|e| LaunchError(format!("cannot start the server: {e}")))?;
+    let out = child.stdout.take().expect("stdout was piped");
+    let mut lines = BufReader::new(out).lines();
+    let (mut url, mut model) = (None, None);
+    while url.is_none() || model.is_none() {
+        let Some(Ok(line)) = lines.next() else {
+            let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+            return Err(LaunchError(format!("the server stopped before it was ready ({status}); see the messages above")));
+        };
+        if let Some(u) = line.strip_prefix("kvserve listening on ") {
+            url = Some(u.trim().to_string());
+        } else if let Some(m) = line.strip_prefix("model: ") {
+            model = Some(m.split(" (").next().unwrap_or(m).trim().to_string());
+        }
+        eprintln!("{line}");
+    }
+    // Keep draining the server's stdout so it never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok(StartedServer { child, url: url.expect("set above"), model: model.expect("set above") })
+}
+
+/// The model an already running server serves (GET /v1/models).
+pub fn served_model(url: &str) -> Result<String, LaunchError> {
+    use std::io::{Read, Write};
+    let hostport = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut s = std::net::TcpStream::connect(hostport).map_err(|e| LaunchError(format!("no server at {url}: {e}")))?;
+    write!(s, "GET /v1/models HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").map_err(|e| LaunchError(e.to_string()))?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).map_err(|e| LaunchError(e.to_string()))?;
+    let json = body.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    // A chunked body: the JSON object is between the first '{' and the last '}'.
+    let json = json.find('{').and_then(|a| json.rfind('}').map(|b| &json[a..=b])).unwrap_or("");
+    let v: serde_json::Value = serde_json::from_str(json).map_err(|_| LaunchError(format!("{url} did not answer GET /v1/models")))?;
+    v["data"][0]["id"].as_str().map(str::to_string).ok_or_else(|| LaunchError(format!("{url} serves no model")))
+}
+
+/// Run Claude Code against `url` serving `model`; returns its exit code.
+pub fn run_claude(claude: &Path, url: &str, model: &str, token: &str, args: &[String]) -> Result<i32, LaunchError> {
+    let mut cmd = Command::new(claude);
+    cmd.args(args)
+        .env("ANTHROPIC_BASE_URL", url)
+        .env("ANTHROPIC_AUTH_TOKEN", token)
+        .env("ANTHROPIC_MODEL", model)
+        .env("ANTHROPIC_DEFAULT_OPUS_MODEL", model)
+        .env("ANTHROPIC_DEFAULT_SONNET_MODEL", model)
+        .env("ANTHROPIC_DEFAULT_HAIKU_MODEL", model)
+        .env("ANTHROPIC_SMALL_FAST_MODEL", model)
+        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+        // Long prompts on a CPU take minutes the first time.
+        .env("API_TIMEOUT_MS", "3600000")
+        .env_remove("ANTHROPIC_API_KEY");
+    let mut child = cmd.spawn().map_err(|e| LaunchError(format!("cannot run {}: {e}", claude.display())))?;
+    // Ctrl-C goes to Claude Code (same terminal); this process waits it out.
+    crate::mlx::ignore_interrupt();
+    let status = child.wait().map_err(|e| LaunchError(e.to_string()))?;
+    Ok(status.code().unwrap_or(130))
+}
