@@ -62,7 +62,7 @@ $(FIXTURES)/tiny/.complete: tests/reference/make_tiny.py $(VENV)/.installed
 build: setup vendor
 	$(CARGO) build $(CARGO_FLAGS)
 
-test: setup vendor fixtures model
+test: setup vendor fixtures model claude-code
 	$(CARGO) test $(CARGO_FLAGS)
 
 # The server (OpenAI + Anthropic APIs) for MODEL; ARGS adds flags (--port, --cache-dir, ...).
