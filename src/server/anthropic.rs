@@ -386,3 +386,64 @@ pub fn message_json(id: &str, model: &str, outs: &[Out]) -> Result<Value, String
     }
     Err("generation ended without a result".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shape of a Claude Code turn (texts made up here).
+    fn claude_code_turn(billing: &str) -> Value {
+        json!({
+            "model": "m", "max_tokens": 32000, "stream": true,
+            "system": [
+                {"type": "text", "text": billing},
+                {"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}},
+                {"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}},
+            ],
+            "tools": [{"name": "Read", "description": "Read a file.", "input_schema": {"type": "object", "properties": {"p": {"type": "string"}}}},
+                      {"type": "web_search_20250305", "name": "web_search"}],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "<system-reminder>git: clean</system-reminder>"}, {"type": "text", "text": "Open a.rs"}]},
+                {"role": "system", "content": "Environment: /repo, linux."},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "x"}, {"type": "text", "text": "Reading."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"p": "a.rs"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "fn main() {}"}]},
+                    {"type": "tool_result", "tool_use_id": "toolu_2", "is_error": true, "content": "no such file"},
+                    {"type": "text", "text": "Now fix it", "cache_control": {"type": "ephemeral"}}]},
+            ],
+            "metadata": {"user_id": "u"}, "thinking": {"type": "adaptive"}, "context_management": {}, "output_config": {},
+        })
+    }
+
+    #[test]
+    fn claude_code_turn_maps_in_order_without_the_billing_line() {
+        let p = parse(&claude_code_turn("x-anthropic-billing-header: cc_version=2.1.328; cch=abc;"), false).unwrap();
+        let m = &p.request.messages;
+        let roles: Vec<&str> = m.iter().map(|m| m.role.as_str()).collect();
+        // The mid-conversation system message stays where it was.
+        assert_eq!(roles, ["system", "user", "system", "assistant", "tool", "tool", "user"]);
+        assert_eq!(m[0].content, "You are a coding agent.\nBe brief.");
+        assert!(!m.iter().any(|m| m.content.contains("billing")));
+        assert_eq!(m[1].content, "<system-reminder>git: clean</system-reminder>\nOpen a.rs");
+        assert_eq!(m[3].content, "Reading.");
+        assert_eq!(m[3].tool_calls, vec![ToolCall { id: "toolu_1".into(), name: "Read".into(), arguments: json!({"p": "a.rs"}) }]);
+        assert_eq!((m[4].content.as_str(), m[4].tool_call_id.as_deref()), ("fn main() {}", Some("toolu_1")));
+        assert_eq!(m[5].content, "Error: no such file");
+        assert_eq!(m[6].content, "Now fix it");
+        // Only the custom tool reaches the template, in OpenAI's shape.
+        assert_eq!(p.request.tools.len(), 1);
+        assert_eq!(p.request.tools[0]["function"]["name"], "Read");
+        assert_eq!(p.request.cache_marks, ["You are a coding agent.", "Be brief.", "Now fix it"]);
+        assert_eq!(p.request.max_tokens, 32000);
+        assert!(p.stream);
+        // Another billing line gives the same request.
+        let q = parse(&claude_code_turn("x-anthropic-billing-header: cc_version=2.1.328; cch=def;"), false).unwrap();
+        assert_eq!(q.request.messages, p.request.messages);
+    }
+
+    #[test]
+    fn billing_line_in_a_string_system_prompt_is_dropped() {
+        assert_eq!(strip_billing("x-anthropic-billing-header: a=1;\nYou are helpful."), "You are helpful.");
+        assert_eq!(strip_billing("You are helpful."), "You are helpful.");
+    }
+}
