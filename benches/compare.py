@@ -62,7 +62,8 @@ def peak_rss_mb(pid):
 class Server:
     def __init__(self, cmd, port, ready_path, env=None):
         self.port = port
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        log = open(os.environ.get("COMPARE_LOG", os.devnull), "a")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
         wait_ready(port, ready_path)
 
     def stop(self):
@@ -130,8 +131,10 @@ QUESTIONS = ["Where is the main function?", "Run the tests.", "Why did test 3 fa
 class Session:
     """One conversation, sent as Anthropic (kvserve) or OpenAI (mlx-lm) requests."""
 
-    def __init__(self, model, system, billing, tag, max_tokens=16):
+    def __init__(self, model, system, billing, tag, max_tokens=16, variant=""):
         self.model, self.system, self.billing, self.tag, self.max_tokens = model, system, billing, tag, max_tokens
+        # Sessions with another variant share only the system prompt and tools.
+        self.variant = variant
         self.turns = []  # (question, answer)
 
     def billing_line(self, turn):
@@ -169,7 +172,7 @@ class Session:
 def run_session(port, kind, session, turns):
     rows = []
     for t in range(turns):
-        q = QUESTIONS[t]
+        q = session.variant + QUESTIONS[t]
         if kind == "anthropic":
             ttft, total, text, u = stream(port, "/v1/messages", session.anthropic(q, t), {})
             cached = u.get("cache_read_input_tokens", 0)
@@ -221,11 +224,11 @@ def main():
     print("kvserve", flush=True)
     s = kv_server()
     results["kv_w1"] = run_session(s.port, "anthropic", Session(model_name, system, True, "a1"), args.turns)
-    results["kv_w2"] = run_session(s.port, "anthropic", Session(model_name, system, False, "b2"), args.turns)
+    results["kv_w2"] = run_session(s.port, "anthropic", Session(model_name, system, False, "b2", variant="In the other repo: "), args.turns)
     results["kv_w4"] = decode(s.port, "openai", model_name)
     results["kv_peak"] = s.stop()
     s = kv_server()
-    results["kv_restart"] = run_session(s.port, "anthropic", Session(model_name, system, True, "c3"), 1)
+    results["kv_restart"] = run_session(s.port, "anthropic", Session(model_name, system, True, "c3", variant="After a restart: "), 1)
     s.stop()
 
     if not args.skip_mlx:
@@ -234,7 +237,7 @@ def main():
         py = os.path.join(os.path.dirname(sys.executable), "mlx_lm.server")
         s = Server([py, "--model", args.model, "--port", str(port), "--host", "127.0.0.1"], port, "/v1/models")
         results["mlx_w1"] = run_session(s.port, "openai", Session(args.model, system, True, "a1"), args.mlx_turns)
-        results["mlx_w2"] = run_session(s.port, "openai", Session(args.model, system, False, "b2"), args.turns)
+        results["mlx_w2"] = run_session(s.port, "openai", Session(args.model, system, False, "b2", variant="In the other repo: "), args.turns)
         results["mlx_w4"] = decode(s.port, "openai", args.model)
         results["mlx_peak"] = s.stop()
 

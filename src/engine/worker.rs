@@ -469,6 +469,7 @@ impl Worker {
             return Ok(());
         }
         let (mut live, read, taken_file) = self.lookup(prompt);
+        tracing::debug!("lookup: {read} tokens from cache in {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
         self.publish();
         let result = self.compute(job, &mut live, read, start);
         // One snapshot per request, whatever happened: every token boundary

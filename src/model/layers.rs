@@ -18,7 +18,7 @@ type Result<T> = std::result::Result<T, ModelError>;
 /// On the CPU, MLX's 4-bit kernel does about 2.3 GFLOPS whatever the batch,
 /// while dequantize + BLAS GEMM reaches about 100: from this many rows on,
 /// quantized layers go through the dense path.
-pub const CPU_DEQUANT_MIN_ROWS: i32 = 16;
+pub const CPU_DEQUANT_MIN_ROWS: i32 = 4;
 
 /// The weights of one model, taken out by name as layers are built.
 pub struct Weights {
