@@ -210,6 +210,7 @@ def main():
     ap.add_argument("--mlx-turns", type=int, default=2, help="turns of workload 1 for mlx-lm (each is cold there)")
     ap.add_argument("--out", default="results/compare.md")
     ap.add_argument("--skip-mlx", action="store_true")
+    ap.add_argument("--mlx-results", help="reuse mlx_lm.server numbers from an earlier run's JSON (same machine and settings)")
     args = ap.parse_args()
     model_name = os.path.basename(os.path.normpath(args.model))
     system = system_text(args.system_tokens)
@@ -231,7 +232,11 @@ def main():
     results["kv_restart"] = run_session(s.port, "anthropic", Session(model_name, system, True, "c3", variant="After a restart: "), 1)
     s.stop()
 
-    if not args.skip_mlx:
+    if args.mlx_results:
+        with open(args.mlx_results) as f:
+            earlier = json.load(f)
+        results.update({k: v for k, v in earlier.items() if k.startswith("mlx_")})
+    elif not args.skip_mlx:
         print("mlx_lm.server", flush=True)
         port = free_port()
         py = os.path.join(os.path.dirname(sys.executable), "mlx_lm.server")

@@ -2,9 +2,11 @@
 //! agent's long, mostly unchanging prompt once and reuses it turn after turn.
 
 pub mod cache;
+pub mod check;
 pub mod mlx;
 pub mod model;
 pub mod text;
 pub mod engine;
 pub mod launch;
+pub mod report;
 pub mod server;

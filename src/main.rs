@@ -62,6 +62,10 @@ enum Command {
         /// Use a kvserve already running at this address instead of starting one.
         #[arg(long)]
         url: Option<String>,
+        /// Front another OpenAI-compatible server (LM Studio, mlx-lm, llama.cpp)
+        /// instead of running a model; --model names the model there.
+        #[arg(long, conflicts_with = "url")]
+        proxy: Option<String>,
         /// Context length for the started server (Claude Code's prompt is
         /// about 12K-24K tokens; a smaller model needs an override).
         #[arg(long)]
@@ -72,6 +76,28 @@ enum Command {
         /// Arguments for Claude Code, after `--` (e.g. -- -p "hello").
         #[arg(last = true)]
         claude_args: Vec<String>,
+    },
+    /// The first thing to run: MLX, BLAS, the model, its template, a
+    /// generation, a cache hit, both APIs over HTTP, Claude Code.
+    Check {
+        #[arg(long)]
+        model: String,
+    },
+    /// What the traces say about the cache: hit rates, token totals, time to
+    /// first token for cold and warm requests, the slowest requests.
+    Report {
+        /// Trace folder (default: the server's default).
+        #[arg(long)]
+        trace_dir: Option<PathBuf>,
+        /// Only requests since then: 30m, 2h, 1d, or unix seconds.
+        #[arg(long)]
+        since: Option<String>,
+        /// List every request too.
+        #[arg(long)]
+        detail: bool,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Convert a GGUF file into an MLX-format directory that mlx-lm can load.
     Convert {
@@ -89,8 +115,21 @@ enum Command {
 #[derive(clap::Args)]
 struct ServeArgs {
     /// An MLX-format directory, a .gguf file, or a Hugging Face repo id in the local cache.
-    #[arg(long)]
-    model: String,
+    #[arg(long, required_unless_present = "proxy")]
+    model: Option<String>,
+    /// Forward generation to this OpenAI-compatible server instead of running
+    /// a model (Anthropic requests are translated; OpenAI ones pass through).
+    #[arg(long, conflicts_with = "model")]
+    proxy: Option<String>,
+    /// With --proxy: the model name to send upstream (default: the request's).
+    #[arg(long, requires = "proxy")]
+    upstream_model: Option<String>,
+    /// With --proxy: seconds to connect and get an answer started; then the
+    /// longest pause allowed in a streamed answer is --upstream-idle.
+    #[arg(long, default_value_t = 30)]
+    upstream_timeout: u64,
+    #[arg(long, default_value_t = 600)]
+    upstream_idle: u64,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -121,6 +160,15 @@ struct ServeArgs {
     /// context length (past what it was trained on, answers may be poor).
     #[arg(long)]
     context: Option<usize>,
+    /// Write one JSON line per request here (default: ~/.local/share/kvserve/traces).
+    #[arg(long)]
+    trace_dir: Option<PathBuf>,
+    /// Write no traces.
+    #[arg(long, conflicts_with = "trace_dir")]
+    no_trace: bool,
+    /// Also trace request bodies and response text (API keys are redacted).
+    #[arg(long)]
+    trace_bodies: bool,
 }
 
 /// "4G", "512M", "64K" or a plain number of bytes.
@@ -145,12 +193,48 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
     Ok((n * mult as f64) as usize)
 }
 
+async fn shutdown_signal() {
+    // Ctrl-C or SIGTERM: stop accepting, finish, write snapshots.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn serve_proxy(args: &ServeArgs, upstream: &str) -> Result<()> {
+    use kvserve::server::{self, proxy};
+    let state = proxy::ProxyState::new(proxy::ProxyConfig {
+        upstream: upstream.to_string(),
+        model: args.upstream_model.clone(),
+        connect_timeout: std::time::Duration::from_secs(args.upstream_timeout.max(1)),
+        idle_timeout: std::time::Duration::from_secs(args.upstream_idle.max(1)),
+        max_body_bytes: args.max_body,
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async {
+        let addr: std::net::SocketAddr = format!("{}:{}", args.host, args.port).parse().context("not a valid address")?;
+        let listener = server::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        let local = listener.local_addr()?;
+        println!("kvserve listening on http://{local}");
+        println!("model: {} (proxy to {upstream})", args.upstream_model.as_deref().unwrap_or("as requested"));
+        println!("Claude Code: ANTHROPIC_BASE_URL=http://{local} ANTHROPIC_AUTH_TOKEN=kvserve claude");
+        let _ = std::io::stdout().flush();
+        proxy::serve(listener, state, shutdown_signal()).await;
+        Ok::<(), anyhow::Error>(())
+    })
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
     use kvserve::engine::worker::{default_cache_bytes, Engine, EngineConfig};
     use kvserve::server::{self, ServerConfig, State};
+    if let Some(upstream) = args.proxy.clone() {
+        return serve_proxy(&args, &upstream);
+    }
     let cache_bytes = args.cache_bytes.unwrap_or_else(default_cache_bytes);
     let cfg = EngineConfig {
-        model: args.model.clone(),
+        model: args.model.clone().expect("clap requires --model without --proxy"),
         cache_bytes,
         cache_dir: args.cache_dir.clone(),
         queue: args.queue,
@@ -168,7 +252,14 @@ fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("'{}:{}' is not a valid address", args.host, args.port))?;
         let listener = server::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
-        let state = State::new(engine, ServerConfig { api_key: args.api_key.clone(), max_body_bytes: args.max_body });
+        let trace = kvserve::server::trace::TraceConfig {
+            dir: if args.no_trace { None } else { args.trace_dir.clone().or_else(kvserve::server::trace::default_dir) },
+            bodies: args.trace_bodies,
+            max_file_bytes: 16 << 20,
+            redact: args.api_key.iter().cloned().collect(),
+        };
+        let trace_dir = trace.dir.clone();
+        let state = State::new(engine, ServerConfig { api_key: args.api_key.clone(), max_body_bytes: args.max_body, trace });
         println!("kvserve listening on http://{local}");
         println!("model: {} ({})", info.name, info.path.display());
         println!(
@@ -181,22 +272,23 @@ fn serve(args: ServeArgs) -> Result<()> {
             args.api_key.as_deref().unwrap_or("kvserve"),
             info.name
         );
+        if let Some(d) = &trace_dir {
+            println!("traces: {} (kvserve report reads them)", d.display());
+        }
         let _ = std::io::stdout().flush();
-        server::serve(listener, state, async {
-            // Ctrl-C or SIGTERM: stop accepting, finish, write snapshots.
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-            }
-            tracing::info!("shutting down");
-        })
-        .await;
+        server::serve(listener, state, shutdown_signal()).await;
         Ok::<(), anyhow::Error>(())
     })
 }
 
-fn claude(model: Option<String>, url: Option<String>, context: Option<usize>, cache_dir: Option<PathBuf>, args: &[String]) -> Result<i32> {
+fn claude(
+    model: Option<String>,
+    url: Option<String>,
+    proxy: Option<String>,
+    context: Option<usize>,
+    cache_dir: Option<PathBuf>,
+    args: &[String],
+) -> Result<i32> {
     use kvserve::launch;
     let Some(exe) = launch::find_claude() else {
         bail!(
@@ -208,6 +300,13 @@ fn claude(model: Option<String>, url: Option<String>, context: Option<usize>, ca
         Some(u) => {
             let name = launch::served_model(&u)?;
             (None, u, name)
+        }
+        None if proxy.is_some() => {
+            let Some(model) = model else { bail!("with --proxy, give --model NAME: the model the upstream serves") };
+            let serve_args = vec!["--proxy".to_string(), proxy.unwrap_or_default(), "--upstream-model".to_string(), model];
+            let s = launch::start_server(&serve_args)?;
+            let (u, n) = (s.url.clone(), s.model.clone());
+            (Some(s), u, n)
         }
         None => {
             let Some(model) = model else { bail!("give --model M (or --url of a running kvserve)") };
@@ -238,8 +337,26 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Claude { model, url, context, cache_dir, claude_args } => {
-            let code = claude(model, url, context, cache_dir, &claude_args)?;
+        Command::Check { model } => std::process::exit(if kvserve::check::run(&model) { 0 } else { 1 }),
+        Command::Report { trace_dir, since, detail, json } => {
+            use kvserve::{report, server::trace};
+            let Some(dir) = trace_dir.or_else(trace::default_dir) else { bail!("give --trace-dir") };
+            let records = trace::read_all(&dir).with_context(|| format!("cannot read traces in {}", dir.display()))?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+            let since = match since {
+                Some(s) => report::parse_since(&s, now).map_err(anyhow::Error::msg)?,
+                None => 0.0,
+            };
+            let summary = report::summarize(&records, since);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print!("{}", report::render(&summary, &records, detail, since));
+            }
+            Ok(())
+        }
+        Command::Claude { model, url, proxy, context, cache_dir, claude_args } => {
+            let code = claude(model, url, proxy, context, cache_dir, &claude_args)?;
             std::process::exit(code);
         }
         Command::Info => info(),

@@ -240,3 +240,40 @@ fn a_full_queue_is_refused_and_a_departed_client_frees_the_engine() {
         .unwrap();
     assert!(generated < 150.0, "A kept generating after it left: {generated} tokens");
 }
+
+/// The answer to `messages` (greedy) and how many prompt tokens were read from the cache.
+fn answer(addr: &str, messages: Value) -> (String, u64) {
+    let r = post(addr, "/v1/messages", &json!({"model": MODEL, "max_tokens": 24, "messages": messages}));
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    (v["content"][0]["text"].as_str().unwrap_or("").to_string(), v["usage"]["cache_read_input_tokens"].as_u64().unwrap())
+}
+
+#[test]
+fn answers_from_the_cache_equal_answers_without_it() {
+    let s = start(&[]);
+    let sys = "You are a careful assistant. ".repeat(20);
+    let conv = |q: &str| json!([{"role": "user", "content": format!("{sys}\n{q}")}]);
+    let other = |q: &str| json!([{"role": "user", "content": q}]);
+    // Each asked first on an empty cache (the reference), then after other
+    // requests left snapshots that share some prefix with it.
+    let cases = [conv("What is 2+2?"), conv("Name a fruit."), other("Write one line about the sea."), conv("What is 2+2? Explain.")];
+    let mut fresh = vec![];
+    for c in &cases {
+        request_raw(&s.addr, "DELETE", "/v1/cache", &[], b"");
+        fresh.push(answer(&s.addr, c.clone()).0);
+    }
+    request_raw(&s.addr, "DELETE", "/v1/cache", &[], b"");
+    let mut read_total = 0;
+    for (c, want) in cases.iter().zip(&fresh).rev() {
+        let (got, read) = answer(&s.addr, c.clone());
+        read_total += read;
+        assert_eq!(&got, want, "with {read} tokens from the cache for {c}");
+    }
+    // The shared system text was served from the cache along the way.
+    assert!(read_total > 100, "only {read_total} tokens read from the cache");
+    // Asked again: almost all from the cache, same answer.
+    for (c, want) in cases.iter().zip(&fresh) {
+        assert_eq!(&answer(&s.addr, c.clone()).0, want);
+    }
+}

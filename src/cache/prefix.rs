@@ -444,6 +444,12 @@ impl<S: Cached> PrefixCache<S> {
         }
     }
 
+    /// Entry `id`'s value, if it is still stored.
+    pub fn value(&self, id: EntryId) -> Option<&S> {
+        let n = *self.where_is.get(&id)?;
+        self.node(n).entry.as_ref().map(|e| &e.value)
+    }
+
     /// The tokens from the root to entry `id`.
     pub fn tokens_of(&self, id: EntryId) -> Option<Vec<u32>> {
         let mut n = *self.where_is.get(&id)?;

@@ -226,7 +226,8 @@ impl Store {
             for (name, a) in [("keys", k), ("values", v)] {
                 let a = a.contiguous().and_then(|a| a.as_dtype(Dtype::Float32)).map_err(MlxError::from)?;
                 a.eval().map_err(MlxError::from)?;
-                let data: Vec<u8> = a.as_slice::<f32>().iter().flat_map(|x| x.to_le_bytes()).collect();
+                // safetensors is little-endian, as every platform MLX runs on.
+                let data: Vec<u8> = bytemuck::cast_slice::<f32, u8>(a.as_slice::<f32>()).to_vec();
                 tensors.insert(format!("{i}.{name}"), (a.shape().to_vec(), data));
             }
         }

@@ -180,7 +180,16 @@ impl Engine {
                         return;
                     }
                 };
-                for msg in rx {
+                loop {
+                    // Snapshots go to disk while nothing waits.
+                    let msg = match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+                        Ok(m) => m,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            worker.persist_one();
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    };
                     q.fetch_sub(1, Ordering::SeqCst);
                     match msg {
                         Msg::Generate(job) => worker.run(job),
@@ -191,6 +200,7 @@ impl Engine {
                             let _ = reply.send(worker.cache.stats());
                         }
                         Msg::Shutdown(done) => {
+                            while worker.persist_one() {}
                             if let Some(store) = &worker.store {
                                 store.flush();
                             }
@@ -280,6 +290,10 @@ struct Worker {
     stats: Arc<Mutex<CacheStats>>,
     prefill_chunk: usize,
     kv_bytes_per_token: usize,
+    /// Entries kept in memory and not yet written to disk (newest last).
+    unsaved: Vec<crate::cache::prefix::EntryId>,
+    /// Files of entries taken out of the index; deleted once a newer snapshot is on disk.
+    obsolete: Vec<PathBuf>,
 }
 
 /// The weight, config and tokenizer files a model's KV state depends on.
@@ -343,7 +357,7 @@ impl Worker {
             context,
             kv_bytes_per_token,
         });
-        let w = Worker { model, info: info.clone(), cache, store, stats, prefill_chunk: cfg.prefill_chunk.max(1), kv_bytes_per_token };
+        let w = Worker { model, info: info.clone(), cache, store, stats, prefill_chunk: cfg.prefill_chunk.max(1), kv_bytes_per_token, unsaved: vec![], obsolete: vec![] };
         w.publish();
         Ok((w, info))
     }
@@ -381,16 +395,36 @@ impl Worker {
         if bytes > self.cache.budget() {
             return false;
         }
-        let file = self.store.as_ref().and_then(|store| match store.save(tokens, &layers) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                tracing::warn!("snapshot not written to disk: {e}");
-                None
-            }
-        });
-        let kept = self.cache.insert(tokens, Snapshot { layers: Some(Rc::new(layers)), file }).is_some();
+        let id = self.cache.insert(tokens, Snapshot { layers: Some(Rc::new(layers)), file: None });
         self.forget_removed();
-        kept
+        if let (Some(id), Some(_)) = (id, &self.store) {
+            self.unsaved.push(id);
+        }
+        id.is_some()
+    }
+
+    /// Write the newest snapshot not yet on disk (called when idle); then
+    /// delete the files it supersedes. False when there was nothing to write.
+    fn persist_one(&mut self) -> bool {
+        let Some(store) = &self.store else { return false };
+        while let Some(id) = self.unsaved.pop() {
+            let (Some(tokens), Some(snap)) = (self.cache.tokens_of(id), self.cache.value(id).cloned()) else { continue };
+            let Some(layers) = &snap.layers else { continue };
+            match store.save(&tokens, layers) {
+                Ok(path) => {
+                    for old in self.obsolete.drain(..) {
+                        if old != path {
+                            let _ = std::fs::remove_file(old);
+                        }
+                    }
+                    self.cache.replace(id, Snapshot { layers: snap.layers.clone(), file: Some(path) });
+                    self.forget_removed();
+                }
+                Err(e) => tracing::warn!("snapshot not written to disk: {e}"),
+            }
+            return true;
+        }
+        false
     }
 
     /// The deepest usable snapshot for `prompt` as a live cache and how many
@@ -429,7 +463,7 @@ impl Worker {
             };
             let file = hit.value.file.clone();
             let owned = hit.usable == hit.entry_len;
-            let id = hit.id;
+            let (id, usable) = (hit.id, hit.usable);
             drop(hit);
             let mut taken_file = None;
             if owned {
@@ -442,11 +476,12 @@ impl Worker {
                 Ok(l) => l,
                 Err(shared) => shared.iter().map(LayerKv::snapshot).collect(),
             };
-            let usable = layers.first().map_or(0, |l| l.offset() as usize).min(prompt.len() - 1);
+            // Only the tokens the index matched are this prompt's; the rest is another conversation's.
             let mut live = layers;
             for l in &mut live {
                 let _ = l.trim_to(usable as i32);
             }
+            debug_assert!(live.iter().all(|l| l.offset() as usize == usable));
             return (live, usable, taken_file);
         }
     }
@@ -476,25 +511,18 @@ impl Worker {
         // in it (each breakpoint included) is served by trimming it.
         let held = live.first().map_or(0, |l| l.offset() as usize);
         let t_keep = Instant::now();
-        let mut kept_path = None;
         if let Ok(tokens) = &result {
-            if held > 0 && held <= tokens.len() && self.keep(&tokens[..held], &live) {
-                kept_path = self.store.as_ref().map(|s| s.path_for(&tokens[..held]));
+            if held > 0 && held <= tokens.len() {
+                self.keep(&tokens[..held], &live);
             }
         } else if read > 0 {
             // After an error only what was read is known to be good.
             for l in &mut live {
                 let _ = l.trim_to(read as i32);
             }
-            if self.keep(&prompt[..read], &live) {
-                kept_path = self.store.as_ref().map(|s| s.path_for(&prompt[..read]));
-            }
+            self.keep(&prompt[..read], &live);
         }
-        if let Some(old) = taken_file {
-            if kept_path.as_ref() != Some(&old) && kept_path.is_some() {
-                let _ = std::fs::remove_file(old);
-            }
-        }
+        self.obsolete.extend(taken_file);
         tracing::debug!("snapshot of {held} tokens kept in {:.0} ms", t_keep.elapsed().as_secs_f64() * 1e3);
         result.map(|_| ())
     }

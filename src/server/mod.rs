@@ -8,13 +8,15 @@ pub mod error;
 pub mod fields;
 pub mod metrics;
 pub mod openai;
+pub mod proxy;
 pub mod stream;
+pub mod trace;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
@@ -26,11 +28,13 @@ use tokio::net::TcpListener;
 
 use crate::engine::generate::GenerateOptions;
 use crate::engine::request::ChatRequest;
-use crate::engine::worker::{Engine, Job};
+use crate::engine::generate::FinishReason;
+use crate::engine::worker::{Done, Engine, Job};
 use crate::text::tools::{ToolFormat, ToolStream};
 use error::{Api, ApiError, Kind};
 use metrics::Metrics;
 use stream::{Generation, Out};
+use trace::{TraceConfig, Tracer};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 
@@ -43,6 +47,7 @@ pub struct ServerConfig {
     pub api_key: Option<String>,
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
+    pub trace: TraceConfig,
 }
 
 pub struct State {
@@ -51,12 +56,14 @@ pub struct State {
     pub cfg: ServerConfig,
     tool_format: Option<ToolFormat>,
     next_id: AtomicU64,
+    tracer: Tracer,
 }
 
 impl State {
     pub fn new(engine: Engine, cfg: ServerConfig) -> Arc<State> {
         let tool_format = engine.info.template.as_ref().and_then(|_| engine.info.tokenizer.chat_template.as_deref()).and_then(ToolFormat::for_template);
-        Arc::new(State { engine, metrics: Metrics::new(), cfg, tool_format, next_id: AtomicU64::new(1) })
+        let tracer = Tracer::start(&cfg.trace);
+        Arc::new(State { engine, metrics: Metrics::new(), cfg, tool_format, next_id: AtomicU64::new(1), tracer })
     }
 
     fn id(&self, prefix: &str) -> String {
@@ -132,7 +139,11 @@ async fn read_json(req: Request<Incoming>, limit: usize) -> Result<Value, ApiErr
 pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl std::future::Future<Output = ()>) {
     accept_loop(listener, state.clone(), shutdown).await;
     let s = state.clone();
-    let _ = tokio::task::spawn_blocking(move || s.engine.shutdown()).await;
+    let _ = tokio::task::spawn_blocking(move || {
+        s.engine.shutdown();
+        s.tracer.close();
+    })
+    .await;
 }
 
 async fn accept_loop(listener: TcpListener, state: Arc<State>, shutdown: impl std::future::Future<Output = ()>) {
@@ -176,9 +187,100 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     } else {
         route(&state, api, &method, &path, req).await
     };
-    let resp = resp.unwrap_or_else(|e| error_response(api, &e));
+    let resp = resp.unwrap_or_else(|e| {
+        if api != Api::Own {
+            state.tracer.record(json!({"api": api.label(), "route": path, "status": e.status(api), "error": e.message}));
+        }
+        error_response(api, &e)
+    });
     state.metrics.request(api.label(), &path, resp.status().as_u16());
     Ok(resp)
+}
+
+/// What a trace line says about one generation, filled in as it runs.
+pub struct Trace {
+    api: Api,
+    route: &'static str,
+    model: String,
+    stream: bool,
+    messages: usize,
+    tools: usize,
+    t0: Instant,
+    started: Option<f64>,
+    first: Option<f64>,
+    calls: usize,
+    request: Option<Value>,
+    response: String,
+}
+
+impl Trace {
+    fn new(state: &State, api: Api, route: &'static str, model: &str, stream: bool, req: &ChatRequest, body: &Value) -> Self {
+        Trace {
+            api,
+            route,
+            model: model.to_string(),
+            stream,
+            messages: req.messages.len(),
+            tools: req.tools.len(),
+            t0: Instant::now(),
+            started: None,
+            first: None,
+            calls: 0,
+            request: state.tracer.bodies().then(|| body.clone()),
+            response: String::new(),
+        }
+    }
+
+    fn on(&mut self, o: &Out, keep_text: bool) {
+        let t = self.t0.elapsed().as_secs_f64();
+        match o {
+            Out::Started(_) => self.started = Some(t),
+            Out::Piece(p) => {
+                self.first.get_or_insert(t);
+                if let crate::text::tools::Piece::Call(_) = p {
+                    self.calls += 1;
+                }
+                if keep_text {
+                    match p {
+                        crate::text::tools::Piece::Text(x) | crate::text::tools::Piece::Thinking(x) => self.response.push_str(x),
+                        crate::text::tools::Piece::Call(c) => self.response += &format!("[tool call {} {}]", c.name, c.arguments),
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn finish(self, tracer: &Tracer, done: Option<&Done>, error: Option<&str>) {
+        if !tracer.enabled() {
+            return;
+        }
+        let mut v = json!({
+            "api": self.api.label(), "route": self.route, "model": self.model, "stream": self.stream, "status": 200,
+            "messages": self.messages, "tools": self.tools,
+            "queue_wait_s": self.started, "ttft_s": self.first, "total_s": self.t0.elapsed().as_secs_f64(),
+            "tool_calls": self.calls, "error": error,
+        });
+        if let Some(d) = done {
+            v["prompt_tokens"] = json!(d.usage.prompt);
+            v["cache_read_tokens"] = json!(d.usage.cache_read);
+            v["cache_creation_tokens"] = json!(d.usage.cache_creation);
+            v["computed_tokens"] = json!(d.usage.prompt - d.usage.cache_read);
+            v["generated_tokens"] = json!(d.generated_tokens);
+            v["tokens_per_s"] = json!(if d.generation_secs > 0.0 { d.generated_tokens as f64 / d.generation_secs } else { 0.0 });
+            v["finish"] = json!(match d.finish {
+                FinishReason::Eos => "eos",
+                FinishReason::StopString => "stop_sequence",
+                FinishReason::Length => "length",
+                FinishReason::Cancelled => "cancelled",
+            });
+        }
+        if let Some(r) = self.request {
+            v["request_body"] = r;
+            v["response_text"] = json!(self.response);
+        }
+        tracer.record(v);
+    }
 }
 
 async fn route(state: &Arc<State>, api: Api, method: &Method, path: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -253,7 +355,7 @@ fn start(state: &State, request: &ChatRequest, id: &str) -> Result<Generation, A
 
 /// Stream a generation as SSE: `render` turns each output into text;
 /// keep-alives go out while nothing else does (`ping` once `started`).
-fn sse_response<F>(state: &Arc<State>, mut gen: Generation, anthropic: bool, mut render: F) -> Response<Body>
+fn sse_response<F>(state: &Arc<State>, mut gen: Generation, anthropic: bool, mut trace: Trace, mut render: F) -> Response<Body>
 where
     F: FnMut(&Out) -> String + Send + 'static,
 {
@@ -261,6 +363,9 @@ where
     let state = state.clone();
     tokio::spawn(async move {
         let mut started = false;
+        let keep_text = state.tracer.bodies();
+        let mut done = None;
+        let mut error = None;
         loop {
             let o = match tokio::time::timeout(Duration::from_secs(PING_SECS), gen.next()).await {
                 Ok(Some(o)) => o,
@@ -274,14 +379,22 @@ where
                 }
             };
             started |= matches!(o, Out::Started(_));
-            if let Out::Done { done, .. } = &o {
-                state.metrics.finished(&done.usage, done);
+            trace.on(&o, keep_text);
+            match &o {
+                Out::Done { done: d, .. } => {
+                    state.metrics.finished(&d.usage, d);
+                    done = Some(d.clone());
+                }
+                Out::Error(e) => error = Some(e.clone()),
+                _ => {}
             }
             if tx.send(Ok(Frame::data(Bytes::from(render(&o))))).await.is_err() {
                 // The client left: dropping `gen` stops the engine within a token.
+                error.get_or_insert_with(|| "the client disconnected".to_string());
                 break;
             }
         }
+        trace.finish(&state.tracer, done.as_ref(), error.as_deref());
     });
     Response::builder()
         .status(200)
@@ -291,25 +404,36 @@ where
         .expect("static response parts are valid")
 }
 
-fn record_done(state: &State, outs: &[Out]) {
+fn record_done(state: &State, outs: &[Out], mut trace: Trace) {
+    let keep_text = state.tracer.bodies();
+    let mut done = None;
+    let mut error = None;
     for o in outs {
-        if let Out::Done { done, .. } = o {
-            state.metrics.finished(&done.usage, done);
+        trace.on(o, keep_text);
+        match o {
+            Out::Done { done: d, .. } => {
+                state.metrics.finished(&d.usage, d);
+                done = Some(d);
+            }
+            Out::Error(e) => error = Some(e.as_str()),
+            _ => {}
         }
     }
+    trace.finish(&state.tracer, done, error);
 }
 
 async fn messages(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiError> {
     let p = anthropic::parse(&body, false)?;
     check_model(state, &p.model)?;
     let id = state.id("msg_");
+    let trace = Trace::new(state, Api::Anthropic, "/v1/messages", &p.model, p.stream, &p.request, &body);
     let gen = start(state, &p.request, &format!("toolu_{}", &id[4..]))?;
     if p.stream {
         let mut events = anthropic::Events::new(id, p.model);
-        return Ok(sse_response(state, gen, true, move |o| events.on(o)));
+        return Ok(sse_response(state, gen, true, trace, move |o| events.on(o)));
     }
     let outs = gen.collect().await;
-    record_done(state, &outs);
+    record_done(state, &outs, trace);
     anthropic::message_json(&id, &p.model, &outs)
         .map(|m| json_response(200, &m))
         .map_err(|e| ApiError::new(Kind::Internal, e))
@@ -327,13 +451,14 @@ async fn chat(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiErro
     check_model(state, &p.model)?;
     let id = state.id("chatcmpl-");
     let created = now_secs();
+    let trace = Trace::new(state, Api::OpenAi, "/v1/chat/completions", &p.model, p.stream, &p.request, &body);
     let gen = start(state, &p.request, &format!("call_{}", &id[9..]))?;
     if p.stream {
         let mut chunks = openai::Chunks::new(id, p.model, created, p.include_usage);
-        return Ok(sse_response(state, gen, false, move |o| chunks.on(o)));
+        return Ok(sse_response(state, gen, false, trace, move |o| chunks.on(o)));
     }
     let outs = gen.collect().await;
-    record_done(state, &outs);
+    record_done(state, &outs, trace);
     openai::completion_json(&id, &p.model, created, &outs)
         .map(|m| json_response(200, &m))
         .map_err(|e| ApiError::new(Kind::Internal, e))

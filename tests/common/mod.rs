@@ -30,13 +30,24 @@ pub struct Server {
 impl Server {
     /// Start the server binary with `args` after `serve --port 0`.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_logging(args, None)
+    }
+
+    /// [`start`](Self::start), with the server's log (stderr) going to `log`.
+    pub fn start_logging(args: &[&str], log: Option<&std::path::Path>) -> Server {
         use std::io::BufRead;
+        let stderr = match log {
+            Some(p) => std::process::Stdio::from(std::fs::File::create(p).unwrap()),
+            None => std::process::Stdio::inherit(),
+        };
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve"))
             .arg("serve")
             .args(["--port", "0"])
             .args(args)
+            .args(if args.contains(&"--trace-dir") { &[][..] } else { &["--no-trace"][..] })
             .env("KVSERVE_LOG", "warn")
             .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
             .spawn()
             .expect("start kvserve");
         let out = child.stdout.take().unwrap();
@@ -52,8 +63,8 @@ impl Server {
                 break a.trim().to_string();
             }
         };
-        // Read the remaining start-up lines (model, cache, Claude Code hint).
-        for _ in 0..3 {
+        // Read the remaining start-up lines (model, cache, Claude Code hint, traces).
+        for _ in 0..(3 + usize::from(args.contains(&"--trace-dir"))) {
             if let Some(Ok(line)) = lines.next() {
                 stdout.push(line);
             }

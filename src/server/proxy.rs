@@ -1,0 +1,466 @@
+//! Proxy mode (`kvserve serve --proxy URL`): the same Anthropic front end,
+//! with generation forwarded to another OpenAI-compatible server (LM Studio,
+//! mlx-lm's server, llama.cpp, vLLM, another kvserve). Anthropic requests
+//! become chat completions; the streamed answer comes back as Anthropic
+//! events, tool calls with their arguments as they arrive; the upstream's
+//! `cached_tokens` is reported as `cache_read_input_tokens`. OpenAI requests
+//! pass through unchanged.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+
+use super::anthropic::{self, sse};
+use super::error::{Api, ApiError, Kind};
+use super::{error_response, json_response, read_json, Body};
+use crate::engine::request::ChatRequest;
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// The upstream's base URL, e.g. `http://127.0.0.1:1234` (a trailing `/v1` is accepted).
+    pub upstream: String,
+    /// The model name sent upstream when a request names none that it knows.
+    pub model: Option<String>,
+    /// Time allowed to connect and get response headers.
+    pub connect_timeout: Duration,
+    /// Time allowed between two pieces of a streamed answer.
+    pub idle_timeout: Duration,
+    pub max_body_bytes: usize,
+}
+
+pub struct ProxyState {
+    cfg: ProxyConfig,
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl ProxyState {
+    pub fn new(mut cfg: ProxyConfig) -> Arc<Self> {
+        cfg.upstream = cfg.upstream.trim_end_matches('/').trim_end_matches("/v1").to_string();
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(cfg.connect_timeout));
+        Arc::new(ProxyState { cfg, client: Client::builder(TokioExecutor::new()).build(http) })
+    }
+
+    fn url(&self, path: &str) -> Result<hyper::Uri, ApiError> {
+        format!("{}{path}", self.cfg.upstream)
+            .parse()
+            .map_err(|e| ApiError::new(Kind::Internal, format!("upstream URL '{}' is not valid: {e}", self.cfg.upstream)))
+    }
+
+    /// Send a request upstream; errors name the upstream and what happened.
+    async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Response<Incoming>, ApiError> {
+        let mut req = Request::builder().method(method).uri(self.url(path)?).header("content-type", "application/json");
+        if let Some(k) = std::env::var("KVSERVE_UPSTREAM_KEY").ok().filter(|k| !k.is_empty()) {
+            req = req.header("authorization", format!("Bearer {k}"));
+        }
+        let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let req = req.body(Full::new(bytes)).map_err(|e| ApiError::new(Kind::Internal, e.to_string()))?;
+        match tokio::time::timeout(self.cfg.connect_timeout, self.client.request(req)).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => Err(upstream_error(502, format!("upstream {} is unreachable: {e}", self.cfg.upstream))),
+            Err(_) => Err(upstream_error(504, format!("upstream {} did not answer within {:?}", self.cfg.upstream, self.cfg.connect_timeout))),
+        }
+    }
+}
+
+/// An error carrying the upstream's status.
+fn upstream_error(status: u16, message: String) -> ApiError {
+    let kind = match status {
+        400 | 422 => Kind::InvalidRequest,
+        401 | 403 => Kind::Authentication,
+        404 => Kind::NotFound,
+        413 => Kind::TooLarge,
+        429 | 529 => Kind::Overloaded,
+        503 => Kind::Unavailable,
+        _ => Kind::Internal,
+    };
+    ApiError { kind, message, param: None }
+}
+
+/// The message inside an upstream error body (OpenAI's or Anthropic's shape), or the body.
+fn upstream_message(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    serde_json::from_str::<Value>(&text)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().or_else(|| v["message"].as_str()).map(str::to_string))
+        .unwrap_or_else(|| text.chars().take(500).collect())
+}
+
+/// The chat completions request for a canonical request.
+pub fn openai_body(req: &ChatRequest, model: &str, stream: bool) -> Value {
+    let messages: Vec<Value> = req
+        .messages
+        .iter()
+        .map(|m| {
+            let mut o = json!({"role": m.role, "content": m.content});
+            if !m.tool_calls.is_empty() {
+                o["tool_calls"] = Value::Array(
+                    m.tool_calls
+                        .iter()
+                        .map(|c| {
+                            let args = match &c.arguments {
+                                Value::String(s) => s.clone(),
+                                other => other.to_string(),
+                            };
+                            json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": args}})
+                        })
+                        .collect(),
+                );
+            }
+            if let Some(id) = &m.tool_call_id {
+                o["tool_call_id"] = json!(id);
+            }
+            o
+        })
+        .collect();
+    let mut body = json!({"model": model, "messages": messages, "max_tokens": req.max_tokens, "stream": stream,
+        "temperature": req.sampling.temperature, "top_p": req.sampling.top_p});
+    if stream {
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    if !req.tools.is_empty() {
+        body["tools"] = Value::Array(req.tools.clone());
+    }
+    if !req.stop.is_empty() {
+        body["stop"] = json!(req.stop);
+    }
+    body
+}
+
+/// Turns OpenAI stream chunks into Anthropic events: text and tool-use
+/// blocks with arguments as they arrive.
+pub struct Translate {
+    id: String,
+    model: String,
+    index: usize,
+    /// The open block: text, or the upstream's tool-call index.
+    open: Option<Open>,
+    calls: usize,
+    usage: Value,
+    finish: Option<String>,
+}
+
+#[derive(PartialEq)]
+enum Open {
+    Text,
+    Tool(u64),
+}
+
+impl Translate {
+    pub fn new(id: String, model: String) -> Self {
+        Translate { id, model, index: 0, open: None, calls: 0, usage: json!({}), finish: None }
+    }
+
+    pub fn start(&self) -> String {
+        let message = json!({"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
+            "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0}});
+        sse("message_start", &json!({"type": "message_start", "message": message}))
+    }
+
+    fn close(&mut self, out: &mut String) {
+        if self.open.take().is_some() {
+            out.push_str(&sse("content_block_stop", &json!({"type": "content_block_stop", "index": self.index})));
+            self.index += 1;
+        }
+    }
+
+    /// Events for one upstream chunk.
+    pub fn chunk(&mut self, c: &Value) -> String {
+        let mut out = String::new();
+        if c["usage"].is_object() {
+            self.usage = c["usage"].clone();
+        }
+        let Some(choice) = c["choices"].get(0) else { return out };
+        let delta = &choice["delta"];
+        if let Some(t) = delta["content"].as_str().filter(|t| !t.is_empty()) {
+            if self.open != Some(Open::Text) {
+                self.close(&mut out);
+                out.push_str(&sse(
+                    "content_block_start",
+                    &json!({"type": "content_block_start", "index": self.index, "content_block": {"type": "text", "text": ""}}),
+                ));
+                self.open = Some(Open::Text);
+            }
+            out.push_str(&sse("content_block_delta", &json!({"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": t}})));
+        }
+        for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            let k = call["index"].as_u64().unwrap_or(0);
+            if self.open != Some(Open::Tool(k)) {
+                self.close(&mut out);
+                self.calls += 1;
+                let id = call["id"].as_str().map(str::to_string).unwrap_or_else(|| format!("toolu_{}_{k}", self.id));
+                let name = call["function"]["name"].as_str().unwrap_or("");
+                out.push_str(&sse(
+                    "content_block_start",
+                    &json!({"type": "content_block_start", "index": self.index, "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}),
+                ));
+                self.open = Some(Open::Tool(k));
+            }
+            if let Some(a) = call["function"]["arguments"].as_str().filter(|a| !a.is_empty()) {
+                out.push_str(&sse(
+                    "content_block_delta",
+                    &json!({"type": "content_block_delta", "index": self.index, "delta": {"type": "input_json_delta", "partial_json": a}}),
+                ));
+            }
+        }
+        if let Some(f) = choice["finish_reason"].as_str() {
+            self.finish = Some(f.to_string());
+        }
+        out
+    }
+
+    /// The closing events.
+    pub fn end(&mut self) -> String {
+        let mut out = String::new();
+        self.close(&mut out);
+        let stop = match self.finish.as_deref() {
+            Some("length") => "max_tokens",
+            Some("tool_calls") => "tool_use",
+            _ if self.calls > 0 => "tool_use",
+            _ => "end_turn",
+        };
+        let prompt = self.usage["prompt_tokens"].as_u64().unwrap_or(0);
+        let cached = self.usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0).min(prompt);
+        let usage = json!({"input_tokens": prompt - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
+            "output_tokens": self.usage["completion_tokens"].as_u64().unwrap_or(0)});
+        out.push_str(&sse("message_delta", &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": usage})));
+        out.push_str(&sse("message_stop", &json!({"type": "message_stop"})));
+        out
+    }
+}
+
+/// The non-streaming Anthropic message for an upstream chat.completion.
+pub fn message_from_completion(id: &str, model: &str, c: &Value) -> Value {
+    let msg = &c["choices"][0]["message"];
+    let mut content = vec![];
+    if let Some(t) = msg["content"].as_str().filter(|t| !t.is_empty()) {
+        content.push(json!({"type": "text", "text": t}));
+    }
+    for call in msg["tool_calls"].as_array().into_iter().flatten() {
+        let args = call["function"]["arguments"].as_str().and_then(|a| serde_json::from_str::<Value>(a).ok()).unwrap_or_else(|| json!({}));
+        content.push(json!({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": args}));
+    }
+    let stop = match c["choices"][0]["finish_reason"].as_str() {
+        Some("length") => "max_tokens",
+        Some("tool_calls") => "tool_use",
+        _ => "end_turn",
+    };
+    let u = &c["usage"];
+    let prompt = u["prompt_tokens"].as_u64().unwrap_or(0);
+    let cached = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0).min(prompt);
+    json!({"id": id, "type": "message", "role": "assistant", "model": model, "content": content, "stop_reason": stop, "stop_sequence": null,
+        "usage": {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
+                  "output_tokens": u["completion_tokens"].as_u64().unwrap_or(0)}})
+}
+
+async fn messages(state: &Arc<ProxyState>, body: Value) -> Result<Response<Body>, ApiError> {
+    let p = anthropic::parse(&body, false)?;
+    let model = state.cfg.model.clone().unwrap_or_else(|| p.model.clone());
+    let up = openai_body(&p.request, &model, p.stream);
+    let resp = state.send(Method::POST, "/v1/chat/completions", Some(&up)).await?;
+    let status = resp.status().as_u16();
+    if status >= 400 {
+        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        return Err(upstream_error(status, format!("upstream answered {status}: {}", upstream_message(&body))));
+    }
+    let id = format!("msg_proxy_{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    if !p.stream {
+        let bytes = tokio::time::timeout(state.cfg.idle_timeout, resp.into_body().collect())
+            .await
+            .map_err(|_| upstream_error(504, "upstream stopped answering".into()))?
+            .map_err(|e| upstream_error(502, format!("upstream answer cut off: {e}")))?
+            .to_bytes();
+        let c: Value = serde_json::from_slice(&bytes).map_err(|e| upstream_error(502, format!("upstream answer is not JSON: {e}")))?;
+        return Ok(json_response(200, &message_from_completion(&id, &p.model, &c)));
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    let idle = state.cfg.idle_timeout;
+    let mut tr = Translate::new(id, p.model);
+    tokio::spawn(async move {
+        let send = |s: String| {
+            let tx = tx.clone();
+            async move { tx.send(Ok(Frame::data(Bytes::from(s)))).await.is_ok() }
+        };
+        if !send(tr.start()).await {
+            return;
+        }
+        let mut body = resp.into_body();
+        let mut buf = String::new();
+        loop {
+            let frame = match tokio::time::timeout(idle, body.frame()).await {
+                Ok(Some(Ok(f))) => f,
+                Ok(None) => break,
+                Ok(Some(Err(e))) => {
+                    let _ = send(sse("error", &json!({"type": "error", "error": {"type": "api_error", "message": format!("upstream stream failed: {e}")}}))).await;
+                    return;
+                }
+                Err(_) => {
+                    let _ = send(sse("error", &json!({"type": "error", "error": {"type": "api_error", "message": format!("upstream sent nothing for {idle:?}")}}))).await;
+                    return;
+                }
+            };
+            let Ok(data) = frame.into_data() else { continue };
+            buf.push_str(&String::from_utf8_lossy(&data));
+            while let Some(i) = buf.find('\n') {
+                let line: String = buf.drain(..=i).collect();
+                let Some(payload) = line.trim().strip_prefix("data:") else { continue };
+                let payload = payload.trim();
+                if payload == "[DONE]" {
+                    continue;
+                }
+                if let Ok(c) = serde_json::from_str::<Value>(payload) {
+                    let out = tr.chunk(&c);
+                    if !out.is_empty() && !send(out).await {
+                        return; // the client left; dropping the upstream body cancels it
+                    }
+                }
+            }
+        }
+        let _ = send(tr.end()).await;
+    });
+    Ok(Response::builder()
+        .status(200)
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(BodyExt::boxed(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        .expect("static response parts are valid"))
+}
+
+/// Forward a request as it is and stream the upstream's answer back as it is.
+async fn passthrough(state: &Arc<ProxyState>, method: Method, path: &str, body: Option<Value>) -> Result<Response<Body>, ApiError> {
+    let resp = state.send(method, path, body.as_ref()).await?;
+    let status = resp.status().as_u16();
+    let ct = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("application/json").to_string();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    let idle = state.cfg.idle_timeout;
+    tokio::spawn(async move {
+        let mut body = resp.into_body();
+        // An upstream that fails or stalls mid-answer ends the body (the client sees it cut).
+        while let Ok(Some(Ok(frame))) = tokio::time::timeout(idle, body.frame()).await {
+            if let Ok(data) = frame.into_data() {
+                if tx.send(Ok(Frame::data(data))).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(Response::builder()
+        .status(status)
+        .header("content-type", ct)
+        .body(BodyExt::boxed(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        .expect("static response parts are valid"))
+}
+
+async fn handle(state: Arc<ProxyState>, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, Infallible> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let api = if path.starts_with("/v1/messages") { Api::Anthropic } else { Api::OpenAi };
+    let limit = state.cfg.max_body_bytes;
+    let result = match (&method, path.as_str()) {
+        (&Method::POST, "/v1/messages") => match read_json(req, limit).await {
+            Ok(b) => messages(&state, b).await,
+            Err(e) => Err(e),
+        },
+        (&Method::POST, "/v1/messages/count_tokens") => match read_json(req, limit).await {
+            // No tokenizer here: an estimate (4 characters a token), said in the answer.
+            Ok(b) => Ok(json_response(200, &json!({"input_tokens": b.to_string().len() / 4, "estimated": true}))),
+            Err(e) => Err(e),
+        },
+        (&Method::POST, "/v1/chat/completions") => match read_json(req, limit).await {
+            Ok(b) => passthrough(&state, Method::POST, "/v1/chat/completions", Some(b)).await,
+            Err(e) => Err(e),
+        },
+        (&Method::GET, "/v1/models") => passthrough(&state, Method::GET, "/v1/models", None).await,
+        (&Method::GET, "/health") => Ok(json_response(200, &json!({"status": "ok", "proxy": state.cfg.upstream}))),
+        _ => Err(ApiError::new(Kind::NotFound, format!("no route for {method} {path}"))),
+    };
+    Ok(result.unwrap_or_else(|e| error_response(api, &e)))
+}
+
+/// Serve the proxy until `shutdown` completes.
+pub async fn serve(listener: TcpListener, state: Arc<ProxyState>, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r { Ok(x) => x, Err(_) => { tokio::time::sleep(Duration::from_millis(50)).await; continue; } },
+            _ = &mut shutdown => return,
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(s: &str) -> Vec<Value> {
+        s.split("\n\n").filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")).and_then(|d| serde_json::from_str(d).ok())).collect()
+    }
+
+    #[test]
+    fn openai_chunks_become_anthropic_events_with_incremental_arguments() {
+        let mut t = Translate::new("msg_1".into(), "m".into());
+        let chunks = [
+            json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}),
+            json!({"choices": [{"index": 0, "delta": {"content": "Let me check."}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\": "}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 9, "prompt_tokens_details": {"cached_tokens": 80}}}),
+        ];
+        let mut all = t.start();
+        for c in &chunks {
+            all += &t.chunk(c);
+        }
+        all += &t.end();
+        let ev = events(&all);
+        let types: Vec<&str> = ev.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        assert_eq!(
+            types,
+            [
+                "message_start", "content_block_start", "content_block_delta", "content_block_stop", "content_block_start",
+                "content_block_delta", "content_block_delta", "content_block_stop", "message_delta", "message_stop"
+            ]
+        );
+        assert_eq!(ev[4]["content_block"], json!({"type": "tool_use", "id": "call_a", "name": "get_weather", "input": {}}));
+        let args: String = ev[5..7].iter().map(|e| e["delta"]["partial_json"].as_str().unwrap()).collect();
+        assert_eq!(serde_json::from_str::<Value>(&args).unwrap(), json!({"city": "Paris"}));
+        assert_eq!(ev[8]["delta"]["stop_reason"], "tool_use");
+        assert_eq!(ev[8]["usage"], json!({"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 80, "output_tokens": 9}));
+    }
+
+    #[test]
+    fn a_completion_becomes_a_message() {
+        let c = json!({"choices": [{"message": {"role": "assistant", "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}}]}, "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 3}});
+        let m = message_from_completion("msg", "model", &c);
+        assert_eq!(m["content"], json!([{"type": "tool_use", "id": "c1", "name": "f", "input": {"a": 1}}]));
+        assert_eq!(m["stop_reason"], "tool_use");
+        assert_eq!(m["usage"]["input_tokens"], 10);
+    }
+
+    #[test]
+    fn upstream_errors_keep_their_status_and_message() {
+        let e = upstream_error(404, format!("upstream answered 404: {}", upstream_message(br#"{"error": {"message": "no such model"}}"#)));
+        assert_eq!(e.status(Api::Anthropic), 404);
+        assert!(e.message.contains("no such model"));
+        assert_eq!(upstream_error(503, "x".into()).status(Api::Anthropic), 503);
+        assert_eq!(upstream_error(500, "x".into()).body(Api::Anthropic)["error"]["type"], "api_error");
+    }
+}
