@@ -219,6 +219,7 @@ fn serve_proxy(args: &ServeArgs, upstream: &str) -> Result<()> {
         let local = listener.local_addr()?;
         println!("kvserve listening on http://{local}");
         println!("model: {} (proxy to {upstream})", args.upstream_model.as_deref().unwrap_or("as requested"));
+        println!("prompt cache: the upstream's (its cached_tokens are reported as cache reads)");
         println!("Claude Code: ANTHROPIC_BASE_URL=http://{local} ANTHROPIC_AUTH_TOKEN=kvserve claude");
         let _ = std::io::stdout().flush();
         proxy::serve(listener, state, shutdown_signal()).await;

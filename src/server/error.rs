@@ -37,6 +37,10 @@ pub enum Kind {
     /// The engine has stopped.
     Unavailable,
     Internal,
+    /// Proxy mode: the upstream failed or is unreachable.
+    BadGateway,
+    /// Proxy mode: the upstream did not answer in time.
+    GatewayTimeout,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +70,8 @@ impl ApiError {
             Kind::Overloaded => 429,
             Kind::Unavailable => 503,
             Kind::Internal => 500,
+            Kind::BadGateway => 502,
+            Kind::GatewayTimeout => 504,
         }
     }
 
@@ -79,7 +85,7 @@ impl ApiError {
                     Kind::NotFound => "not_found_error",
                     Kind::TooLarge => "request_too_large",
                     Kind::Overloaded => "overloaded_error",
-                    Kind::Unavailable | Kind::Internal => "api_error",
+                    Kind::Unavailable | Kind::Internal | Kind::BadGateway | Kind::GatewayTimeout => "api_error",
                 };
                 json!({"type": "error", "error": {"type": t, "message": self.message}})
             }
@@ -92,6 +98,8 @@ impl ApiError {
                     Kind::Overloaded => ("rate_limit_error", json!("rate_limit_exceeded")),
                     Kind::Unavailable => ("server_error", json!("engine_unavailable")),
                     Kind::Internal => ("server_error", Value::Null),
+                    Kind::BadGateway => ("server_error", json!("upstream_error")),
+                    Kind::GatewayTimeout => ("server_error", json!("upstream_timeout")),
                 };
                 json!({"error": {"message": self.message, "type": t, "param": self.param, "code": code}})
             }

@@ -66,7 +66,16 @@ impl ProxyState {
         let req = req.body(Full::new(bytes)).map_err(|e| ApiError::new(Kind::Internal, e.to_string()))?;
         match tokio::time::timeout(self.cfg.connect_timeout, self.client.request(req)).await {
             Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => Err(upstream_error(502, format!("upstream {} is unreachable: {e}", self.cfg.upstream))),
+            Ok(Err(e)) => {
+                // The cause ("connection refused") is at the end of the source chain.
+                let mut why = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    why = format!("{why}: {s}");
+                    src = s.source();
+                }
+                Err(upstream_error(502, format!("upstream {} is unreachable: {why}", self.cfg.upstream)))
+            }
             Err(_) => Err(upstream_error(504, format!("upstream {} did not answer within {:?}", self.cfg.upstream, self.cfg.connect_timeout))),
         }
     }
@@ -81,6 +90,8 @@ fn upstream_error(status: u16, message: String) -> ApiError {
         413 => Kind::TooLarge,
         429 | 529 => Kind::Overloaded,
         503 => Kind::Unavailable,
+        502 => Kind::BadGateway,
+        504 => Kind::GatewayTimeout,
         _ => Kind::Internal,
     };
     ApiError { kind, message, param: None }
@@ -462,5 +473,7 @@ mod tests {
         assert!(e.message.contains("no such model"));
         assert_eq!(upstream_error(503, "x".into()).status(Api::Anthropic), 503);
         assert_eq!(upstream_error(500, "x".into()).body(Api::Anthropic)["error"]["type"], "api_error");
+        assert_eq!(upstream_error(502, "x".into()).status(Api::Anthropic), 502);
+        assert_eq!(upstream_error(504, "x".into()).status(Api::OpenAi), 504);
     }
 }
