@@ -98,6 +98,10 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// Also draw time to first token per request (coloured by the share
+        /// read from the cache) into this PNG file.
+        #[arg(long)]
+        plot: Option<PathBuf>,
     },
     /// Convert a GGUF file into an MLX-format directory that mlx-lm can load.
     Convert {
@@ -339,7 +343,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Check { model } => std::process::exit(if kvserve::check::run(&model) { 0 } else { 1 }),
-        Command::Report { trace_dir, since, detail, json } => {
+        Command::Report { trace_dir, since, detail, json, plot } => {
             use kvserve::{report, server::trace};
             let Some(dir) = trace_dir.or_else(trace::default_dir) else { bail!("give --trace-dir") };
             let records = trace::read_all(&dir).with_context(|| format!("cannot read traces in {}", dir.display()))?;
@@ -349,6 +353,10 @@ fn main() -> Result<()> {
                 None => 0.0,
             };
             let summary = report::summarize(&records, since);
+            if let Some(p) = &plot {
+                let n = report::plot(&records, since, p).map_err(anyhow::Error::msg)?;
+                eprintln!("wrote {} ({n} requests)", p.display());
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&summary)?);
             } else {

@@ -111,6 +111,55 @@ pub fn render(s: &Value, records: &[Value], detail: bool, since: f64) -> String 
     out
 }
 
+/// A PNG chart: one dot per request in time order (x), its time to first
+/// token on a log scale from 0.01 s to 1000 s (y, a grid line per decade),
+/// coloured from red (nothing read from the cache) to green (all of it).
+pub fn plot(records: &[Value], since: f64, path: &std::path::Path) -> Result<usize, String> {
+    let pts: Vec<(f64, f64)> = records
+        .iter()
+        .filter(|r| num(r, "time") >= since && r["ttft_s"].is_number() && r.get("prompt_tokens").is_some())
+        .map(|r| (num(r, "ttft_s").max(0.01), num(r, "cache_read_tokens") / num(r, "prompt_tokens").max(1.0)))
+        .collect();
+    let (w, h, m) = (800usize, 400usize, 20usize);
+    let mut px = vec![255u8; w * h * 3];
+    let mut set = |x: usize, y: usize, c: [u8; 3]| {
+        if x < w && y < h {
+            px[(y * w + x) * 3..(y * w + x) * 3 + 3].copy_from_slice(&c);
+        }
+    };
+    let y_of = |t: f64| -> usize {
+        let f = (t.log10() + 2.0) / 5.0; // 0.01 s .. 1000 s
+        (h - m) - ((f.clamp(0.0, 1.0)) * (h - 2 * m) as f64) as usize
+    };
+    for decade in -2..=3 {
+        let y = y_of(10f64.powi(decade));
+        for x in m..w - m {
+            set(x, y, if decade == 0 { [150, 150, 150] } else { [220, 220, 220] });
+        }
+    }
+    for y in m..=h - m {
+        set(m, y, [0, 0, 0]);
+    }
+    let n = pts.len().max(1);
+    for (i, (t, share)) in pts.iter().enumerate() {
+        let x = m + 5 + i * (w - 2 * m - 10) / n.max(2).saturating_sub(1).max(1);
+        let y = y_of(*t);
+        let c = [(255.0 * (1.0 - share)) as u8, (180.0 * share) as u8, 40];
+        for dx in 0..5 {
+            for dy in 0..5 {
+                set(x + dx - 2, y + dy - 2, c);
+            }
+        }
+    }
+    let file = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut enc = png::Encoder::new(std::io::BufWriter::new(file), w as u32, h as u32);
+    enc.set_color(png::ColorType::Rgb);
+    enc.set_depth(png::BitDepth::Eight);
+    let mut writer = enc.write_header().map_err(|e| format!("{}: {e}", path.display()))?;
+    writer.write_image_data(&px).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(pts.len())
+}
+
 /// "1h", "30m", "2d", "45s" before now, or unix seconds, as unix seconds.
 pub fn parse_since(s: &str, now: f64) -> Result<f64, String> {
     let s = s.trim();
@@ -153,5 +202,10 @@ mod tests {
         assert_eq!(parse_since("2h", 10_000.0).unwrap(), 2800.0);
         assert_eq!(parse_since("1700000000", 0.0).unwrap(), 1.7e9);
         assert!(parse_since("soon", 0.0).is_err());
+        let png = std::env::temp_dir().join(format!("kvserve-plot-{}.png", std::process::id()));
+        assert_eq!(plot(&recs, 0.0, &png).unwrap(), 3);
+        let bytes = std::fs::read(&png).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        let _ = std::fs::remove_file(png);
     }
 }

@@ -28,6 +28,7 @@ fn claude(home: &std::path::Path, cache: &std::path::Path, args: &[&str]) -> (St
         .env("HOME", home)
         .env("KVSERVE_CLAUDE", root.join("tools/claude-code/node_modules/.bin/claude"))
         .env("KVSERVE_LOG", "info")
+        .env_remove("XDG_DATA_HOME")
         .args(["claude", "--model", common::smollm2_dir().to_str().unwrap(), "--context", "32768", "--cache-dir"])
         .arg(cache)
         .arg("--")
@@ -59,5 +60,18 @@ fn claude_code_runs_and_its_second_turn_reads_the_cache() {
     let &(n, read) = r2.iter().max_by_key(|r| r.0).expect("turn 2 made a request");
     eprintln!("turn 1: {turn1:.1}s {r1:?}; turn 2: {turn2:.1}s {r2:?}; answers {out1:?} {out2:?}");
     assert!(read * 100 >= n * 90, "turn 2 read {read} of {n} prompt tokens from the cache");
+
+    // The traces (the server's default folder under this HOME) say the same,
+    // and `kvserve report` prints those numbers.
+    let traces = home.join(".local/share/kvserve/traces");
+    let records = kvserve::server::trace::read_all(&traces).expect("traces were written");
+    let gens: Vec<&serde_json::Value> = records.iter().filter(|r| r.get("prompt_tokens").is_some()).collect();
+    let last = gens.iter().max_by(|a, b| a["time"].as_f64().unwrap().total_cmp(&b["time"].as_f64().unwrap())).unwrap();
+    let (tn, tr) = (last["prompt_tokens"].as_u64().unwrap(), last["cache_read_tokens"].as_u64().unwrap());
+    assert!(tr * 100 >= tn * 90, "trace of turn 2: {last}");
+    let rep = Command::new(env!("CARGO_BIN_EXE_kvserve")).env("HOME", &home).args(["report", "--detail"]).output().unwrap();
+    let text = String::from_utf8_lossy(&rep.stdout);
+    eprintln!("{text}");
+    assert!(rep.status.success() && text.contains(&format!("read {tr} computed {}", tn - tr)), "{text}");
     let _ = std::fs::remove_dir_all(&home);
 }

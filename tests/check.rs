@@ -1,0 +1,25 @@
+//! `kvserve check` on the real SmolLM2: every point passes here (Claude
+//! Code is installed by `make test`), each printed with its result.
+
+mod common;
+
+#[test]
+fn check_passes_every_point() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        .args(["check", "--model", common::smollm2_dir().to_str().unwrap()])
+        .env("KVSERVE_CLAUDE", std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/claude-code/node_modules/.bin/claude"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("[pass]").count(), 8, "{text}");
+    for point in ["loads and computes", "BLAS is the fast one", "the model loads", "renders a conversation with tools", "a generation produces text", "is a cache hit", "answers the Anthropic and OpenAI APIs", "Claude Code is installed"] {
+        assert!(text.contains(point), "missing {point:?}: {text}");
+    }
+    // A model that does not exist: a failure with the fix, exit code 1.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve")).args(["check", "--model", "/nonexistent/model"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("[FAIL] the model does not load") && text.contains("fix:"), "{text}");
+}
