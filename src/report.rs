@@ -50,7 +50,7 @@ pub fn summarize(records: &[Value], since: f64) -> Value {
         "errors": errors,
         "cache_hit_rate_requests": if gens.is_empty() { 0.0 } else { hits as f64 / gens.len() as f64 },
         "cache_hit_rate_tokens": if total > 0.0 { read / total } else { 0.0 },
-        "tokens": {"prompt": total, "read_from_cache": read, "created_in_cache": created, "computed": computed, "generated": generated},
+        "tokens": {"prompt": total as u64, "read_from_cache": read as u64, "created_in_cache": created as u64, "computed": computed as u64, "generated": generated as u64},
         "ttft_cold": ttfts(false),
         "ttft_warm": ttfts(true),
         "slowest": slowest,
