@@ -1,7 +1,6 @@
 //! The MLX bridge: real MLX ops through mlx-c, with values that can be wrong.
 
 use kvserve::mlx::{self, Array, QuantizedMatrix};
-use mlx_rs::ops;
 
 fn values(a: &Array) -> Vec<f32> {
     a.eval().unwrap();

@@ -81,8 +81,9 @@ pub fn grouped(n: usize) -> String {
 }
 
 impl ChatRequest {
-    /// The messages as the chat template reads them.
-    pub fn template_messages(&self) -> Value {
+    /// The messages as the chat template reads them (tool-call arguments as
+    /// objects), or, with `arguments_as_text`, as OpenAI's API writes them.
+    pub fn messages_json(&self, arguments_as_text: bool) -> Value {
         Value::Array(
             self.messages
                 .iter()
@@ -92,7 +93,14 @@ impl ChatRequest {
                         o["tool_calls"] = Value::Array(
                             m.tool_calls
                                 .iter()
-                                .map(|c| json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}))
+                                .map(|c| {
+                                    let args = match &c.arguments {
+                                        Value::String(s) if arguments_as_text => json!(s),
+                                        other if arguments_as_text => json!(other.to_string()),
+                                        other => other.clone(),
+                                    };
+                                    json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": args}})
+                                })
                                 .collect(),
                         );
                     }
@@ -136,7 +144,7 @@ impl ChatRequest {
             .template
             .as_ref()
             .ok_or_else(|| RequestError::new(None, format!("model '{}' has no chat template", model.name)))?;
-        let messages = self.template_messages();
+        let messages = self.messages_json(false);
         let tools = Value::Array(self.tools.clone());
         let text = template
             .render(&TemplateInput {

@@ -108,31 +108,7 @@ fn upstream_message(body: &[u8]) -> String {
 
 /// The chat completions request for a canonical request.
 pub fn openai_body(req: &ChatRequest, model: &str, stream: bool) -> Value {
-    let messages: Vec<Value> = req
-        .messages
-        .iter()
-        .map(|m| {
-            let mut o = json!({"role": m.role, "content": m.content});
-            if !m.tool_calls.is_empty() {
-                o["tool_calls"] = Value::Array(
-                    m.tool_calls
-                        .iter()
-                        .map(|c| {
-                            let args = match &c.arguments {
-                                Value::String(s) => s.clone(),
-                                other => other.to_string(),
-                            };
-                            json!({"id": c.id, "type": "function", "function": {"name": c.name, "arguments": args}})
-                        })
-                        .collect(),
-                );
-            }
-            if let Some(id) = &m.tool_call_id {
-                o["tool_call_id"] = json!(id);
-            }
-            o
-        })
-        .collect();
+    let messages = req.messages_json(true);
     let mut body = json!({"model": model, "messages": messages, "max_tokens": req.max_tokens, "stream": stream,
         "temperature": req.sampling.temperature, "top_p": req.sampling.top_p});
     if stream {

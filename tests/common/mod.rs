@@ -172,3 +172,19 @@ pub fn post(addr: &str, path: &str, body: &serde_json::Value) -> Reply {
 pub fn get(addr: &str, path: &str) -> Reply {
     request_raw(addr, "GET", path, &[], b"")
 }
+
+/// Run a script in tests/reference with the project venv's Python; returns
+/// its output, after asserting it succeeded and printed `done_line`.
+pub fn run_reference_script(script: &str, args: &[String], done_line: &str) -> String {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("tests/reference").join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {script} (make venv): {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{script} failed");
+    assert!(stdout.contains(done_line), "{script} did not finish");
+    stdout
+}
