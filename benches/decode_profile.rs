@@ -1,0 +1,74 @@
+//! Where a decode step's time goes (SmolLM2, `make model`): building the
+//! MLX graph (our Rust), MLX evaluating it (its kernels), reading the token
+//! and detokenizing (ours); and the physical limit: weight bytes read per
+//! token over this machine's memory bandwidth. Prints a table; run with
+//! `cargo bench --bench decode_profile`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use kvserve::cache::kv::new_cache;
+use kvserve::engine::generate::prefill;
+use kvserve::model::source;
+use kvserve::text::detok::StreamDetokenizer;
+use mlx_rs::ops::indexing::{argmax_axis, IndexOp};
+use mlx_rs::Array;
+
+fn main() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
+    let m = source::load(dir.to_str().unwrap()).expect("run `make model` first");
+    let prompt = m.tokenizer.encode("Write a long story about a lighthouse keeper.").unwrap();
+    let mut cache = new_cache(m.model.num_layers());
+    let mut logits = prefill(&m.model, &mut cache, &prompt, 512).unwrap();
+    let mut detok = StreamDetokenizer::new();
+    const STEPS: usize = 96;
+    let (mut build, mut eval, mut read, mut text) = (0.0, 0.0, 0.0, 0.0);
+    let t_all = Instant::now();
+    for _ in 0..STEPS {
+        // Synchronous steps (no overlap) so each part can be timed alone.
+        let t = Instant::now();
+        let y = argmax_axis(&logits, -1, None).unwrap();
+        let next = m.model.forward(&y.reshape(&[1, 1]).unwrap(), &mut cache, true).unwrap().index((0, 0, ..));
+        build += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        next.eval().unwrap();
+        eval += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let id = y.item_exact::<u32>();
+        read += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let _ = detok.push(&m.tokenizer, id).unwrap();
+        text += t.elapsed().as_secs_f64();
+        logits = next;
+    }
+    let total = t_all.elapsed().as_secs_f64();
+    let per = |x: f64| x / STEPS as f64 * 1e3;
+    println!("decode step, SmolLM2-135M 4-bit, {STEPS} steps, synchronous:");
+    println!("| part | ms/step | share |\n|---|---|---|");
+    for (name, x) in [("graph building (kvserve)", build), ("MLX evaluation (kernels)", eval), ("reading the token", read), ("detokenizing (kvserve)", text)] {
+        println!("| {name} | {:.2} | {:.1}% |", per(x), 100.0 * x / total);
+    }
+    println!("| total | {:.2} | {:.2} tok/s |", per(total), STEPS as f64 / total);
+
+    // Memory bandwidth: MLX summing a 512 MB array (all cores), best of 3.
+    let n = 128 << 20;
+    let a = mlx_rs::random::uniform::<_, f32>(0.0, 1.0, &[n], None).unwrap();
+    a.eval().unwrap();
+    let mut best = f64::MAX;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s = a.sum(None).unwrap();
+        s.eval().unwrap();
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let gbs = (n * 4) as f64 / best / 1e9;
+    let weights: u64 = std::fs::read_dir(&dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .map(|e| e.metadata().unwrap().len())
+        .sum();
+    println!("memory bandwidth (MLX sum over 512 MB): {gbs:.1} GB/s");
+    println!("weights read per token: {:.1} MB -> bandwidth limit {:.0} tok/s", weights as f64 / 1e6, gbs * 1e9 / weights as f64);
+    let _ = Array::from_int(0);
+}
