@@ -3,6 +3,7 @@
 //! - on Linux, OpenBLAS as a direct dependency of the executable, so the global
 //!   symbol lookup resolves libmlx's `cblas_sgemm` to OpenBLAS before the
 //!   netlib reference BLAS the wheel bundles (about 40x faster GEMM here).
+//!
 //! mlx-sys's own link args do not reach the final executable, so they live here.
 use std::env;
 

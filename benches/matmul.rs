@@ -40,7 +40,7 @@ fn quantized(c: &mut Criterion) {
             group.bench_with_input(BenchmarkId::new("dequantize_gemm", m), &m, |bench, _| {
                 bench.iter(|| {
                     let dense = w.dequantize().unwrap();
-                    x.matmul(&dense.t()).unwrap().eval().unwrap()
+                    x.matmul(dense.t()).unwrap().eval().unwrap()
                 })
             });
         }

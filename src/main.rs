@@ -191,7 +191,7 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
         _ => (s, 1),
     };
     let n: f64 = num.trim().parse().map_err(|_| format!("'{s}' is not a size (examples: 4G, 512M, 1048576)"))?;
-    if !(n >= 0.0) {
+    if n.is_nan() || n < 0.0 {
         return Err(format!("'{s}' is negative"));
     }
     Ok((n * mult as f64) as usize)
@@ -265,6 +265,9 @@ fn serve(args: ServeArgs) -> Result<()> {
         };
         let trace_dir = trace.dir.clone();
         let state = State::new(engine, ServerConfig { api_key: args.api_key.clone(), max_body_bytes: args.max_body, trace });
+        if !local.ip().is_loopback() && args.api_key.is_none() {
+            tracing::warn!("listening on {local} beyond this machine without --api-key: anyone who can reach it can use it");
+        }
         println!("kvserve listening on http://{local}");
         println!("model: {} ({})", info.name, info.path.display());
         println!(

@@ -121,7 +121,7 @@ fn shape_mismatch_is_an_err_with_mlx_message() {
     assert!(err.message.contains("matmul"), "{err}");
     assert!(err.message.contains("(2,3)") && err.message.contains("(4,2)"), "{err}");
     // The process keeps working after the error.
-    assert_eq!(values(&a.matmul(&Array::from_slice(&[1.0f32; 3], &[3, 1])).unwrap()), vec![3.0, 3.0]);
+    assert_eq!(values(&a.matmul(Array::from_slice(&[1.0f32; 3], &[3, 1])).unwrap()), vec![3.0, 3.0]);
 }
 
 #[test]

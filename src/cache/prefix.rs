@@ -582,7 +582,7 @@ mod tests {
         let d = c.insert(&[3; 4], blob(&[3; 4])).unwrap(); // 120 > 100: evicts b
         assert!(c.tokens_of(b).is_none() && c.tokens_of(a).is_some() && c.tokens_of(d).is_some());
         // a is pinned: the next insert evicts d instead even though a is older now.
-        c.fetch_nearest(&[3; 5], usize::MAX).map(|h| c.release(h.id));
+        if let Some(h) = c.fetch_nearest(&[3; 5], usize::MAX) { c.release(h.id) }
         let e = c.insert(&[4; 4], blob(&[4; 4])).unwrap();
         assert!(c.tokens_of(a).is_some() && c.tokens_of(d).is_none() && c.tokens_of(e).is_some());
         assert!(c.bytes() <= 100);

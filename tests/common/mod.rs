@@ -151,8 +151,7 @@ pub fn parse_reply(raw: &[u8]) -> Reply {
     if headers.iter().any(|(k, v)| k == "transfer-encoding" && v.contains("chunked")) {
         let mut out = vec![];
         let mut rest = &body[..];
-        loop {
-            let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") else { break };
+        while let Some(nl) = rest.windows(2).position(|w| w == b"\r\n") {
             let size = usize::from_str_radix(String::from_utf8_lossy(&rest[..nl]).trim(), 16).unwrap_or(0);
             if size == 0 {
                 break;

@@ -156,7 +156,7 @@ impl ToolStream {
                     match open.and_then(|m| self.buf.find(m)) {
                         Some(i) => {
                             let before: String = self.buf.drain(..i).collect();
-                            if !before.is_empty() && !(self.after_call && before.trim().is_empty()) {
+                            if !before.is_empty() && (!self.after_call || !before.trim().is_empty()) {
                                 out.push(Piece::Text(before));
                             }
                             self.mode = Mode::Call;
@@ -218,7 +218,7 @@ impl ToolStream {
                     }
                 }
             }
-            _ if !rest.is_empty() && !(self.after_call && rest.trim().is_empty()) => out.push(Piece::Text(rest)),
+            _ if !rest.is_empty() && (!self.after_call || !rest.trim().is_empty()) => out.push(Piece::Text(rest)),
             _ => {}
         }
         (out, cut)
