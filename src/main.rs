@@ -128,10 +128,10 @@ struct ServeArgs {
     /// With --proxy: the model name to send upstream (default: the request's).
     #[arg(long, requires = "proxy")]
     upstream_model: Option<String>,
-    /// With --proxy: seconds to connect and get an answer started; then the
-    /// longest pause allowed in a streamed answer is --upstream-idle.
+    /// With --proxy: seconds allowed to connect and get an answer started.
     #[arg(long, default_value_t = 30)]
     upstream_timeout: u64,
+    /// With --proxy: the longest pause, in seconds, allowed in a streamed answer.
     #[arg(long, default_value_t = 600)]
     upstream_idle: u64,
     /// Address to listen on.
