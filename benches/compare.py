@@ -201,6 +201,23 @@ def decode(port, kind, model):
     return {"ttft": ttft, "total": total, "tokens": n, "tps": (n - 1) / max(total - ttft, 1e-9)}
 
 
+def concurrent(port, kind, model, system, clients, turns):
+    """Workload 5: `clients` sessions of workload 1 at once; per-turn TTFTs and wall time."""
+    import threading
+    out = [None] * clients
+
+    def one(i):
+        out[i] = run_session(port, kind, Session(model, system, True, f"c{i}", variant=f"Client {i}: "), turns)
+
+    t0 = time.time()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"wall": time.time() - t0, "sessions": out}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--kvserve", required=True)
@@ -211,6 +228,8 @@ def main():
     ap.add_argument("--out", default="results/compare.md")
     ap.add_argument("--skip-mlx", action="store_true")
     ap.add_argument("--mlx-results", help="reuse mlx_lm.server numbers from an earlier run's JSON (same machine and settings)")
+    ap.add_argument("--clients", type=int, default=4, help="workload 5: concurrent sessions")
+    ap.add_argument("--mlx-w5", action="store_true", help="also run workload 5 on mlx_lm.server (every turn is cold there: hours on a CPU)")
     args = ap.parse_args()
     model_name = os.path.basename(os.path.normpath(args.model))
     system = system_text(args.system_tokens)
@@ -227,6 +246,7 @@ def main():
     results["kv_w1"] = run_session(s.port, "anthropic", Session(model_name, system, True, "a1"), args.turns)
     results["kv_w2"] = run_session(s.port, "anthropic", Session(model_name, system, False, "b2", variant="In the other repo: "), args.turns)
     results["kv_w4"] = decode(s.port, "openai", model_name)
+    results["kv_w5"] = concurrent(s.port, "anthropic", model_name, system, args.clients, args.turns)
     results["kv_peak"] = s.stop()
     s = kv_server()
     results["kv_restart"] = run_session(s.port, "anthropic", Session(model_name, system, True, "c3", variant="After a restart: "), 1)
@@ -244,6 +264,8 @@ def main():
         results["mlx_w1"] = run_session(s.port, "openai", Session(args.model, system, True, "a1"), args.mlx_turns)
         results["mlx_w2"] = run_session(s.port, "openai", Session(args.model, system, False, "b2", variant="In the other repo: "), args.turns)
         results["mlx_w4"] = decode(s.port, "openai", args.model)
+        if args.mlx_w5:
+            results["mlx_w5"] = concurrent(s.port, "openai", args.model, system, args.clients, args.turns)
         results["mlx_peak"] = s.stop()
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -270,6 +292,15 @@ def main():
               f"| kvserve | {kv4['tokens']} | {kv4['tps']:.2f} |"]
     if ml4:
         lines.append(f"| mlx_lm.server | {ml4['tokens']} | {ml4['tps']:.2f} |")
+    lines += ["", f"## Workload 5: {args.clients} concurrent clients, each workload 1", "",
+              "| turn | kvserve TTFT median / max (s) | mlx_lm.server TTFT median / max (s) |", "|---|---|---|"]
+    def med_max(w5, t):
+        xs = sorted(sess[t]["ttft"] for sess in w5["sessions"] if sess and len(sess) > t)
+        return f"{xs[len(xs) // 2]:.2f} / {xs[-1]:.2f}" if xs else "not run"
+    for t in range(args.turns):
+        m5 = results.get("mlx_w5")
+        lines.append(f"| {t + 1} | {med_max(results['kv_w5'], t)} | {med_max(m5, t) if m5 else 'not run'} |")
+    lines.append(f"\nkvserve wall time for all {args.clients} sessions: {results['kv_w5']['wall']:.1f}s")
     lines += ["", "## Peak resident memory", "", f"kvserve {results['kv_peak']:.0f} MB" + (f", mlx_lm.server {results['mlx_peak']:.0f} MB" if "mlx_peak" in results else ""), ""]
     with open(args.out, "w") as f:
         f.write("\n".join(lines))
