@@ -1,9 +1,7 @@
 //! `kvserve check`: the health check a new user runs first. Each point is
 //! printed with pass or fail and, when it fails, the fix.
 
-use std::io::{Read, Write};
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde_json::{json, Value};
 
@@ -50,14 +48,7 @@ fn generate(engine: &Engine, prompt: Vec<u32>) -> Result<(String, PromptUsage), 
 }
 
 fn http_post(addr: &str, path: &str, body: &Value) -> Result<u16, String> {
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(120))).map_err(|e| e.to_string())?;
-    let b = body.to_string();
-    write!(s, "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}", b.len())
-        .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    out.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| "no HTTP status".to_string())
+    crate::launch::http_request(addr, "POST", path, Some(&body.to_string())).map(|(status, _)| status)
 }
 
 /// Run every check for `model`; true when none failed.

@@ -83,15 +83,30 @@ pub fn start_server(serve_args: &[String]) -> Result<StartedServer, LaunchError>
     Ok(StartedServer { child, url: url.expect("set above"), model: model.expect("set above") })
 }
 
+/// One plain HTTP/1.1 request to a local server (`addr` is host:port); the
+/// status and the raw body (a chunked body keeps its chunk lines).
+pub fn http_request(addr: &str, method: &str, path: &str, json_body: Option<&str>) -> Result<(u16, String), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("no server at {addr}: {e}"))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(120))).map_err(|e| e.to_string())?;
+    let body = json_body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
+    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("{addr} gave no HTTP status"))?;
+    Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
+}
+
 /// The model an already running server serves (GET /v1/models).
 pub fn served_model(url: &str) -> Result<String, LaunchError> {
-    use std::io::{Read, Write};
     let hostport = url.trim_start_matches("http://").trim_end_matches('/');
-    let mut s = std::net::TcpStream::connect(hostport).map_err(|e| LaunchError(format!("no server at {url}: {e}")))?;
-    write!(s, "GET /v1/models HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n").map_err(|e| LaunchError(e.to_string()))?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).map_err(|e| LaunchError(e.to_string()))?;
-    let json = body.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    let (_, body) = http_request(hostport, "GET", "/v1/models", None).map_err(LaunchError)?;
+    let json = body.as_str();
     // A chunked body: the JSON object is between the first '{' and the last '}'.
     let json = json.find('{').and_then(|a| json.rfind('}').map(|b| &json[a..=b])).unwrap_or("");
     let v: serde_json::Value = serde_json::from_str(json).map_err(|_| LaunchError(format!("{url} did not answer GET /v1/models")))?;

@@ -264,21 +264,6 @@ pub fn sse(event: &str, data: &Value) -> String {
     format!("event: {event}\ndata: {data}\n\n")
 }
 
-/// Split a JSON text into fragments (streamed as input_json_delta).
-fn fragments(s: &str, size: usize) -> Vec<&str> {
-    let mut out = vec![];
-    let mut start = 0;
-    while start < s.len() {
-        let mut end = (start + size).min(s.len());
-        while !s.is_char_boundary(end) {
-            end += 1;
-        }
-        out.push(&s[start..end]);
-        start = end;
-    }
-    out
-}
-
 impl Events {
     pub fn new(id: String, model: String) -> Self {
         Events { id, model, index: 0, open: Open::None, calls: 0, usage: PromptUsage::default(), output_tokens: 0 }
@@ -323,7 +308,7 @@ impl Events {
                 let block = json!({"type": "tool_use", "id": c.id, "name": c.name, "input": {}});
                 out.push_str(&sse("content_block_start", &json!({"type": "content_block_start", "index": self.index, "content_block": block})));
                 let args = c.arguments.to_string();
-                for frag in fragments(&args, 64) {
+                for frag in super::stream::argument_fragments(&args) {
                     let delta = json!({"type": "input_json_delta", "partial_json": frag});
                     out.push_str(&sse("content_block_delta", &json!({"type": "content_block_delta", "index": self.index, "delta": delta})));
                 }

@@ -38,8 +38,7 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("kvserve");
-        let m = Metrics {
+        let mut m = Metrics {
             requests: Family::default(),
             errors: Family::default(),
             queue_depth: Gauge::default(),
@@ -54,8 +53,9 @@ impl Metrics {
             cache_hits: Gauge::default(),
             cache_misses: Gauge::default(),
             cache_tokens_saved: Gauge::default(),
-            registry: Registry::default(),
+            registry: Registry::with_prefix("kvserve"),
         };
+        let registry = &mut m.registry;
         registry.register("requests", "HTTP requests by API, route and status", m.requests.clone());
         registry.register("errors", "Error responses by API and status", m.errors.clone());
         registry.register("queue_depth", "Requests waiting for the engine", m.queue_depth.clone());
@@ -70,7 +70,7 @@ impl Metrics {
         registry.register("cache_hits", "Prompt-cache lookups that found a snapshot", m.cache_hits.clone());
         registry.register("cache_misses", "Prompt-cache lookups that found none", m.cache_misses.clone());
         registry.register("cache_tokens_saved", "Prompt tokens served from snapshots", m.cache_tokens_saved.clone());
-        Metrics { registry, ..m }
+        m
     }
 
     pub fn request(&self, api: &str, route: &str, status: u16) {

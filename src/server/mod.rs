@@ -137,7 +137,7 @@ async fn read_json(req: Request<Incoming>, limit: usize) -> Result<Value, ApiErr
 /// Serve until `shutdown` completes; then let the engine finish its queue
 /// and write its snapshot files.
 pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl std::future::Future<Output = ()>) {
-    accept_loop(listener, state.clone(), shutdown).await;
+    accept_loop(listener, state.clone(), shutdown, handle).await;
     let s = state.clone();
     let _ = tokio::task::spawn_blocking(move || {
         s.engine.shutdown();
@@ -146,7 +146,14 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl std:
     .await;
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<State>, shutdown: impl std::future::Future<Output = ()>) {
+/// Accept connections until `shutdown` completes, each served over HTTP/1.1
+/// by `handler` (the local server's or the proxy's).
+async fn accept_loop<S, F, Fut>(listener: TcpListener, state: Arc<S>, shutdown: impl std::future::Future<Output = ()>, handler: F)
+where
+    S: Send + Sync + 'static,
+    F: Fn(Arc<S>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+{
     tokio::pin!(shutdown);
     loop {
         let (stream, _peer) = tokio::select! {
@@ -162,7 +169,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>, shutdown: impl st
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+            let service = hyper::service::service_fn(move |req| handler(state.clone(), req));
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
         });
     }
@@ -185,7 +192,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     let resp = if !open && !authorized(&state.cfg, &req) {
         Err(ApiError::new(Kind::Authentication, "invalid API key: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`"))
     } else {
-        route(&state, api, &method, &path, req).await
+        route(&state, &method, &path, req).await
     };
     let resp = resp.unwrap_or_else(|e| {
         if api != Api::Own {
@@ -283,7 +290,7 @@ impl Trace {
     }
 }
 
-async fn route(state: &Arc<State>, api: Api, method: &Method, path: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn route(state: &Arc<State>, method: &Method, path: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     match (method, path) {
         (&Method::POST, "/v1/messages") => messages(state, read_json(req, state.cfg.max_body_bytes).await?).await,
         (&Method::POST, "/v1/messages/count_tokens") => count_tokens(state, read_json(req, state.cfg.max_body_bytes).await?).await,
@@ -299,10 +306,7 @@ async fn route(state: &Arc<State>, api: Api, method: &Method, path: &str, req: R
             let removed = state.engine.clear_cache().await?;
             Ok(json_response(200, &json!({"removed": removed, "stats": state.engine.cache_stats()})))
         }
-        _ => {
-            let _ = api;
-            Err(ApiError::new(Kind::NotFound, format!("no route for {method} {path}")))
-        }
+        _ => Err(ApiError::new(Kind::NotFound, format!("no route for {method} {path}"))),
     }
 }
 

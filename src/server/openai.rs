@@ -96,9 +96,8 @@ pub fn parse(body: &Value) -> Result<Parsed, ApiError> {
     if f.get("tool_choice").and_then(Value::as_str) == Some("none") {
         tools.clear();
     }
-    if let Some(n) = f.int_in("n", 1, 1)? {
-        debug_assert_eq!(n, 1);
-    }
+    // One choice per request: `n` may only be 1.
+    f.int_in("n", 1, 1)?;
     let max_tokens = match f.int_in("max_completion_tokens", 1, MAX_TOKENS_LIMIT)? {
         Some(n) => Some(n),
         None => f.int_in("max_tokens", 1, MAX_TOKENS_LIMIT)?,
@@ -200,14 +199,8 @@ impl Chunks {
                     None,
                 );
                 let args = c.arguments.to_string();
-                let mut start = 0;
-                while start < args.len() {
-                    let mut end = (start + 64).min(args.len());
-                    while !args.is_char_boundary(end) {
-                        end += 1;
-                    }
-                    s += &self.chunk(json!({"tool_calls": [{"index": index, "function": {"arguments": &args[start..end]}}]}), None);
-                    start = end;
+                for frag in super::stream::argument_fragments(&args) {
+                    s += &self.chunk(json!({"tool_calls": [{"index": index, "function": {"arguments": frag}}]}), None);
                 }
                 s
             }
