@@ -215,12 +215,16 @@ impl<S: Cached> PrefixCache<S> {
         Some(Hit { id, value, entry_len, usable })
     }
 
-    /// Unpin an entry a fetch handed out (no-op if it is gone).
+    /// Unpin an entry a fetch handed out (no-op if it is gone). An entry
+    /// that a longer one now covers (it was kept only because it was pinned
+    /// when that one was inserted) is dropped as redundant.
     pub fn release(&mut self, id: EntryId) {
-        if let Some(&n) = self.where_is.get(&id) {
-            if let Some(e) = self.node_mut(n).entry.as_mut() {
-                e.pins = e.pins.saturating_sub(1);
-            }
+        let Some(&n) = self.where_is.get(&id) else { return };
+        let Some(e) = self.node_mut(n).entry.as_mut() else { return };
+        e.pins = e.pins.saturating_sub(1);
+        // Every leaf holds an entry, so a node with children has one below it.
+        if e.pins == 0 && !self.node(n).children.is_empty() {
+            self.remove(id);
         }
     }
 
@@ -561,6 +565,14 @@ mod tests {
         // A longer entry replaces its prefix.
         let b = c.insert(&[1, 2, 3, 4, 5], blob(&[1, 2, 3, 4, 5])).unwrap();
         assert_eq!(c.entries().iter().map(|e| e.0).collect::<Vec<_>>(), vec![b]);
+        // A pinned prefix survives a longer insert until it is released.
+        let h = c.fetch_nearest(&[1, 2, 3, 4, 5], usize::MAX).unwrap();
+        assert_eq!(h.id, b);
+        let longer = c.insert(&[1, 2, 3, 4, 5, 6], blob(&[1, 2, 3, 4, 5, 6])).unwrap();
+        assert!(c.tokens_of(b).is_some(), "pinned entry kept");
+        c.release(b);
+        assert!(c.tokens_of(b).is_none(), "redundant once released");
+        assert_eq!(c.entries().iter().map(|e| e.0).collect::<Vec<_>>(), vec![longer]);
         // A branch keeps both.
         let d = c.insert(&[1, 2, 7], blob(&[1, 2, 7])).unwrap();
         assert_eq!(c.len(), 2);
@@ -569,7 +581,7 @@ mod tests {
         c.release(d);
         c.check().unwrap();
         let s = c.stats();
-        assert_eq!((s.hits, s.misses, s.bytes), (4, 1, 80));
+        assert_eq!((s.hits, s.misses, s.bytes), (5, 1, 90));
     }
 
     #[test]

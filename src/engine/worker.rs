@@ -289,7 +289,6 @@ struct Worker {
     store: Option<Store>,
     stats: Arc<Mutex<CacheStats>>,
     prefill_chunk: usize,
-    kv_bytes_per_token: usize,
     /// Entries kept in memory and not yet written to disk (newest last).
     unsaved: Vec<crate::cache::prefix::EntryId>,
     /// Files of entries taken out of the index; deleted once a newer snapshot is on disk.
@@ -312,6 +311,18 @@ fn model_files(path: &Path) -> Vec<PathBuf> {
         .collect();
     files.sort();
     files
+}
+
+/// What [`Worker::lookup`] found.
+struct Lookup {
+    /// The KV state to compute the rest of the prompt on.
+    live: Vec<LayerKv>,
+    /// Prompt tokens it already holds.
+    read: usize,
+    /// The file of an entry taken out of the index, deleted once a newer snapshot is on disk.
+    taken_file: Option<PathBuf>,
+    /// A shared entry in use: pinned (never evicted) until the request ends.
+    pinned: Option<crate::cache::prefix::EntryId>,
 }
 
 impl Worker {
@@ -357,7 +368,7 @@ impl Worker {
             context,
             kv_bytes_per_token,
         });
-        let w = Worker { model, info: info.clone(), cache, store, stats, prefill_chunk: cfg.prefill_chunk.max(1), kv_bytes_per_token, unsaved: vec![], obsolete: vec![] };
+        let w = Worker { model, info: info.clone(), cache, store, stats, prefill_chunk: cfg.prefill_chunk.max(1), unsaved: vec![], obsolete: vec![] };
         w.publish();
         Ok((w, info))
     }
@@ -427,18 +438,17 @@ impl Worker {
         false
     }
 
-    /// The deepest usable snapshot for `prompt` as a live cache and how many
+    /// The deepest usable snapshot for `prompt` as a live cache (see [`Lookup`]) and how many
     /// tokens it serves. A snapshot the prompt extends is taken out of the
     /// index (this request's own snapshot will replace it), so the live state
     /// owns its buffers and MLX writes them in place; one that must be
     /// trimmed stays (it is another conversation's) and is copied on write.
     /// A snapshot that cannot be read from disk is dropped.
-    fn lookup(&mut self, prompt: &[u32]) -> (Vec<LayerKv>, usize, Option<PathBuf>) {
+    fn lookup(&mut self, prompt: &[u32]) -> Lookup {
         loop {
             let Some(hit) = self.cache.fetch_nearest(prompt, prompt.len() - 1) else {
-                return (new_cache(self.model.num_layers()), 0, None);
+                return Lookup { live: new_cache(self.model.num_layers()), read: 0, taken_file: None, pinned: None };
             };
-            self.cache.release(hit.id);
             let layers = match (&hit.value.layers, &hit.value.file, &self.store) {
                 (Some(l), _, _) => l.clone(),
                 (None, Some(f), Some(store)) => match store::load(f, self.model.num_layers(), hit.entry_len, &store.fingerprint) {
@@ -451,12 +461,14 @@ impl Worker {
                     }
                     Err(e) => {
                         tracing::warn!("ignoring a cached snapshot: {e}");
+                        self.cache.release(hit.id);
                         self.cache.remove(hit.id);
                         self.forget_removed();
                         continue;
                     }
                 },
                 _ => {
+                    self.cache.release(hit.id);
                     self.cache.remove(hit.id);
                     continue;
                 }
@@ -465,12 +477,13 @@ impl Worker {
             let owned = hit.usable == hit.entry_len;
             let (id, usable) = (hit.id, hit.usable);
             drop(hit);
-            let mut taken_file = None;
+            let (mut taken_file, mut pinned) = (None, Some(id));
             if owned {
                 // Out of the index; its file stays until this request's snapshot is written.
                 self.cache.remove(id);
                 self.cache.take_removed();
                 taken_file = file;
+                pinned = None;
             }
             let layers = match Rc::try_unwrap(layers) {
                 Ok(l) => l,
@@ -482,7 +495,7 @@ impl Worker {
                 let _ = l.trim_to(usable as i32);
             }
             debug_assert!(live.iter().all(|l| l.offset() as usize == usable));
-            return (live, usable, taken_file);
+            return Lookup { live, read: usable, taken_file, pinned };
         }
     }
 
@@ -503,7 +516,7 @@ impl Worker {
         if job.events.is_closed() {
             return Ok(());
         }
-        let (mut live, read, taken_file) = self.lookup(prompt);
+        let Lookup { mut live, read, taken_file, pinned } = self.lookup(prompt);
         tracing::debug!("lookup: {read} tokens from cache in {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
         self.publish();
         let result = self.compute(job, &mut live, read, start);
@@ -511,18 +524,25 @@ impl Worker {
         // in it (each breakpoint included) is served by trimming it.
         let held = live.first().map_or(0, |l| l.offset() as usize);
         let t_keep = Instant::now();
-        if let Ok(tokens) = &result {
-            if held > 0 && held <= tokens.len() {
-                self.keep(&tokens[..held], &live);
+        let kept: &[u32] = match &result {
+            Ok(tokens) if held > 0 && held <= tokens.len() => &tokens[..held],
+            Ok(_) => &[],
+            Err(_) => {
+                // After an error only what was read is known to be good.
+                for l in &mut live {
+                    let _ = l.trim_to(read as i32);
+                }
+                &prompt[..read]
             }
-        } else if read > 0 {
-            // After an error only what was read is known to be good.
-            for l in &mut live {
-                let _ = l.trim_to(read as i32);
-            }
-            self.keep(&prompt[..read], &live);
+        };
+        if !kept.is_empty() {
+            self.keep(kept, &live);
         }
         self.obsolete.extend(taken_file);
+        if let Some(id) = pinned {
+            self.cache.release(id);
+            self.forget_removed();
+        }
         tracing::debug!("snapshot of {held} tokens kept in {:.0} ms", t_keep.elapsed().as_secs_f64() * 1e3);
         result.map(|_| ())
     }
@@ -533,7 +553,7 @@ impl Worker {
         let prompt = &job.prompt;
         let n = prompt.len();
         let planned_tokens = (n + job.opts.max_tokens).div_ceil(STEP as usize) * STEP as usize;
-        let fits = |tokens: usize| tokens * self.kv_bytes_per_token <= self.cache.budget();
+        let fits = |tokens: usize| tokens * self.info.kv_bytes_per_token <= self.cache.budget();
         let creation = if fits(planned_tokens) { n - read } else { 0 };
         let mut usage = PromptUsage { prompt: n, cache_read: read, cache_creation: creation, input: n - read - creation };
         if job.events.send(Event::Started(usage)).is_err() {
