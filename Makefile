@@ -15,7 +15,7 @@ DEFAULT_MODEL := models/SmolLM2-135M-Instruct
 MODEL ?= $(DEFAULT_MODEL)
 KVSERVE := target/release/kvserve
 
-.PHONY: all setup vendor venv fixtures model build test run generate claude claude-code bench clean distclean
+.PHONY: all setup vendor venv fixtures model build test run generate claude claude-code bench bench-compare clean distclean
 
 all: build
 
@@ -94,6 +94,16 @@ generate: build $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
 bench: setup vendor model venv
 	$(CARGO) bench
 	$(PYTHON) benches/mlx_lm_generate.py $(DEFAULT_MODEL)
+
+# kvserve beside mlx_lm.server (mlx-lm 0.32.2, same MLX wheel) on the same model
+# and requests, workloads 1-5 (benches/compare.py; ARGS='--help' lists them).
+# Tables and one PNG chart per workload go to results/. Long on a CPU: each
+# cold mlx-lm turn of the ~3K-token session takes about 8 minutes here.
+bench-compare: build venv $(VENV)/.bench-installed $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
+	$(PYTHON) benches/compare.py --kvserve $(KVSERVE) --model $(MODEL) $(ARGS)
+$(VENV)/.bench-installed: benches/requirements.txt $(VENV)/.installed
+	$(PYTHON) -m pip install --quiet -r benches/requirements.txt
+	touch $@
 
 clean:
 	$(CARGO) clean

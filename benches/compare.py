@@ -1,32 +1,51 @@
-"""Side by side: kvserve and mlx_lm.server (mlx-lm 0.32.2, same MLX wheel)
-with the same converted model, the same requests, in one run.
+"""Side by side: kvserve and mlx_lm.server (mlx-lm 0.32.2 on the same MLX
+0.32.2 wheel) with the same converted model and the same requests, in one run.
+`make bench-compare` runs it.
+
+Servers (each workload starts each server fresh, so its peak resident memory
+is that workload's):
+  kvserve      target/release/kvserve serve (links OpenBLAS itself)
+  mlx-lm       mlx_lm.server as installed, default environment
+  mlx-lm+BLAS  mlx_lm.server with OpenBLAS preloaded (LD_PRELOAD), so the
+               part of kvserve's lead that is only BLAS shows separately
 
 Workloads:
   1  a Claude Code-shaped session: a ~3K-token system prompt after a billing
      line that changes every turn, tool schemas, a mid-conversation system
-     message, N turns (kvserve through its Anthropic endpoint, which drops
-     the billing line as Claude Code's own server does; mlx-lm through its
-     OpenAI endpoint, which sees it);
-  2  the same session without the billing line (both caches can hit);
+     message, 5 turns. kvserve gets it on its Anthropic endpoint (which drops
+     the billing line, as Claude Code's own server does); mlx-lm on its OpenAI
+     endpoint, where the billing line is part of the system prompt;
+  2  the same session without the billing line: both caches can hit;
+  3  workload 2 with a ~6K-token system prompt;
   4  decode: 256 tokens from a short prompt;
-  R  kvserve only: turn 1 of a new session after a restart with --cache-dir.
-Reports time to first token per turn, cached tokens reported, prefill and
-decode tokens/s, and each server's peak resident memory.
+  5  4 concurrent clients, each running workload 1;
+  R  kvserve only: a new session's turn 1 after a restart with --cache-dir.
+Session workloads repeat with a new conversation (same system prompt) each
+repetition; the first repetition's turn 1 is the cold one.
 
-Usage: python benches/compare.py --kvserve target/release/kvserve --model DIR
-       [--turns 5] [--mlx-turns 2] [--out results/compare.md]
+Also measured: memory bandwidth (numpy and MLX sums over 512 MiB), and from
+it the decode ceiling: bandwidth over the model's weight bytes.
+
+Writes results/compare.json after every step, then results/compare.md and
+one PNG per workload. --render JSON redraws the table and charts only.
 """
 
 import argparse
 import http.client
 import json
 import os
+import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+SERVERS = ("kvserve", "mlx-lm", "mlx-lm+BLAS")
 
 
 def free_port():
@@ -35,55 +54,58 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_ready(port, path, timeout=600):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            c.request("GET", path)
-            if c.getresponse().status < 500:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"server on {port} not ready")
-
-
-def peak_rss_mb(pid):
+def proc_kb(pid, field):
     try:
         for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     except OSError:
         pass
-    return float("nan")
+    return None
 
 
 class Server:
-    def __init__(self, cmd, port, ready_path, env=None):
-        self.port = port
+    def __init__(self, name, cmd, ready_path, env=None):
+        self.name = name
+        self.port = free_port()
+        cmd = [c.replace("{port}", str(self.port)) for c in cmd]
         log = open(os.environ.get("COMPARE_LOG", os.devnull), "a")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env)
-        wait_ready(port, ready_path)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env=env, start_new_session=True)
+        t0 = time.time()
+        while time.time() - t0 < 600:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"{name} exited with {self.proc.returncode} at start-up (set COMPARE_LOG=FILE to see why)")
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
+                c.request("GET", ready_path)
+                if c.getresponse().status < 500:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.3)
+        raise SystemExit(f"{name} not ready after 600 s")
 
     def stop(self):
-        peak = peak_rss_mb(self.proc.pid)
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        return peak
+        """Stops the server; returns its peak resident memory in MB."""
+        kb = proc_kb(self.proc.pid, "VmHWM")
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return kb / 1024 if kb else None
 
 
-def stream(port, path, body, headers):
-    """POST a streaming request; returns (ttft, total, text, usage)."""
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+def stream(port, path, body, timeout=7200):
+    """POSTs a streaming request; returns (ttft, total, text, usage)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     t0 = time.time()
-    c.request("POST", path, json.dumps(body), {"content-type": "application/json", **headers})
+    c.request("POST", path, json.dumps(body), {"content-type": "application/json"})
     r = c.getresponse()
     if r.status != 200:
-        raise SystemExit(f"{path}: {r.status} {r.read()[:300]}")
+        raise RuntimeError(f"{path}: HTTP {r.status} {r.read()[:300]!r}")
     ttft, text, usage = None, "", {}
     for raw in r:
         line = raw.decode().strip()
@@ -93,8 +115,10 @@ def stream(port, path, body, headers):
         piece = ""
         if ev.get("type") == "content_block_delta":
             piece = ev["delta"].get("text", "")
+        elif ev.get("type") == "message_start":
+            usage.update(ev["message"]["usage"])
         elif ev.get("type") == "message_delta":
-            usage = ev["usage"]
+            usage.update(ev["usage"])
         elif "choices" in ev:
             if ev["choices"]:
                 piece = ev["choices"][0]["delta"].get("content") or ""
@@ -103,7 +127,10 @@ def stream(port, path, body, headers):
         if piece and ttft is None:
             ttft = time.time() - t0
         text += piece
-    return ttft or (time.time() - t0), time.time() - t0, text, usage
+    total = time.time() - t0
+    if not usage:
+        raise RuntimeError(f"{path}: the stream ended without its usage event")
+    return ttft or total, total, text, usage
 
 
 def system_text(approx_tokens):
@@ -131,24 +158,21 @@ QUESTIONS = ["Where is the main function?", "Run the tests.", "Why did test 3 fa
 class Session:
     """One conversation, sent as Anthropic (kvserve) or OpenAI (mlx-lm) requests."""
 
-    def __init__(self, model, system, billing, tag, max_tokens=16, variant=""):
+    def __init__(self, model, system, billing, tag, variant, max_tokens=16):
         self.model, self.system, self.billing, self.tag, self.max_tokens = model, system, billing, tag, max_tokens
-        # Sessions with another variant share only the system prompt and tools.
-        self.variant = variant
+        self.variant = variant  # sessions with another variant share only the system prompt and tools
         self.turns = []  # (question, answer)
 
     def billing_line(self, turn):
         return f"x-anthropic-billing-header: cc_version=2.1.328; cc_entrypoint=cli; cch={self.tag}{turn:04x};"
 
-    def env_message(self):
-        return "Environment: working directory /work/repo, platform linux, today is 2026-11-26."
-
     def anthropic(self, q, turn):
         system = [{"type": "text", "text": self.system, "cache_control": {"type": "ephemeral"}}]
         if self.billing:
             system.insert(0, {"type": "text", "text": self.billing_line(turn)})
-        msgs = [{"role": "user", "content": f"<system-reminder>git status: clean</system-reminder>\n{(self.turns[0][0] if self.turns else q)}"},
-                {"role": "system", "content": self.env_message()}]
+        first = self.turns[0][0] if self.turns else q
+        msgs = [{"role": "user", "content": f"<system-reminder>git status: clean</system-reminder>\n{first}"},
+                {"role": "system", "content": "Environment: working directory /work/repo, platform linux, today is 2026-11-26."}]
         for i, (tq, ta) in enumerate(self.turns):
             if i > 0:
                 msgs.append({"role": "user", "content": tq})
@@ -159,8 +183,7 @@ class Session:
 
     def openai(self, q, turn):
         a = self.anthropic(q, turn)
-        sys_text = "\n".join(b["text"] for b in a["system"])
-        msgs = [{"role": "system", "content": sys_text}]
+        msgs = [{"role": "system", "content": "\n".join(b["text"] for b in a["system"])}]
         for m in a["messages"]:
             c = m["content"]
             msgs.append({"role": m["role"], "content": c if isinstance(c, str) else c[0]["text"]})
@@ -169,142 +192,467 @@ class Session:
                 "stream_options": {"include_usage": True}}
 
 
-def run_session(port, kind, session, turns):
+def ask(server, body_anthropic, body_openai):
+    """One request: Anthropic endpoint for kvserve, OpenAI for mlx-lm. Returns a row."""
+    if server.name == "kvserve":
+        ttft, total, text, u = stream(server.port, "/v1/messages", body_anthropic)
+        cached = u.get("cache_read_input_tokens", 0)
+        prompt = cached + u.get("cache_creation_input_tokens", 0) + u.get("input_tokens", 0)
+        out = u.get("output_tokens", 0)
+    else:
+        ttft, total, text, u = stream(server.port, "/v1/chat/completions", body_openai)
+        prompt = u.get("prompt_tokens", 0)
+        cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        out = u.get("completion_tokens", 0)
+    return text, {"ttft": ttft, "total": total, "prompt": prompt, "cached": cached, "generated": out,
+                  "prefill_tps": (prompt - cached) / ttft if ttft else None,
+                  "decode_tps": (out - 1) / (total - ttft) if out > 1 and total > ttft else None}
+
+
+def run_session(server, session, turns, deadline=None, label=""):
     rows = []
     for t in range(turns):
+        if deadline and time.time() > deadline:
+            break
         q = session.variant + QUESTIONS[t]
-        if kind == "anthropic":
-            ttft, total, text, u = stream(port, "/v1/messages", session.anthropic(q, t), {})
-            cached = u.get("cache_read_input_tokens", 0)
-            prompt = cached + u.get("cache_creation_input_tokens", 0) + u.get("input_tokens", 0)
-        else:
-            ttft, total, text, u = stream(port, "/v1/chat/completions", session.openai(q, t), {})
-            prompt = u.get("prompt_tokens", 0)
-            cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        try:
+            text, row = ask(server, session.anthropic(q, t), session.openai(q, t))
+        except (OSError, http.client.HTTPException, RuntimeError) as e:
+            if deadline and time.time() >= deadline:
+                break  # the server was stopped at the time cap with this request in flight
+            raise
         session.turns.append((q, text))
-        rows.append({"turn": t + 1, "ttft": ttft, "total": total, "prompt": prompt, "cached": cached})
-        print(f"  {kind} turn {t + 1}: ttft {ttft:.2f}s, prompt {prompt}, cached {cached}", flush=True)
+        row["turn"] = t + 1
+        rows.append(row)
+        print(f"  {server.name} {label}turn {t + 1}: ttft {row['ttft']:.2f}s, prompt {row['prompt']}, cached {row['cached']}", flush=True)
     return rows
 
 
-def decode(port, kind, model):
+def session_workload(server, model, system, billing, reps, turns, tag):
+    return [run_session(server, Session(model, system, billing, f"{tag}{r}", f"Session {r + 1}: "), turns, label=f"session {r + 1} ")
+            for r in range(reps)]
+
+
+def decode(server, model, reps, tokens):
     msgs = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
-    body = {"model": model, "max_tokens": 256, "stream": True, "messages": msgs}
-    if kind == "openai":
-        body["stream_options"] = {"include_usage": True}
-        body["temperature"] = 0.0
-        ttft, total, text, u = stream(port, "/v1/chat/completions", body, {})
+    body = {"model": model, "max_tokens": tokens, "stream": True, "messages": msgs, "temperature": 0.0,
+            "stream_options": {"include_usage": True}}
+    rows = []
+    for _ in range(reps):
+        ttft, total, _, u = stream(server.port, "/v1/chat/completions", body)
         n = u.get("completion_tokens", 0)
-    else:
-        ttft, total, text, u = stream(port, "/v1/messages", body, {})
-        n = u.get("output_tokens", 0)
-    return {"ttft": ttft, "total": total, "tokens": n, "tps": (n - 1) / max(total - ttft, 1e-9)}
+        rows.append({"ttft": ttft, "total": total, "generated": n, "decode_tps": (n - 1) / max(total - ttft, 1e-9)})
+        print(f"  {server.name} decode: {n} tokens, {rows[-1]['decode_tps']:.2f} tok/s", flush=True)
+    return rows
 
 
-def concurrent(port, kind, model, system, clients, turns):
-    """Workload 5: `clients` sessions of workload 1 at once; per-turn TTFTs and wall time."""
-    import threading
-    out = [None] * clients
+def concurrent(server, model, system, clients, turns, cap=None):
+    """Workload 5: `clients` sessions of workload 1 at once. With `cap` seconds,
+    the server is stopped then and unfinished turns count as not answered."""
+    out = [[] for _ in range(clients)]
+    errors = []
+    deadline = time.time() + cap if cap else None
 
     def one(i):
-        out[i] = run_session(port, kind, Session(model, system, True, f"c{i}", variant=f"Client {i}: "), turns)
+        try:
+            out[i] = run_session(server, Session(model, system, True, f"c{i}", f"Client {i}: "), turns, deadline, f"client {i} ")
+        except Exception as e:  # reported after the run
+            errors.append(f"client {i}: {e}")
 
     t0 = time.time()
     threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
+    capped = False
+    for t in threads:
+        t.join(max(0.0, deadline - time.time()) if deadline else None)
+        if t.is_alive():
+            capped = True
+            break
+    wall = time.time() - t0
+    peak = server.stop()
     for t in threads:
         t.join()
-    return {"wall": time.time() - t0, "sessions": out}
+    if errors and not capped:
+        raise SystemExit("; ".join(errors))
+    return {"wall": wall, "capped": capped, "cap": cap, "sessions": out}, peak
+
+
+def bandwidth(python):
+    """GB/s of a 512 MiB f32 sum, numpy and MLX (each the best of 5), in a subprocess."""
+    code = r"""
+import json, time, numpy as np, mlx.core as mx
+a = np.ones(128 * 1024 * 1024, dtype=np.float32)
+def best(f):
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+    return a.nbytes / min(ts) / 1e9
+n = best(lambda: a.sum())
+m = mx.array(a); mx.eval(m)
+x = best(lambda: mx.eval(mx.sum(m)))
+print(json.dumps({"numpy": n, "mlx": x}))
+"""
+    return json.loads(subprocess.check_output([python, "-c", code]))
+
+
+def machine():
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
+    mem = next(int(l.split()[1]) for l in open("/proc/meminfo") if l.startswith("MemTotal"))
+    return f"{os.cpu_count()} cores ({cpu}), {mem / 1024 / 1024:.0f} GiB RAM, no GPU, {platform.system()} {platform.release()}"
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--kvserve", required=True)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--system-tokens", type=int, default=3000)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kvserve", default="target/release/kvserve")
+    ap.add_argument("--model", default="models/SmolLM2-135M-Instruct")
+    ap.add_argument("--system-tokens", type=int, default=3000, help="workloads 1, 2 and 5")
+    ap.add_argument("--w3-tokens", type=int, default=6000, help="workload 3's system prompt")
     ap.add_argument("--turns", type=int, default=5)
-    ap.add_argument("--mlx-turns", type=int, default=2, help="turns of workload 1 for mlx-lm (each is cold there)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions (new conversations) of each workload")
+    ap.add_argument("--mlx-w1-turns", type=int, default=4,
+                    help="turns of workload 1 on mlx-lm, one repetition: every one of its turns is a cold ~3.4K-token prefill (~8 min here)")
+    ap.add_argument("--mlx-w3", action="store_true", help="also run workload 3 on mlx-lm (~17 min a turn here)")
+    ap.add_argument("--mlx-w5-cap", type=float, default=600, help="seconds workload 5 may run on mlx-lm")
+    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--decode-tokens", type=int, default=256, help="workload 4")
+    ap.add_argument("--workloads", default="4,2,3,5,1,R", help="which, in this order (servers alternate within each)")
+    ap.add_argument("--no-mlx", action="store_true", help="kvserve only (a smoke run of the harness)")
+    ap.add_argument("--no-blas-pair", action="store_true", help="skip the mlx-lm+OpenBLAS runs")
     ap.add_argument("--out", default="results/compare.md")
-    ap.add_argument("--skip-mlx", action="store_true")
-    ap.add_argument("--mlx-results", help="reuse mlx_lm.server numbers from an earlier run's JSON (same machine and settings)")
-    ap.add_argument("--clients", type=int, default=4, help="workload 5: concurrent sessions")
-    ap.add_argument("--mlx-w5", action="store_true", help="also run workload 5 on mlx_lm.server (every turn is cold there: hours on a CPU)")
+    ap.add_argument("--render", metavar="JSON", help="only redraw the table and charts from a results file")
     args = ap.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            render(json.load(f), args.out)
+        return
+
     model_name = os.path.basename(os.path.normpath(args.model))
-    system = system_text(args.system_tokens)
-    results = {}
-    cache_dir = tempfile.mkdtemp(prefix="kvserve-bench-")
+    py = sys.executable
+    mlx_server = os.path.join(os.path.dirname(py), "mlx_lm.server")
+    env_blas = dict(os.environ, LD_PRELOAD=OPENBLAS)
+    servers = ["kvserve"]
+    if not args.no_mlx:
+        servers.append("mlx-lm")
+        if not args.no_blas_pair and os.path.exists(OPENBLAS):
+            servers.append("mlx-lm+BLAS")
+    json_path = os.path.splitext(args.out)[0] + ".json"
+    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+    weight_bytes = sum(os.path.getsize(os.path.join(args.model, f)) for f in os.listdir(args.model) if f.endswith(".safetensors"))
+    import mlx.core as mx
+    import mlx_lm
+    res = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": machine(),
+        "versions": {"kvserve": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
+                     "mlx-lm": mlx_lm.__version__, "mlx": mx.__version__},
+        "model": model_name, "weight_bytes": weight_bytes, "args": vars(args),
+        "bandwidth": bandwidth(py), "w": {},
+    }
+    print(f"bandwidth {res['bandwidth']}, weights {weight_bytes / 1e6:.0f} MB", flush=True)
 
-    def kv_server():
-        port = free_port()
-        cmd = [args.kvserve, "serve", "--model", args.model, "--port", str(port), "--cache-dir", cache_dir]
-        return Server(cmd, port, "/health")
+    def save():
+        with open(json_path, "w") as f:
+            json.dump(res, f, indent=1)
 
-    print("kvserve", flush=True)
-    s = kv_server()
-    results["kv_w1"] = run_session(s.port, "anthropic", Session(model_name, system, True, "a1"), args.turns)
-    results["kv_w2"] = run_session(s.port, "anthropic", Session(model_name, system, False, "b2", variant="In the other repo: "), args.turns)
-    results["kv_w4"] = decode(s.port, "openai", model_name)
-    results["kv_w5"] = concurrent(s.port, "anthropic", model_name, system, args.clients, args.turns)
-    results["kv_peak"] = s.stop()
-    s = kv_server()
-    results["kv_restart"] = run_session(s.port, "anthropic", Session(model_name, system, True, "c3", variant="After a restart: "), 1)
-    s.stop()
+    w1_cache = tempfile.mkdtemp(prefix="kvserve-bench-")
 
-    if args.mlx_results:
-        with open(args.mlx_results) as f:
-            earlier = json.load(f)
-        results.update({k: v for k, v in earlier.items() if k.startswith("mlx_")})
-    elif not args.skip_mlx:
-        print("mlx_lm.server", flush=True)
-        port = free_port()
-        py = os.path.join(os.path.dirname(sys.executable), "mlx_lm.server")
-        s = Server([py, "--model", args.model, "--port", str(port), "--host", "127.0.0.1"], port, "/v1/models")
-        results["mlx_w1"] = run_session(s.port, "openai", Session(args.model, system, True, "a1"), args.mlx_turns)
-        results["mlx_w2"] = run_session(s.port, "openai", Session(args.model, system, False, "b2", variant="In the other repo: "), args.turns)
-        results["mlx_w4"] = decode(s.port, "openai", args.model)
-        if args.mlx_w5:
-            results["mlx_w5"] = concurrent(s.port, "openai", args.model, system, args.clients, args.turns)
-        results["mlx_peak"] = s.stop()
+    def start(name, cache_dir=None):
+        if name == "kvserve":
+            return Server(name, [args.kvserve, "serve", "--model", args.model, "--port", "{port}",
+                                 "--cache-dir", cache_dir or tempfile.mkdtemp(prefix="kvserve-bench-")], "/health")
+        env = env_blas if name == "mlx-lm+BLAS" else None
+        return Server(name, [mlx_server, "--model", args.model, "--port", "{port}", "--host", "127.0.0.1"], "/v1/models", env)
 
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out.replace(".md", ".json"), "w") as f:
-        json.dump(results, f, indent=1)
-    lines = [f"# kvserve vs mlx_lm.server, {time.strftime('%Y-%m-%d')}, model {model_name}", ""]
-    for w, title in (("w1", "Workload 1: Claude Code-shaped session, billing line changes every turn"),
-                     ("w2", "Workload 2: the same session without the billing line")):
-        lines += [f"## {title}", "", "| turn | prompt tokens | kvserve TTFT (s) | kvserve cached | mlx-lm TTFT (s) | mlx-lm cached | ratio |", "|---|---|---|---|---|---|---|"]
-        kv = results[f"kv_{w}"]
-        ml = results.get(f"mlx_{w}", [])
-        for i, r in enumerate(kv):
-            m = ml[i] if i < len(ml) else None
-            ratio = f"{m['ttft'] / r['ttft']:.1f}x" if m else "-"
-            mt = f"{m['ttft']:.2f}" if m else "not run"
-            mc = str(m["cached"]) if m else "-"
-            lines.append(f"| {r['turn']} | {r['prompt']} | {r['ttft']:.2f} | {r['cached']} | {mt} | {mc} | {ratio} |")
-        lines.append("")
-    r = results["kv_restart"][0]
-    lines += ["## After a restart (kvserve --cache-dir): a new session's turn 1", "",
-              f"TTFT {r['ttft']:.2f}s, prompt {r['prompt']} tokens, {r['cached']} read from disk.", ""]
-    kv4, ml4 = results["kv_w4"], results.get("mlx_w4")
-    lines += ["## Workload 4: decode 256 tokens", "", "| server | tokens | decode tok/s |", "|---|---|---|",
-              f"| kvserve | {kv4['tokens']} | {kv4['tps']:.2f} |"]
-    if ml4:
-        lines.append(f"| mlx_lm.server | {ml4['tokens']} | {ml4['tps']:.2f} |")
-    lines += ["", f"## Workload 5: {args.clients} concurrent clients, each workload 1", "",
-              "| turn | kvserve TTFT median / max (s) | mlx_lm.server TTFT median / max (s) |", "|---|---|---|"]
-    def med_max(w5, t):
-        xs = sorted(sess[t]["ttft"] for sess in w5["sessions"] if sess and len(sess) > t)
-        return f"{xs[len(xs) // 2]:.2f} / {xs[-1]:.2f}" if xs else "not run"
-    for t in range(args.turns):
-        m5 = results.get("mlx_w5")
-        lines.append(f"| {t + 1} | {med_max(results['kv_w5'], t)} | {med_max(m5, t) if m5 else 'not run'} |")
-    lines.append(f"\nkvserve wall time for all {args.clients} sessions: {results['kv_w5']['wall']:.1f}s")
-    lines += ["", "## Peak resident memory", "", f"kvserve {results['kv_peak']:.0f} MB" + (f", mlx_lm.server {results['mlx_peak']:.0f} MB" if "mlx_peak" in results else ""), ""]
-    with open(args.out, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
+    def record(w, name, data, peak):
+        res["w"].setdefault(w, {})[name] = {"data": data, "peak_mb": peak}
+        save()
+
+    sessions = {"1": (args.system_tokens, True), "2": (args.system_tokens, False), "3": (args.w3_tokens, False)}
+    for w in args.workloads.split(","):
+        print(f"workload {w}", flush=True)
+        if w in sessions:
+            system = system_text(sessions[w][0])
+            for name in servers:
+                if name == "mlx-lm+BLAS" and w != "2" or (w == "3" and name != "kvserve" and not args.mlx_w3):
+                    continue
+                s = start(name, w1_cache if w == "1" else None)
+                if w == "1" and name != "kvserve":
+                    data = session_workload(s, model_name if name == "kvserve" else args.model, system, True, 1, args.mlx_w1_turns, f"w{w}")
+                else:
+                    data = session_workload(s, model_name if name == "kvserve" else args.model, system, sessions[w][1], args.reps, args.turns, f"w{w}")
+                record(w, name, data, s.stop())
+        elif w == "4":
+            for name in servers:
+                s = start(name)
+                record(w, name, decode(s, model_name if name == "kvserve" else args.model, args.reps, args.decode_tokens), s.stop())
+        elif w == "5":
+            system = system_text(args.system_tokens)
+            for name in servers:
+                if name == "mlx-lm+BLAS":
+                    continue
+                runs, peaks = [], []
+                for _ in range(args.reps if name == "kvserve" else 1):
+                    s = start(name)
+                    run, peak = concurrent(s, model_name if name == "kvserve" else args.model, system, args.clients, args.turns,
+                                           None if name == "kvserve" else args.mlx_w5_cap)
+                    runs.append(run)
+                    peaks.append(peak)
+                record(w, name, runs, max(p for p in peaks if p is not None))
+        elif w == "R":
+            if "1" not in res["w"]:
+                raise SystemExit("workload R reads workload 1's cache directory: list 1 before R")
+            system = system_text(args.system_tokens)
+            rows, peaks = [], []
+            for r in range(args.reps):
+                s = start("kvserve", w1_cache)
+                rows += run_session(s, Session(model_name, system, True, f"r{r}", f"After restart {r + 1}: "), 1, label="after a restart ")
+                peaks.append(s.stop())
+            record(w, "kvserve", rows, max(peaks))
+        else:
+            raise SystemExit(f"unknown workload {w}")
+    render(res, args.out)
+
+
+# ---------------------------------------------------------------- rendering
+
+def fmt(x, unit="", digits=2):
+    return "–" if x is None else f"{x:.{digits}f}{unit}"
+
+
+def ratio(a, b):
+    """How many times better kvserve (b) is than the other (a), for times."""
+    return f"{a / b:.1f}x" if a and b else "–"
+
+
+def session_stats(runs):
+    """Per turn: samples across repetitions; turn 1 of the first repetition is the cold one."""
+    cold = runs[0][0] if runs and runs[0] else None
+    turns = max((len(r) for r in runs), default=0)
+    per_turn = []
+    for t in range(turns):
+        rows = [r[t] for i, r in enumerate(runs) if len(r) > t and not (t == 0 and i == 0)]
+        per_turn.append(rows)
+    warm = [row["ttft"] for rows in per_turn[1:] for row in rows]
+    return cold, per_turn, warm
+
+
+def render(res, out):
+    W = res["w"]
+    L = [f"# kvserve vs mlx_lm.server: {res['date']}", "",
+         f"Machine: {res['machine']}. Model: {res['model']} ({res['weight_bytes'] / 1e6:.0f} MB of 4-bit weights). "
+         f"kvserve {res['versions']['kvserve']}, mlx-lm {res['versions']['mlx-lm']}, MLX {res['versions']['mlx']}. "
+         f"Time to first token (TTFT) is measured by the client from sending the request to the first text.", ""]
+    summary = []
+    titles = {"1": "Workload 1: Claude Code-shaped session, billing line changes every turn",
+              "2": "Workload 2: the same session without the billing line",
+              "3": "Workload 3: workload 2 with a ~6K-token system prompt"}
+    for w in ("1", "2", "3"):
+        if w not in W:
+            continue
+        names = [n for n in SERVERS if n in W[w]]
+        L += [f"## {titles[w]}", "",
+              "TTFT in seconds, median over repetitions (n samples), and tokens read from cache (median).", "",
+              "| turn | prompt tokens | " + " | ".join(f"{n} TTFT (n) | {n} cached" for n in names) + " | " +
+              " | ".join(f"{n} / kvserve" for n in names[1:]) + " |",
+              "|---|---|" + "---|---|" * len(names) + "---|" * (len(names) - 1)]
+        if len(names) == 1:
+            L[-2] = L[-2].replace(" |  |", " |")
+        stats = {n: session_stats(W[w][n]["data"]) for n in names}
+        kv_cold, kv_turns, kv_warm = stats["kvserve"]
+        nturns = max(len(stats[n][1]) for n in names)
+        rowdefs = [("1, first session (cold)", lambda n: [stats[n][0]] if stats[n][0] else [])]
+        rowdefs += [(("1, later sessions" if t == 0 else str(t + 1)), (lambda t: lambda n: stats[n][1][t] if t < len(stats[n][1]) else [])(t))
+                    for t in range(nturns)]
+        for label, get in rowdefs:
+            cells, meds = [], {}
+            prompt = med([r["prompt"] for r in get("kvserve")]) or med([r["prompt"] for n in names for r in get(n)])
+            for n in names:
+                rows = get(n)
+                meds[n] = med([r["ttft"] for r in rows])
+                cells.append(f"{fmt(meds[n])} ({len(rows)})" if rows else "not run")
+                cells.append(fmt(med([r["cached"] for r in rows]), digits=0) if rows else "–")
+            rs = [ratio(meds[n], meds["kvserve"]) for n in names[1:]]
+            L.append(f"| {label} | {fmt(prompt, digits=0)} | " + " | ".join(cells + rs) + " |")
+        L.append("")
+        line = [f"Cold prefill: kvserve {fmt(kv_cold and kv_cold['prefill_tps'], ' tok/s', 1)}"]
+        for n in names[1:]:
+            c = stats[n][0]
+            line.append(f"{n} {fmt(c and c['prefill_tps'], ' tok/s', 1)}")
+        L.append(", ".join(line) + " (prompt tokens computed over TTFT, which includes one decode step).")
+        L.append("Peak resident memory: " + ", ".join(f"{n} {fmt(W[w][n]['peak_mb'], ' MB', 0)}" for n in names) + ".")
+        L.append("")
+        for n in names[1:]:
+            cold, _, warm = stats[n]
+            summary.append((f"W{w} warm turns (2+), median TTFT", n, med(warm), med(kv_warm), "s", f"{len(warm)} vs {len(kv_warm)} samples"))
+            if cold and kv_cold:
+                summary.append((f"W{w} cold prefill", n, cold["prefill_tps"], kv_cold["prefill_tps"], "tok/s", ""))
+            summary.append((f"W{w} peak memory", n, W[w][n]["peak_mb"], W[w]["kvserve"]["peak_mb"], "MB", ""))
+        if len(names) == 1:
+            summary.append((f"W{w} warm turns (2+), median TTFT", "kvserve only", None, med(kv_warm), "s", ""))
+            summary.append((f"W{w} cold prefill", "kvserve only", None, kv_cold and kv_cold["prefill_tps"], "tok/s", ""))
+        chart_sessions(res, w, titles[w], stats, names, out)
+    if "R" in W:
+        rows = W["R"]["kvserve"]["data"]
+        L += ["## Workload R: kvserve after a restart with --cache-dir, a new session's turn 1", "",
+              f"TTFT median {fmt(med([r['ttft'] for r in rows]))} s over {len(rows)} restarts; prompt {fmt(med([r['prompt'] for r in rows]), digits=0)} tokens, "
+              f"{fmt(med([r['cached'] for r in rows]), digits=0)} read from disk. Peak resident memory {fmt(W['R']['kvserve']['peak_mb'], ' MB', 0)}.", ""]
+    if "4" in W:
+        names = [n for n in SERVERS if n in W["4"]]
+        bw = res["bandwidth"]
+        ceiling = {k: v * 1e9 / res["weight_bytes"] for k, v in bw.items()}
+        L += [f"## Workload 4: decode {res['args']['decode_tokens']} tokens from a short prompt", "",
+              "| server | tokens | decode tok/s (median) | samples | peak memory |", "|---|---|---|---|---|"]
+        meds = {}
+        for n in names:
+            rows = W["4"][n]["data"]
+            meds[n] = med([r["decode_tps"] for r in rows])
+            L.append(f"| {n} | {rows[0]['generated']} | {fmt(meds[n])} | {', '.join(fmt(r['decode_tps']) for r in rows)} | {fmt(W['4'][n]['peak_mb'], ' MB', 0)} |")
+        L += ["", f"Memory bandwidth measured here: numpy sum {bw['numpy']:.1f} GB/s, MLX sum {bw['mlx']:.1f} GB/s. "
+              f"Each token reads the {res['weight_bytes'] / 1e6:.0f} MB of weights, so the decode ceiling is "
+              f"{ceiling['numpy']:.0f} tok/s at numpy's bandwidth ({ceiling['mlx']:.0f} at MLX's); kvserve reaches "
+              f"{100 * (meds['kvserve'] or 0) / ceiling['numpy']:.0f}% of it.", ""]
+        for n in names[1:]:
+            summary.append(("W4 decode", n, meds[n], meds["kvserve"], "tok/s", ""))
+            summary.append(("W4 peak memory", n, W["4"][n]["peak_mb"], W["4"]["kvserve"]["peak_mb"], "MB", ""))
+        chart_decode(res, names, meds, ceiling, out)
+    if "5" in W:
+        names = [n for n in SERVERS if n in W["5"]]
+        L += [f"## Workload 5: {res['args']['clients']} concurrent clients, each running workload 1", "",
+              "| turn | " + " | ".join(f"{n} TTFT median / max (answered)" for n in names) + " |", "|---|" + "---|" * len(names)]
+        per = {}
+        for n in names:
+            runs = W["5"][n]["data"]
+            per[n] = [[s[t]["ttft"] for run in runs for s in run["sessions"] if len(s) > t] for t in range(res["args"]["turns"])]
+        for t in range(res["args"]["turns"]):
+            cells = []
+            for n in names:
+                xs = per[n][t]
+                want = res["args"]["clients"] * len(W["5"][n]["data"])
+                cells.append(f"{fmt(med(xs))} / {fmt(max(xs) if xs else None)} ({len(xs)} of {want})")
+            L.append(f"| {t + 1} | " + " | ".join(cells) + " |")
+        L.append("")
+        for n in names:
+            runs = W["5"][n]["data"]
+            done = sum(len(s) for run in runs for s in run["sessions"])
+            walls = ", ".join(f"{run['wall']:.1f}" for run in runs)
+            cap = runs[0].get("cap")
+            capped = any(run["capped"] for run in runs)
+            L.append(f"- {n}: {done} of {res['args']['clients'] * res['args']['turns'] * len(runs)} turns answered; wall time per run {walls} s"
+                     + (f" (stopped at the {cap:.0f} s cap)" if capped else "") + f"; peak memory {fmt(W['5'][n]['peak_mb'], ' MB', 0)}.")
+        L.append("")
+        kv_all = [x for xs in per["kvserve"] for x in xs]
+        for n in names[1:]:
+            o = [x for xs in per[n] for x in xs]
+            summary.append(("W5 all turns, median TTFT", n, med(o), med(kv_all), "s", f"{len(o)} vs {len(kv_all)} answered"))
+            summary.append(("W5 peak memory", n, W["5"][n]["peak_mb"], W["5"]["kvserve"]["peak_mb"], "MB", ""))
+        chart_concurrent(res, names, per, out)
+    if summary:
+        head = ["## Summary", "", "| measure | other server | other | kvserve | kvserve's lead | note |", "|---|---|---|---|---|---|"]
+        rows = []
+        for what, n, other, kv, unit, note in summary:
+            if unit == "s":
+                lead = ratio(other, kv)
+            elif unit == "MB":
+                lead = f"uses {kv / other:.2f}x the memory" if other and kv else "–"
+            else:
+                lead = f"{kv / other:.1f}x" if other and kv else "–"
+            rows.append(f"| {what} | {n} | {fmt(other, ' ' + unit, 2 if unit != 'MB' else 0)} | {fmt(kv, ' ' + unit, 2 if unit != 'MB' else 0)} | {lead} | {note} |")
+        L = L[:4] + head + rows + [""] + L[4:]
+    with open(out, "w") as f:
+        f.write("\n".join(L))
+    print("\n".join(L))
+
+
+def plt_module():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        return plt
+    except ImportError:
+        print("matplotlib is missing: no charts (make bench-compare installs it)", file=sys.stderr)
+        return None
+
+
+COLORS = {"kvserve": "#2a7ab0", "mlx-lm": "#d9822b", "mlx-lm+BLAS": "#8e6c8a"}
+
+
+def chart_path(out, name):
+    return os.path.join(os.path.dirname(out) or ".", name)
+
+
+def finish(plt, fig, res, out, name):
+    fig.suptitle(f"{res['model']}, {res['machine'].split(',')[0]}, {res['date']}", fontsize=8, y=0.005, va="bottom")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(chart_path(out, name), dpi=110)
+    plt.close(fig)
+
+
+def chart_sessions(res, w, title, stats, names, out):
+    plt = plt_module()
+    if not plt:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [3, 1]})
+    nturns = max(len(stats[n][1]) for n in names)
+    labels = ["1 cold"] + [("1 later" if t == 0 else str(t + 1)) for t in range(nturns)]
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        cold, per_turn, _ = stats[n]
+        ys = [cold["ttft"] if cold else 0] + [med([r["ttft"] for r in rows]) or 0 for rows in per_turn] + [0] * (nturns - len(per_turn))
+        a.bar([x + i * width for x in range(len(labels))], ys, width, label=n, color=COLORS[n])
+    a.set_yscale("log")
+    a.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(labels))], labels)
+    a.set_xlabel("turn")
+    a.set_ylabel("time to first token, s (log)")
+    a.set_title(title, fontsize=9)
+    a.legend(fontsize=8)
+    b.bar(names, [res["w"][w][n]["peak_mb"] or 0 for n in names], color=[COLORS[n] for n in names])
+    b.set_ylabel("peak resident memory, MB")
+    b.tick_params(axis="x", labelsize=7)
+    finish(plt, fig, res, out, f"workload{w}.png")
+
+
+def chart_decode(res, names, meds, ceiling, out):
+    plt = plt_module()
+    if not plt:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [2, 1]})
+    a.bar(names, [meds[n] or 0 for n in names], color=[COLORS[n] for n in names])
+    a.axhline(ceiling["mlx"], ls="--", color="gray")
+    a.text(0, ceiling["mlx"], f" ceiling at MLX's measured bandwidth: {ceiling['mlx']:.0f} tok/s", va="bottom", fontsize=7)
+    a.set_ylabel("decode tokens/s")
+    a.set_title(f"Workload 4: decode {res['args']['decode_tokens']} tokens", fontsize=9)
+    b.bar(names, [res["w"]["4"][n]["peak_mb"] or 0 for n in names], color=[COLORS[n] for n in names])
+    b.set_ylabel("peak resident memory, MB")
+    b.tick_params(axis="x", labelsize=7)
+    finish(plt, fig, res, out, "workload4.png")
+
+
+def chart_concurrent(res, names, per, out):
+    plt = plt_module()
+    if not plt:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 1]})
+    turns = len(per["kvserve"])
+    width = 0.8 / len(names)
+    for i, n in enumerate(names):
+        a.bar([t + i * width for t in range(turns)], [med(per[n][t]) or 0 for t in range(turns)], width, label=f"{n} (median of answered)", color=COLORS[n])
+    a.set_yscale("log")
+    a.set_xticks([t + width * (len(names) - 1) / 2 for t in range(turns)], [str(t + 1) for t in range(turns)])
+    a.set_xlabel("turn (missing bar: not answered within the cap)")
+    a.set_ylabel("time to first token, s (log)")
+    a.set_title(f"Workload 5: {res['args']['clients']} concurrent Claude Code-shaped sessions", fontsize=9)
+    a.legend(fontsize=8)
+    b.bar(names, [res["w"]["5"][n]["peak_mb"] or 0 for n in names], color=[COLORS[n] for n in names])
+    b.set_ylabel("peak resident memory, MB")
+    b.tick_params(axis="x", labelsize=7)
+    finish(plt, fig, res, out, "workload5.png")
 
 
 if __name__ == "__main__":
