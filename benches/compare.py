@@ -549,7 +549,11 @@ def render(res, out):
         kv_all = [x for xs in per["kvserve"] for x in xs]
         for n in names[1:]:
             o = [x for xs in per[n] for x in xs]
-            summary.append(("W5 all turns, median TTFT", n, med(o), med(kv_all), "s", f"{len(o)} vs {len(kv_all)} answered"))
+            runs = W["5"][n]["data"]
+            note = f"{len(o)} vs {len(kv_all)} answered"
+            if runs[0].get("cap") and any(run["capped"] for run in runs) and med(kv_all):
+                note += f"; the unanswered waited over {runs[0]['cap']:.0f} s, {runs[0]['cap'] / med(kv_all):.0f}x kvserve's median"
+            summary.append(("W5 all turns, median TTFT", n, med(o), med(kv_all), "s", note))
             summary.append(("W5 peak memory", n, W["5"][n]["peak_mb"], W["5"]["kvserve"]["peak_mb"], "MB", ""))
         chart_concurrent(res, names, per, out)
     if summary:

@@ -236,6 +236,32 @@ pub struct Attention {
     n_kv_heads: i32,
     head_dim: i32,
     scale: f32,
+    /// On the CPU, chunks of queries use [`chunk_attention`] instead of
+    /// MLX's fused kernel (whose CPU version is a fallback made of ops).
+    chunk_by_ops: bool,
+}
+
+/// Causal attention for `l > 1` queries at position `offset`
+/// (`q`: `[b, heads, l, d]`; `k`, `v`: `[b, kv_heads, offset + l, d]`).
+///
+/// MLX's CPU fallback for the fused kernel builds a mask over all keys in
+/// every layer and applies it with a pass over the whole score matrix, so a
+/// chunk late in a long prompt pays two extra passes over `l x (offset + l)`
+/// scores per head. Here only the chunk's own `l x l` block is masked, written
+/// back in place, and the query heads that share a KV head go through one
+/// GEMM as rows.
+fn chunk_attention(q: &Array, k: &Array, v: &Array, scale: f32, offset: i32) -> std::result::Result<Array, MlxError> {
+    let (b, h, l, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    let (kvh, t) = (k.shape()[1], k.shape()[2]);
+    let rep = h / kvh;
+    let q = ops::multiply(q, Array::from_f32(scale).as_dtype(q.dtype())?)?.reshape(&[b, kvh, rep * l, d])?;
+    let mut scores = q.matmul(k.swap_axes(-1, -2)?)?.reshape(&[b, kvh, rep, l, t])?;
+    let own = scores.index((.., .., .., .., offset..t));
+    let lowest = Array::from_f32(f32::MIN).as_dtype(scores.dtype())?;
+    let own = ops::select(Array::tri::<bool>(l, None, None)?, own, lowest)?;
+    scores.try_index_mut((.., .., .., .., offset..t), &own)?;
+    let p = ops::softmax_axis(&scores, -1, true)?.reshape(&[b, kvh, rep * l, t])?;
+    Ok(p.matmul(v)?.reshape(&[b, h, l, d])?)
 }
 
 impl Attention {
@@ -259,6 +285,7 @@ impl Attention {
             n_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             scale: (cfg.head_dim as f32).powf(-0.5),
+            chunk_by_ops: w.cpu_dense_prefill,
         })
     }
 
@@ -278,8 +305,12 @@ impl Attention {
         let q = self.rope.forward(&q, offset)?;
         let k = self.rope.forward(&k, offset)?;
         let (k, v) = kv.update_and_fetch(k, v)?;
-        let mask = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
-        let o = fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask, None)?;
+        let o = if l > 1 && self.chunk_by_ops {
+            chunk_attention(&q, &k, &v, self.scale, offset)?
+        } else {
+            let mask = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
+            fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask, None)?
+        };
         let o = o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, self.n_heads * self.head_dim])?;
         self.o_proj.forward(&o)
     }
@@ -393,5 +424,36 @@ impl Transformer {
 
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU chunk path gives what MLX's fused causal kernel gives, for a
+    /// chunk at the start and one after earlier tokens, with grouped heads.
+    #[test]
+    fn chunk_attention_matches_the_fused_kernel() {
+        mlx_rs::random::seed(7).unwrap();
+        for (offset, l) in [(0, 6), (9, 5), (3, 2)] {
+            let t = offset + l;
+            let q = mlx_rs::random::normal::<f32>(&[1, 6, l, 8], None, None, None).unwrap();
+            let k = mlx_rs::random::normal::<f32>(&[1, 2, t, 8], None, None, None).unwrap();
+            let v = mlx_rs::random::normal::<f32>(&[1, 2, t, 8], None, None, None).unwrap();
+            let ours = chunk_attention(&q, &k, &v, 0.35, offset).unwrap();
+            let want = fast::scaled_dot_product_attention(&q, &k, &v, 0.35, Some(ScaledDotProductAttentionMask::Causal), None).unwrap();
+            assert_eq!(ours.shape(), want.shape());
+            let diff = ops::abs(ops::subtract(&ours, &want).unwrap()).unwrap().max(None).unwrap().item::<f32>();
+            assert!(diff < 1e-5, "offset {offset}, {l} queries: max difference {diff}");
+            // Changing a key after the last query's position must not change anything.
+            let later = ops::concatenate(&[&k, &ops::ones::<f32>(&[1, 2, 1, 8]).unwrap()], 2).unwrap();
+            let later_v = ops::concatenate(&[&v, &ops::ones::<f32>(&[1, 2, 1, 8]).unwrap()], 2).unwrap();
+            let q_more = ops::concatenate(&[&q, &ops::zeros::<f32>(&[1, 6, 1, 8]).unwrap()], 2).unwrap();
+            let more = chunk_attention(&q_more, &later, &later_v, 0.35, offset).unwrap();
+            let head = more.index((.., .., ..l, ..));
+            let diff = ops::abs(ops::subtract(&head, &want).unwrap()).unwrap().max(None).unwrap().item::<f32>();
+            assert!(diff < 1e-5, "a later key leaked into earlier queries: {diff}");
+        }
     }
 }
