@@ -120,6 +120,41 @@ pub fn symbol_provider(symbol: &str) -> Option<PathBuf> {
     }
 }
 
+/// Runs `f` on the evaluated float32 data of `a` and lets it change that data
+/// in place (a softmax written in Rust over a matmul's scores, say).
+///
+/// Only for a fresh result that owns its buffer alone, such as a matmul
+/// output: MLX cannot tell whether another array shares the buffer, and one
+/// that did would see the change. Non-f32 or non-row-contiguous arrays are
+/// refused.
+#[track_caller]
+pub fn with_f32_data_mut<R>(a: &mlx_rs::Array, f: impl FnOnce(&mut [f32]) -> R) -> Result<R, MlxError> {
+    let refuse = |why: String| Err(MlxError { message: why, location: Location::caller() });
+    a.eval()?;
+    if a.dtype() != mlx_rs::Dtype::Float32 {
+        return refuse(format!("in-place data access needs float32, not {:?}", a.dtype()));
+    }
+    let shape = a.shape();
+    // SAFETY: `a` is a live, evaluated array; mlx-c returns `ndim` strides.
+    let strides = unsafe { std::slice::from_raw_parts(mlx_sys::mlx_array_strides(a.as_ptr()), shape.len()) };
+    let mut expect = 1usize;
+    for (&dim, &stride) in shape.iter().zip(strides).rev() {
+        if dim > 1 && stride != expect {
+            return refuse(format!("in-place data access needs a row-contiguous array (shape {shape:?}, strides {strides:?})"));
+        }
+        expect *= dim as usize;
+    }
+    // SAFETY: as above; the pointer is to the array's own evaluated data.
+    let ptr = unsafe { mlx_sys::mlx_array_data_float32(a.as_ptr()) } as *mut f32;
+    if ptr.is_null() {
+        return refuse("MLX returned no data for an evaluated array".into());
+    }
+    // SAFETY: `expect` elements, contiguous (checked above), live while `a` is
+    // borrowed; exclusive by this function's contract (a fresh result).
+    let data = unsafe { std::slice::from_raw_parts_mut(ptr, expect) };
+    Ok(f(data))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

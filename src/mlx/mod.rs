@@ -8,7 +8,7 @@ use std::fmt;
 use std::panic::Location;
 use std::path::PathBuf;
 
-pub use ffi::{ignore_interrupt, send_signal};
+pub use ffi::{ignore_interrupt, send_signal, with_f32_data_mut};
 pub use mlx_rs::{Array, Dtype};
 
 /// An MLX failure: MLX's own message and where kvserve made the call.
