@@ -181,8 +181,14 @@ impl Engine {
                     }
                 };
                 loop {
-                    // Snapshots go to disk while nothing waits.
-                    let msg = match rx.recv_timeout(std::time::Duration::from_millis(20)) {
+                    // Snapshots go to disk while nothing waits; with none to
+                    // write, the thread sleeps until the next message.
+                    let next = if worker.unsaved.is_empty() {
+                        rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+                    } else {
+                        rx.recv_timeout(std::time::Duration::from_millis(20))
+                    };
+                    let msg = match next {
                         Ok(m) => m,
                         Err(mpsc::RecvTimeoutError::Timeout) => {
                             worker.persist_one();

@@ -239,7 +239,7 @@ pub struct Attention {
     /// On the CPU, chunks of queries use [`chunk_attention`] instead of
     /// MLX's fused kernel (whose CPU version is a fallback made of ops,
     /// slow in its softmax).
-    chunk_by_ops: bool,
+    cpu_chunk_attention: bool,
 }
 
 /// Causal attention for `l > 1` queries at position `offset`, on the CPU
@@ -342,7 +342,7 @@ impl Attention {
             n_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             scale: (cfg.head_dim as f32).powf(-0.5),
-            chunk_by_ops: w.cpu_dense_prefill,
+            cpu_chunk_attention: w.cpu_dense_prefill,
         })
     }
 
@@ -362,7 +362,7 @@ impl Attention {
         let q = self.rope.forward(&q, offset)?;
         let k = self.rope.forward(&k, offset)?;
         let (k, v) = kv.update_and_fetch(k, v)?;
-        let o = if l > 1 && self.chunk_by_ops && q.dtype() == Dtype::Float32 {
+        let o = if l > 1 && self.cpu_chunk_attention && q.dtype() == Dtype::Float32 {
             chunk_attention(&q, &k, &v, self.scale, offset)?
         } else {
             let mask = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
@@ -500,6 +500,10 @@ mod tests {
         assert!(exp_nonpositive(-1000.0) < 1e-37 && exp_nonpositive(0.0) == 1.0);
     }
 
+    fn max_diff(a: &Array, b: &Array) -> f32 {
+        ops::abs(ops::subtract(a, b).unwrap()).unwrap().max(None).unwrap().item_exact::<f32>()
+    }
+
     /// The CPU chunk path gives what MLX's fused causal kernel gives, for a
     /// chunk at the start and one after earlier tokens, with grouped heads.
     #[test]
@@ -513,7 +517,7 @@ mod tests {
             let ours = chunk_attention(&q, &k, &v, 0.35, offset).unwrap();
             let want = fast::scaled_dot_product_attention(&q, &k, &v, 0.35, Some(ScaledDotProductAttentionMask::Causal), None).unwrap();
             assert_eq!(ours.shape(), want.shape());
-            let diff = ops::abs(ops::subtract(&ours, &want).unwrap()).unwrap().max(None).unwrap().item::<f32>();
+            let diff = max_diff(&ours, &want);
             assert!(diff < 1e-5, "offset {offset}, {l} queries: max difference {diff}");
             // Changing a key after the last query's position must not change anything.
             let later = ops::concatenate(&[&k, &ops::ones::<f32>(&[1, 2, 1, 8]).unwrap()], 2).unwrap();
@@ -521,7 +525,7 @@ mod tests {
             let q_more = ops::concatenate(&[&q, &ops::zeros::<f32>(&[1, 6, 1, 8]).unwrap()], 2).unwrap();
             let more = chunk_attention(&q_more, &later, &later_v, 0.35, offset).unwrap();
             let head = more.index((.., .., ..l, ..));
-            let diff = ops::abs(ops::subtract(&head, &want).unwrap()).unwrap().max(None).unwrap().item::<f32>();
+            let diff = max_diff(&head, &want);
             assert!(diff < 1e-5, "a later key leaked into earlier queries: {diff}");
         }
     }

@@ -204,7 +204,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     Ok(resp)
 }
 
-/// What a trace line says about one generation, filled in as it runs.
+/// What a trace line says about one generation, filled in as it runs; it
+/// also counts the finished generation in the metrics.
 pub struct Trace {
     api: Api,
     route: &'static str,
@@ -216,8 +217,11 @@ pub struct Trace {
     started: Option<f64>,
     first: Option<f64>,
     calls: usize,
+    /// The request body, kept only with `--trace-bodies` (the response text then too).
     request: Option<Value>,
     response: String,
+    done: Option<Done>,
+    error: Option<String>,
 }
 
 impl Trace {
@@ -235,10 +239,13 @@ impl Trace {
             calls: 0,
             request: state.tracer.bodies().then(|| body.clone()),
             response: String::new(),
+            done: None,
+            error: None,
         }
     }
 
-    fn on(&mut self, o: &Out, keep_text: bool) {
+    /// One output of the generation.
+    fn on(&mut self, o: &Out, metrics: &Metrics) {
         let t = self.t0.elapsed().as_secs_f64();
         match o {
             Out::Started(_) => self.started = Some(t),
@@ -247,18 +254,27 @@ impl Trace {
                 if let crate::text::tools::Piece::Call(_) = p {
                     self.calls += 1;
                 }
-                if keep_text {
+                if self.request.is_some() {
                     match p {
                         crate::text::tools::Piece::Text(x) | crate::text::tools::Piece::Thinking(x) => self.response.push_str(x),
                         crate::text::tools::Piece::Call(c) => self.response += &format!("[tool call {} {}]", c.name, c.arguments),
                     }
                 }
             }
-            _ => {}
+            Out::Done { done, .. } => {
+                metrics.finished(&done.usage, done);
+                self.done = Some(done.clone());
+            }
+            Out::Error(e) => self.error = Some(e.clone()),
         }
     }
 
-    fn finish(self, tracer: &Tracer, done: Option<&Done>, error: Option<&str>) {
+    /// The generation ended before it was done (the client left, say).
+    fn cut(&mut self, why: &str) {
+        self.error.get_or_insert_with(|| why.to_string());
+    }
+
+    fn finish(self, tracer: &Tracer) {
         if !tracer.enabled() {
             return;
         }
@@ -266,9 +282,9 @@ impl Trace {
             "api": self.api.label(), "route": self.route, "model": self.model, "stream": self.stream, "status": 200,
             "messages": self.messages, "tools": self.tools,
             "queue_wait_s": self.started, "ttft_s": self.first, "total_s": self.t0.elapsed().as_secs_f64(),
-            "tool_calls": self.calls, "error": error,
+            "tool_calls": self.calls, "error": self.error,
         });
-        if let Some(d) = done {
+        if let Some(d) = &self.done {
             v["prompt_tokens"] = json!(d.usage.prompt);
             v["cache_read_tokens"] = json!(d.usage.cache_read);
             v["cache_creation_tokens"] = json!(d.usage.cache_creation);
@@ -367,9 +383,6 @@ where
     let state = state.clone();
     tokio::spawn(async move {
         let mut started = false;
-        let keep_text = state.tracer.bodies();
-        let mut done = None;
-        let mut error = None;
         loop {
             let o = match tokio::time::timeout(Duration::from_secs(PING_SECS), gen.next()).await {
                 Ok(Some(o)) => o,
@@ -383,22 +396,14 @@ where
                 }
             };
             started |= matches!(o, Out::Started(_));
-            trace.on(&o, keep_text);
-            match &o {
-                Out::Done { done: d, .. } => {
-                    state.metrics.finished(&d.usage, d);
-                    done = Some(d.clone());
-                }
-                Out::Error(e) => error = Some(e.clone()),
-                _ => {}
-            }
+            trace.on(&o, &state.metrics);
             if tx.send(Ok(Frame::data(Bytes::from(render(&o))))).await.is_err() {
                 // The client left: dropping `gen` stops the engine within a token.
-                error.get_or_insert_with(|| "the client disconnected".to_string());
+                trace.cut("the client disconnected");
                 break;
             }
         }
-        trace.finish(&state.tracer, done.as_ref(), error.as_deref());
+        trace.finish(&state.tracer);
     });
     Response::builder()
         .status(200)
@@ -409,21 +414,10 @@ where
 }
 
 fn record_done(state: &State, outs: &[Out], mut trace: Trace) {
-    let keep_text = state.tracer.bodies();
-    let mut done = None;
-    let mut error = None;
     for o in outs {
-        trace.on(o, keep_text);
-        match o {
-            Out::Done { done: d, .. } => {
-                state.metrics.finished(&d.usage, d);
-                done = Some(d);
-            }
-            Out::Error(e) => error = Some(e.as_str()),
-            _ => {}
-        }
+        trace.on(o, &state.metrics);
     }
-    trace.finish(&state.tracer, done, error);
+    trace.finish(&state.tracer);
 }
 
 async fn messages(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiError> {

@@ -210,16 +210,8 @@ impl Translate {
     pub fn end(&mut self) -> String {
         let mut out = String::new();
         self.close(&mut out);
-        let stop = match self.finish.as_deref() {
-            Some("length") => "max_tokens",
-            Some("tool_calls") => "tool_use",
-            _ if self.calls > 0 => "tool_use",
-            _ => "end_turn",
-        };
-        let prompt = self.usage["prompt_tokens"].as_u64().unwrap_or(0);
-        let cached = self.usage["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0).min(prompt);
-        let usage = json!({"input_tokens": prompt - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
-            "output_tokens": self.usage["completion_tokens"].as_u64().unwrap_or(0)});
+        let stop = stop_reason(self.finish.as_deref(), self.calls);
+        let usage = anthropic_usage(&self.usage);
         out.push_str(&sse("message_delta", &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": usage})));
         out.push_str(&sse("message_stop", &json!({"type": "message_stop"})));
         out
@@ -237,17 +229,28 @@ pub fn message_from_completion(id: &str, model: &str, c: &Value) -> Value {
         let args = call["function"]["arguments"].as_str().and_then(|a| serde_json::from_str::<Value>(a).ok()).unwrap_or_else(|| json!({}));
         content.push(json!({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": args}));
     }
-    let stop = match c["choices"][0]["finish_reason"].as_str() {
+    let stop = stop_reason(c["choices"][0]["finish_reason"].as_str(), 0);
+    json!({"id": id, "type": "message", "role": "assistant", "model": model, "content": content, "stop_reason": stop, "stop_sequence": null,
+        "usage": anthropic_usage(&c["usage"])})
+}
+
+/// Anthropic's stop reason for an OpenAI finish reason (`calls`: tool calls
+/// seen in a stream, for upstreams that end one with "stop").
+fn stop_reason(finish: Option<&str>, calls: usize) -> &'static str {
+    match finish {
         Some("length") => "max_tokens",
         Some("tool_calls") => "tool_use",
+        _ if calls > 0 => "tool_use",
         _ => "end_turn",
-    };
-    let u = &c["usage"];
+    }
+}
+
+/// Anthropic usage for OpenAI usage: the upstream's cached tokens as cache reads.
+fn anthropic_usage(u: &Value) -> Value {
     let prompt = u["prompt_tokens"].as_u64().unwrap_or(0);
     let cached = u["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0).min(prompt);
-    json!({"id": id, "type": "message", "role": "assistant", "model": model, "content": content, "stop_reason": stop, "stop_sequence": null,
-        "usage": {"input_tokens": prompt - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
-                  "output_tokens": u["completion_tokens"].as_u64().unwrap_or(0)}})
+    json!({"input_tokens": prompt - cached, "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached,
+        "output_tokens": u["completion_tokens"].as_u64().unwrap_or(0)})
 }
 
 async fn messages(state: &Arc<ProxyState>, body: Value) -> Result<Response<Body>, ApiError> {
@@ -352,26 +355,25 @@ async fn handle(state: Arc<ProxyState>, req: Request<hyper::body::Incoming>) -> 
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let api = if path.starts_with("/v1/messages") { Api::Anthropic } else { Api::OpenAi };
+    Ok(route(&state, &method, &path, req).await.unwrap_or_else(|e| error_response(api, &e)))
+}
+
+async fn route(state: &Arc<ProxyState>, method: &Method, path: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let limit = state.cfg.max_body_bytes;
-    let result = match (&method, path.as_str()) {
-        (&Method::POST, "/v1/messages") => match read_json(req, limit).await {
-            Ok(b) => messages(&state, b).await,
-            Err(e) => Err(e),
-        },
-        (&Method::POST, "/v1/messages/count_tokens") => match read_json(req, limit).await {
+    match (method, path) {
+        (&Method::POST, "/v1/messages") => messages(state, read_json(req, limit).await?).await,
+        (&Method::POST, "/v1/messages/count_tokens") => {
             // No tokenizer here: an estimate (4 characters a token), said in the answer.
-            Ok(b) => Ok(json_response(200, &json!({"input_tokens": b.to_string().len() / 4, "estimated": true}))),
-            Err(e) => Err(e),
-        },
-        (&Method::POST, "/v1/chat/completions") => match read_json(req, limit).await {
-            Ok(b) => passthrough(&state, Method::POST, "/v1/chat/completions", Some(b)).await,
-            Err(e) => Err(e),
-        },
-        (&Method::GET, "/v1/models") => passthrough(&state, Method::GET, "/v1/models", None).await,
+            let b = read_json(req, limit).await?;
+            Ok(json_response(200, &json!({"input_tokens": b.to_string().len() / 4, "estimated": true})))
+        }
+        (&Method::POST, "/v1/chat/completions") => {
+            passthrough(state, Method::POST, "/v1/chat/completions", Some(read_json(req, limit).await?)).await
+        }
+        (&Method::GET, "/v1/models") => passthrough(state, Method::GET, "/v1/models", None).await,
         (&Method::GET, "/health") => Ok(json_response(200, &json!({"status": "ok", "proxy": state.cfg.upstream}))),
         _ => Err(ApiError::new(Kind::NotFound, format!("no route for {method} {path}"))),
-    };
-    Ok(result.unwrap_or_else(|e| error_response(api, &e)))
+    }
 }
 
 /// Serve the proxy until `shutdown` completes.

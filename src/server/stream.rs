@@ -21,18 +21,7 @@ pub enum Out {
 /// A parsed call's arguments (JSON text) in the pieces both APIs stream
 /// them in: about 64 bytes each, cut at character boundaries.
 pub fn argument_fragments(s: &str) -> Vec<&str> {
-    const SIZE: usize = 64;
-    let mut out = vec![];
-    let mut start = 0;
-    while start < s.len() {
-        let mut end = (start + SIZE).min(s.len());
-        while !s.is_char_boundary(end) {
-            end += 1;
-        }
-        out.push(&s[start..end]);
-        start = end;
-    }
-    out
+    crate::text::char_chunks(s, 64)
 }
 
 pub struct Generation {

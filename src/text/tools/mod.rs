@@ -244,14 +244,8 @@ mod tests {
     fn run(format: ToolFormat, text: &str, step: usize) -> (Vec<Piece>, bool) {
         let mut s = ToolStream::new(Some(format), &tools(), false, "call");
         let mut out = vec![];
-        let mut i = 0;
-        while i < text.len() {
-            let mut j = (i + step).min(text.len());
-            while !text.is_char_boundary(j) {
-                j += 1;
-            }
-            out.extend(s.push(&text[i..j]));
-            i = j;
+        for piece in crate::text::char_chunks(text, step) {
+            out.extend(s.push(piece));
         }
         let (rest, cut) = s.finish();
         out.extend(rest);
