@@ -65,8 +65,9 @@ def proc_kb(pid, field):
 
 
 class Server:
-    def __init__(self, name, cmd, ready_path, env=None):
+    def __init__(self, name, model, cmd, ready_path, env=None):
         self.name = name
+        self.model = model  # the model name requests carry
         self.port = free_port()
         cmd = [c.replace("{port}", str(self.port)) for c in cmd]
         log = open(os.environ.get("COMPARE_LOG", os.devnull), "a")
@@ -228,14 +229,14 @@ def run_session(server, session, turns, deadline=None, label=""):
     return rows
 
 
-def session_workload(server, model, system, billing, reps, turns, tag):
-    return [run_session(server, Session(model, system, billing, f"{tag}{r}", f"Session {r + 1}: "), turns, label=f"session {r + 1} ")
+def session_workload(server, system, billing, reps, turns, tag):
+    return [run_session(server, Session(server.model, system, billing, f"{tag}{r}", f"Session {r + 1}: "), turns, label=f"session {r + 1} ")
             for r in range(reps)]
 
 
-def decode(server, model, reps, tokens):
+def decode(server, reps, tokens):
     msgs = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
-    body = {"model": model, "max_tokens": tokens, "stream": True, "messages": msgs, "temperature": 0.0,
+    body = {"model": server.model, "max_tokens": tokens, "stream": True, "messages": msgs, "temperature": 0.0,
             "stream_options": {"include_usage": True}}
     rows = []
     for _ in range(reps):
@@ -246,7 +247,7 @@ def decode(server, model, reps, tokens):
     return rows
 
 
-def concurrent(server, model, system, clients, turns, cap=None):
+def concurrent(server, system, clients, turns, cap=None):
     """Workload 5: `clients` sessions of workload 1 at once. With `cap` seconds,
     the server is stopped then and unfinished turns count as not answered."""
     out = [[] for _ in range(clients)]
@@ -255,7 +256,7 @@ def concurrent(server, model, system, clients, turns, cap=None):
 
     def one(i):
         try:
-            out[i] = run_session(server, Session(model, system, True, f"c{i}", f"Client {i}: "), turns, deadline, f"client {i} ")
+            out[i] = run_session(server, Session(server.model, system, True, f"c{i}", f"Client {i}: "), turns, deadline, f"client {i} ")
         except Exception as e:  # reported after the run
             errors.append(f"client {i}: {e}")
 
@@ -364,10 +365,10 @@ def main():
 
     def start(name, cache_dir=None):
         if name == "kvserve":
-            return Server(name, [args.kvserve, "serve", "--model", args.model, "--port", "{port}",
+            return Server(name, model_name, [args.kvserve, "serve", "--model", args.model, "--port", "{port}",
                                  "--cache-dir", cache_dir or tempfile.mkdtemp(prefix="kvserve-bench-")], "/health")
         env = env_blas if name == "mlx-lm+BLAS" else None
-        return Server(name, [mlx_server, "--model", args.model, "--port", "{port}", "--host", "127.0.0.1"], "/v1/models", env)
+        return Server(name, args.model, [mlx_server, "--model", args.model, "--port", "{port}", "--host", "127.0.0.1"], "/v1/models", env)
 
     def record(w, name, data, peak):
         res["w"].setdefault(w, {})[name] = {"data": data, "peak_mb": peak}
@@ -383,14 +384,14 @@ def main():
                     continue
                 s = start(name, w1_cache if w == "1" else None)
                 if w == "1" and name != "kvserve":
-                    data = session_workload(s, model_name if name == "kvserve" else args.model, system, True, 1, args.mlx_w1_turns, f"w{w}")
+                    data = session_workload(s, system, True, 1, args.mlx_w1_turns, f"w{w}")
                 else:
-                    data = session_workload(s, model_name if name == "kvserve" else args.model, system, sessions[w][1], args.reps, args.turns, f"w{w}")
+                    data = session_workload(s, system, sessions[w][1], args.reps, args.turns, f"w{w}")
                 record(w, name, data, s.stop())
         elif w == "4":
             for name in servers:
                 s = start(name)
-                record(w, name, decode(s, model_name if name == "kvserve" else args.model, args.reps, args.decode_tokens), s.stop())
+                record(w, name, decode(s, args.reps, args.decode_tokens), s.stop())
         elif w == "5":
             system = system_text(args.system_tokens)
             for name in servers:
@@ -399,7 +400,7 @@ def main():
                 runs, peaks = [], []
                 for _ in range(args.reps if name == "kvserve" else 1):
                     s = start(name)
-                    run, peak = concurrent(s, model_name if name == "kvserve" else args.model, system, args.clients, args.turns,
+                    run, peak = concurrent(s, system, args.clients, args.turns,
                                            None if name == "kvserve" else args.mlx_w5_cap)
                     runs.append(run)
                     peaks.append(peak)
@@ -411,7 +412,7 @@ def main():
             rows, peaks = [], []
             for r in range(args.reps):
                 s = start("kvserve", w1_cache)
-                rows += run_session(s, Session(model_name, system, True, f"r{r}", f"After restart {r + 1}: "), 1, label="after a restart ")
+                rows += run_session(s, Session(s.model, system, True, f"r{r}", f"After restart {r + 1}: "), 1, label="after a restart ")
                 peaks.append(s.stop())
             record(w, "kvserve", rows, max(peaks))
         else:
@@ -598,6 +599,12 @@ def finish(plt, fig, res, out, name):
     plt.close(fig)
 
 
+def memory_bars(ax, res, w, names):
+    ax.bar(names, [res["w"][w][n]["peak_mb"] or 0 for n in names], color=[COLORS[n] for n in names])
+    ax.set_ylabel("peak resident memory, MB")
+    ax.tick_params(axis="x", labelsize=7)
+
+
 def chart_sessions(res, w, title, stats, names, out):
     plt = plt_module()
     if not plt:
@@ -616,9 +623,7 @@ def chart_sessions(res, w, title, stats, names, out):
     a.set_ylabel("time to first token, s (log)")
     a.set_title(title, fontsize=9)
     a.legend(fontsize=8)
-    b.bar(names, [res["w"][w][n]["peak_mb"] or 0 for n in names], color=[COLORS[n] for n in names])
-    b.set_ylabel("peak resident memory, MB")
-    b.tick_params(axis="x", labelsize=7)
+    memory_bars(b, res, w, names)
     finish(plt, fig, res, out, f"workload{w}.png")
 
 
@@ -632,9 +637,7 @@ def chart_decode(res, names, meds, ceiling, out):
     a.text(0, ceiling["mlx"], f" ceiling at MLX's measured bandwidth: {ceiling['mlx']:.0f} tok/s", va="bottom", fontsize=7)
     a.set_ylabel("decode tokens/s")
     a.set_title(f"Workload 4: decode {res['args']['decode_tokens']} tokens", fontsize=9)
-    b.bar(names, [res["w"]["4"][n]["peak_mb"] or 0 for n in names], color=[COLORS[n] for n in names])
-    b.set_ylabel("peak resident memory, MB")
-    b.tick_params(axis="x", labelsize=7)
+    memory_bars(b, res, "4", names)
     finish(plt, fig, res, out, "workload4.png")
 
 
@@ -653,9 +656,7 @@ def chart_concurrent(res, names, per, out):
     a.set_ylabel("time to first token, s (log)")
     a.set_title(f"Workload 5: {res['args']['clients']} concurrent Claude Code-shaped sessions", fontsize=9)
     a.legend(fontsize=8)
-    b.bar(names, [res["w"]["5"][n]["peak_mb"] or 0 for n in names], color=[COLORS[n] for n in names])
-    b.set_ylabel("peak resident memory, MB")
-    b.tick_params(axis="x", labelsize=7)
+    memory_bars(b, res, "5", names)
     finish(plt, fig, res, out, "workload5.png")
 
 
