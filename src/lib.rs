@@ -1,5 +1,9 @@
 //! kvserve: a local LLM inference server over MLX that computes a coding
 //! agent's long, mostly unchanging prompt once and reuses it turn after turn.
+//!
+//! `unsafe` is denied everywhere but `src/mlx/` (MLX's C API and the C
+//! library), which allows it module by module.
+#![deny(unsafe_code)]
 
 pub mod cache;
 pub mod check;

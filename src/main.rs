@@ -1,3 +1,6 @@
+//! The kvserve command line.
+#![deny(unsafe_code)]
+
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -45,8 +48,9 @@ enum Command {
         min_p: f32,
         #[arg(long, default_value_t = 1.0)]
         repetition_penalty: f32,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
+        /// Seed for sampling (default: a fresh random one).
+        #[arg(long)]
+        seed: Option<u64>,
         /// Feed the prompt as is, without the chat template.
         #[arg(long)]
         raw: bool,
@@ -250,7 +254,8 @@ fn serve(args: ServeArgs) -> Result<()> {
     let engine = Engine::start(cfg).map_err(anyhow::Error::msg)?;
     let info = engine.info.clone();
     tracing::info!("loaded {} ({} tokens of context) in {:.1}s", info.path.display(), info.context, t0.elapsed().as_secs_f64());
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    // Prompt rendering and tokenizing run on a small blocking pool.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).max_blocking_threads(8).enable_all().build()?;
     rt.block_on(async move {
         let addr: std::net::SocketAddr = format!("{}:{}", args.host, args.port)
             .parse()

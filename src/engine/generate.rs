@@ -8,11 +8,12 @@ use mlx_rs::ops::indexing::{argmax_axis, IndexOp};
 use mlx_rs::transforms::async_eval;
 use mlx_rs::Array;
 
-use super::sampler::{sample, Rng, SamplingParams};
+use super::sampler::{fresh_seed, sample, Rng, SamplingParams};
 use crate::cache::kv::LayerKv;
 use crate::mlx::{self, MlxError};
 use crate::model::Transformer;
 use crate::text::detok::StreamDetokenizer;
+use crate::text::stop::StopScanner;
 use crate::text::tokenizer::{Tokenizer, TokenizerError};
 
 #[derive(Debug, thiserror::Error)]
@@ -100,46 +101,6 @@ pub fn prefill(model: &Transformer, cache: &mut [LayerKv], tokens: &[u32], chunk
     Ok(last.expect("at least one chunk"))
 }
 
-/// Holds back text that might be the start of a stop string.
-struct StopScanner {
-    stops: Vec<String>,
-    text: String,
-    released: usize,
-}
-
-impl StopScanner {
-    /// Add text; return what can be released and whether a stop string ended it.
-    fn push(&mut self, s: &str) -> (String, bool) {
-        let search_from = self.released.saturating_sub(self.stops.iter().map(String::len).max().unwrap_or(0));
-        self.text.push_str(s);
-        let hit = self
-            .stops
-            .iter()
-            .filter(|st| !st.is_empty())
-            .filter_map(|st| self.text[search_from..].find(st.as_str()).map(|i| i + search_from))
-            .min();
-        if let Some(at) = hit {
-            let out = self.text[self.released..at.max(self.released)].to_string();
-            self.released = at;
-            return (out, true);
-        }
-        let hold = self.stops.iter().map(|s| s.len().saturating_sub(1)).max().unwrap_or(0);
-        let mut end = self.text.len().saturating_sub(hold).max(self.released);
-        while !self.text.is_char_boundary(end) {
-            end -= 1;
-        }
-        let out = self.text[self.released..end].to_string();
-        self.released = end;
-        (out, false)
-    }
-
-    fn flush(&mut self) -> String {
-        let out = self.text[self.released..].to_string();
-        self.released = self.text.len();
-        out
-    }
-}
-
 /// Generate from `prompt` (token ids), continuing `cache` (which must already
 /// hold `prompt[..cache_len]`; pass an empty cache to start fresh). Each piece
 /// of final text goes to `on_text`; it returns false to stop (cancel).
@@ -165,11 +126,11 @@ pub fn generate(
     let prompt_secs = start.elapsed().as_secs_f64();
 
     let gen_start = Instant::now();
-    let mut rng = Rng::new(opts.sampling.seed);
+    let mut rng = Rng::new(opts.sampling.seed.unwrap_or_else(fresh_seed));
     // Prompt then generated tokens (the sampler's repetition window reads it).
     let mut history: Vec<u32> = prompt.to_vec();
     let mut detok = StreamDetokenizer::new();
-    let mut stops = StopScanner { stops: opts.stop.clone(), text: String::new(), released: 0 };
+    let mut stops = StopScanner::new(&opts.stop);
     let greedy = opts.sampling.is_greedy();
     let choose = |logits: &Array, history: &[u32], rng: &mut Rng| -> Result<u32, GenerateError> {
         logits.eval()?;
@@ -247,35 +208,4 @@ pub fn generate(
         tokens: history.split_off(prompt.len()),
         end_token,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::StopScanner;
-
-    fn run(stops: &[&str], pieces: &[&str]) -> (String, bool) {
-        let mut s = StopScanner { stops: stops.iter().map(|s| s.to_string()).collect(), text: String::new(), released: 0 };
-        let mut out = String::new();
-        for p in pieces {
-            let (t, hit) = s.push(p);
-            out += &t;
-            if hit {
-                return (out, true);
-            }
-        }
-        out += &s.flush();
-        (out, false)
-    }
-
-    #[test]
-    fn stop_string_split_across_pieces_is_cut() {
-        assert_eq!(run(&["</end>"], &["hello </e", "nd> more"]), ("hello ".to_string(), true));
-    }
-
-    #[test]
-    fn near_misses_are_released() {
-        assert_eq!(run(&["STOP"], &["STO", "STO"]), ("STOSTO".to_string(), false));
-        assert_eq!(run(&[], &["a", "é", "b"]), ("aéb".to_string(), false));
-        assert_eq!(run(&["ab", "b!"], &["xa", "b!"]), ("x".to_string(), true));
-    }
 }

@@ -15,12 +15,14 @@ pub struct SamplingParams {
     /// 1.0 disables; applied over the last `repetition_window` tokens.
     pub repetition_penalty: f32,
     pub repetition_window: usize,
-    pub seed: u64,
+    /// None: a fresh random seed for each request (as OpenAI and Anthropic
+    /// sample); a given seed makes the answer reproducible.
+    pub seed: Option<u64>,
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, repetition_window: 20, seed: 0 }
+        SamplingParams { temperature: 0.0, top_p: 1.0, top_k: 0, min_p: 0.0, repetition_penalty: 1.0, repetition_window: 20, seed: None }
     }
 }
 
@@ -28,6 +30,16 @@ impl SamplingParams {
     pub fn is_greedy(&self) -> bool {
         self.temperature <= 0.0 && self.repetition_penalty == 1.0
     }
+}
+
+/// A seed no earlier call returned: the process's random hasher keys
+/// (from the OS) over the clock and a counter.
+pub fn fresh_seed() -> u64 {
+    use std::hash::BuildHasher;
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    std::collections::hash_map::RandomState::new().hash_one((t, n))
 }
 
 /// SplitMix64: small, seeded, reproducible.

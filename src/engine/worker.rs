@@ -2,12 +2,18 @@
 //! cache. Requests reach it through a bounded queue, each with its own event
 //! channel; start-up failure comes back on a ready channel; if the thread
 //! dies, submissions fail at once (never a hang).
+//!
+//! A request that panics is caught: it gets an error, the cache entries it
+//! held are dropped, and the engine serves the next one. Only MLX itself
+//! failing is beyond repair; then the process logs why and exits non-zero
+//! so that its supervisor restarts it.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tokio::sync::{mpsc as tmpsc, oneshot};
@@ -120,6 +126,48 @@ pub enum SubmitError {
     Full(usize),
     #[error("the engine has stopped")]
     Dead,
+    /// The engine did not get to the command in time (it stays queued).
+    #[error("the engine is busy: {0} did not run within {1} s; it stays queued and runs after the requests ahead of it")]
+    Busy(&'static str, u64),
+}
+
+/// How long `DELETE /v1/cache` waits for the engine to reach it.
+pub const CLEAR_WAIT: Duration = Duration::from_secs(10);
+
+/// The exit status when MLX itself has failed (EX_SOFTWARE).
+pub const EXIT_MLX_FAILED: i32 = 70;
+
+/// The text of a caught panic.
+fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
+}
+
+/// Whether MLX still computes: a small sum, evaluated and checked. After a
+/// failed request this tells a bad request from a broken MLX.
+fn mlx_works() -> Result<(), String> {
+    let check = || -> Result<f32, crate::mlx::MlxError> {
+        let a = mlx_rs::Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2]);
+        let s = a.matmul(&a)?.sum(None)?;
+        s.eval()?;
+        Ok(s.item_exact::<f32>())
+    };
+    match catch_unwind(check) {
+        Ok(Ok(v)) if v == 54.0 => Ok(()),
+        Ok(Ok(v)) => Err(format!("a 2x2 matmul summed to {v}, not 54")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(p) => Err(panic_text(&*p)),
+    }
+}
+
+/// MLX is broken: say why and exit, so a supervisor restarts the process.
+fn exit_mlx_failed(why: &str) -> ! {
+    tracing::error!("MLX has failed ({why}); exiting with status {EXIT_MLX_FAILED} so that a supervisor restarts kvserve");
+    eprintln!("kvserve: MLX has failed ({why}); exiting with status {EXIT_MLX_FAILED}");
+    std::process::exit(EXIT_MLX_FAILED)
 }
 
 /// The handle the server holds.
@@ -130,6 +178,9 @@ pub struct Engine {
     alive: Arc<AtomicBool>,
     stats: Arc<Mutex<CacheStats>>,
     queue: usize,
+    /// Test hook: the next job panics after its first token.
+    #[cfg(test)]
+    inject_panic: Arc<AtomicBool>,
 }
 
 /// Marks the engine dead when its thread ends, however it ends.
@@ -166,11 +217,17 @@ impl Engine {
         let queued = Arc::new(AtomicUsize::new(0));
         let stats = Arc::new(Mutex::new(CacheStats { budget_bytes: cfg.cache_bytes, ..Default::default() }));
         let (a, q, s, c) = (alive.clone(), queued.clone(), stats.clone(), cfg.clone());
+        #[cfg(test)]
+        let inject_panic = Arc::new(AtomicBool::new(false));
+        #[cfg(test)]
+        let inject = inject_panic.clone();
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
                 let _guard = AliveGuard(a);
-                let mut worker = match Worker::new(&c, s) {
+                let loaded = catch_unwind(AssertUnwindSafe(|| Worker::new(&c, s)))
+                    .unwrap_or_else(|p| Err(format!("loading the model failed: {}", panic_text(&*p))));
+                let mut worker = match loaded {
                     Ok((w, info)) => {
                         let _ = ready_tx.send(Ok(info));
                         w
@@ -180,6 +237,10 @@ impl Engine {
                         return;
                     }
                 };
+                #[cfg(test)]
+                {
+                    worker.inject_panic = inject;
+                }
                 loop {
                     // Snapshots go to disk while nothing waits; with none to
                     // write, the thread sleeps until the next message.
@@ -191,22 +252,32 @@ impl Engine {
                     let msg = match next {
                         Ok(m) => m,
                         Err(mpsc::RecvTimeoutError::Timeout) => {
-                            worker.persist_one();
+                            let _ = worker.guarded("writing a snapshot", |w| w.persist_one());
                             continue;
                         }
                         Err(mpsc::RecvTimeoutError::Disconnected) => break,
                     };
-                    q.fetch_sub(1, Ordering::SeqCst);
+                    // Saturating: a count that wrapped would read as a full queue.
+                    let _ = q.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some(n.saturating_sub(1)));
                     match msg {
-                        Msg::Generate(job) => worker.run(job),
+                        Msg::Generate(job) => {
+                            let events = job.events.clone();
+                            if let Err(why) = worker.guarded("a request", |w| w.run(job)) {
+                                let _ = events.send(Event::Error(format!(
+                                    "internal error: the engine failed on this request ({why}); the request was dropped and the server goes on"
+                                )));
+                            }
+                        }
                         Msg::ClearCache(reply) => {
-                            let _ = reply.send(worker.clear());
+                            if let Ok(n) = worker.guarded("clearing the cache", |w| w.clear()) {
+                                let _ = reply.send(n);
+                            }
                         }
                         Msg::Stats(reply) => {
                             let _ = reply.send(worker.cache.stats());
                         }
                         Msg::Shutdown(done) => {
-                            while worker.persist_one() {}
+                            while worker.guarded("writing a snapshot", |w| w.persist_one()) == Ok(true) {}
                             if let Some(store) = &worker.store {
                                 store.flush();
                             }
@@ -218,7 +289,22 @@ impl Engine {
             })
             .map_err(|e| format!("cannot start the engine thread: {e}"))?;
         let info = ready_rx.recv().map_err(|_| "the engine thread stopped while loading".to_string())??;
-        Ok(Engine { tx, info, queued, alive, stats, queue: cfg.queue.max(1) })
+        Ok(Engine {
+            tx,
+            info,
+            queued,
+            alive,
+            stats,
+            queue: cfg.queue.max(1),
+            #[cfg(test)]
+            inject_panic,
+        })
+    }
+
+    /// Test hook: make the next job panic after its first token.
+    #[cfg(test)]
+    pub fn inject_panic_in_next_job(&self) {
+        self.inject_panic.store(true, Ordering::SeqCst);
     }
 
     /// Queue a job; refused at once when the queue is full or the engine is gone.
@@ -244,18 +330,26 @@ impl Engine {
     }
 
     /// Drop every cached snapshot (memory and disk); returns how many.
+    /// Waits at most [`CLEAR_WAIT`] for the engine to get to it.
     pub async fn clear_cache(&self) -> Result<usize, SubmitError> {
         let (tx, rx) = oneshot::channel();
         self.send(Msg::ClearCache(tx))?;
-        rx.await.map_err(|_| SubmitError::Dead)
+        match tokio::time::timeout(CLEAR_WAIT, rx).await {
+            Ok(r) => r.map_err(|_| SubmitError::Dead),
+            Err(_) => Err(SubmitError::Busy("clearing the cache", CLEAR_WAIT.as_secs())),
+        }
     }
 
     /// Stop after the queued requests, with every snapshot file written.
     pub fn shutdown(&self) {
         let (tx, rx) = mpsc::channel();
-        // A blocking send: waits for room in the queue.
+        // A blocking send: waits for room in the queue. Counted like any
+        // message, since the engine counts each one it takes off.
+        self.queued.fetch_add(1, Ordering::SeqCst);
         if self.tx.send(Msg::Shutdown(tx)).is_ok() {
             let _ = rx.recv();
+        } else {
+            let _ = self.queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| Some(n.saturating_sub(1)));
         }
     }
 
@@ -299,6 +393,12 @@ struct Worker {
     unsaved: Vec<crate::cache::prefix::EntryId>,
     /// Files of entries taken out of the index; deleted once a newer snapshot is on disk.
     obsolete: Vec<PathBuf>,
+    /// What the running request holds (a pinned entry, the file of one taken
+    /// out of the index): dropped if it fails.
+    holding: (Option<crate::cache::prefix::EntryId>, Option<PathBuf>),
+    /// Test hook: the next job panics after its first token.
+    #[cfg(test)]
+    inject_panic: Arc<AtomicBool>,
 }
 
 /// The weight, config and tokenizer files a model's KV state depends on.
@@ -349,7 +449,18 @@ impl Worker {
         let store = match &cfg.cache_dir {
             Some(dir) => {
                 let fp = store::fingerprint(&model_files(&path), tokenizer.chat_template.as_deref());
-                let s = Store::open(dir, fp).map_err(|e| e.to_string())?;
+                match Store::open(dir, fp) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        tracing::warn!("prompt cache kept in memory only: {e}");
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        if let (Some(s), Some(dir)) = (&store, &cfg.cache_dir) {
+            {
                 let (found, warnings) = store::scan(dir, &s.fingerprint);
                 for w in warnings {
                     tracing::warn!("{w}");
@@ -361,10 +472,8 @@ impl Worker {
                 // Files made redundant by longer ones stay on disk but are not indexed.
                 cache.take_removed();
                 tracing::info!("prompt cache: {n} snapshots found in {}", dir.display());
-                Some(s)
             }
-            None => None,
-        };
+        }
         let info = Arc::new(ModelInfo {
             name,
             path,
@@ -374,13 +483,62 @@ impl Worker {
             context,
             kv_bytes_per_token,
         });
-        let w = Worker { model, info: info.clone(), cache, store, stats, prefill_chunk: cfg.prefill_chunk.max(1), unsaved: vec![], obsolete: vec![] };
+        let w = Worker {
+            model,
+            info: info.clone(),
+            cache,
+            store,
+            stats,
+            prefill_chunk: cfg.prefill_chunk.max(1),
+            unsaved: vec![],
+            obsolete: vec![],
+            holding: (None, None),
+            #[cfg(test)]
+            inject_panic: Arc::new(AtomicBool::new(false)),
+        };
         w.publish();
         Ok((w, info))
     }
 
     fn publish(&self) {
         *self.stats.lock() = self.cache.stats();
+    }
+
+    /// Run `f`, catching a panic: the state the failed work held is dropped
+    /// (see [`Worker::recover`]) and the panic's text comes back as `Err`.
+    fn guarded<R>(&mut self, what: &str, f: impl FnOnce(&mut Worker) -> R) -> Result<R, String> {
+        match catch_unwind(AssertUnwindSafe(|| f(self))) {
+            Ok(r) => Ok(r),
+            Err(p) => {
+                let why = panic_text(&*p);
+                tracing::error!("the engine failed on {what}: {why}; dropping what it held and going on");
+                self.recover();
+                Err(why)
+            }
+        }
+    }
+
+    /// After a failure: drop the cache entries the failed request held, check
+    /// the index (cleared if broken), and check that MLX still computes
+    /// (exit for a restart if not).
+    fn recover(&mut self) {
+        let (pinned, taken) = std::mem::take(&mut self.holding);
+        if let Some(id) = pinned {
+            self.cache.release(id);
+            self.cache.remove(id);
+        }
+        if let Some(f) = taken {
+            let _ = std::fs::remove_file(f);
+        }
+        if let Err(e) = self.cache.check() {
+            tracing::error!("the prompt cache's index is inconsistent after the failure ({e}); clearing it");
+            self.cache.clear();
+        }
+        self.forget_removed();
+        if let Err(why) = mlx_works() {
+            exit_mlx_failed(&why);
+        }
+        self.publish();
     }
 
     fn clear(&mut self) -> usize {
@@ -509,6 +667,10 @@ impl Worker {
         let start = Instant::now();
         if let Err(e) = self.run_inner(&job, start) {
             let _ = job.events.send(Event::Error(e));
+            // A request's error may be MLX's own failure.
+            if let Err(why) = mlx_works() {
+                exit_mlx_failed(&why);
+            }
         }
         self.publish();
     }
@@ -523,6 +685,7 @@ impl Worker {
             return Ok(());
         }
         let Lookup { mut live, read, taken_file, pinned } = self.lookup(prompt);
+        self.holding = (pinned, taken_file.clone());
         tracing::debug!("lookup: {read} tokens from cache in {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
         self.publish();
         let result = self.compute(job, &mut live, read, start);
@@ -544,6 +707,7 @@ impl Worker {
         if !kept.is_empty() {
             self.keep(kept, &live);
         }
+        self.holding = (None, None);
         self.obsolete.extend(taken_file);
         if let Some(id) = pinned {
             self.cache.release(id);
@@ -575,7 +739,13 @@ impl Worker {
         let prefill_done = start.elapsed().as_secs_f64();
         let mut first_token: Option<f64> = None;
         let events = &job.events;
+        #[cfg(test)]
+        let inject = self.inject_panic.clone();
         let stats = generate(&self.model, &self.info.tokenizer, live, prompt, &job.opts, &mut |text| {
+            #[cfg(test)]
+            if inject.swap(false, Ordering::SeqCst) {
+                panic!("injected fault: a test asked this job to panic");
+            }
             if first_token.is_none() {
                 first_token = Some(start.elapsed().as_secs_f64());
             }

@@ -6,9 +6,8 @@
 //! the caller's location, never as an abort.
 
 use std::cell::RefCell;
-use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::panic::Location;
-use std::path::PathBuf;
 use std::sync::Once;
 
 use super::MlxError;
@@ -85,50 +84,17 @@ pub fn mlx_version() -> Result<String, MlxError> {
     result
 }
 
-/// Which shared object the process's global symbol lookup resolves `symbol`
-/// to: the library whose code MLX's own calls to it will run. `None` when no
-/// loaded object exports it.
-/// Send `signal` (e.g. `libc::SIGTERM`) to process `pid`; false if it failed.
-pub fn send_signal(pid: u32, signal: c_int) -> bool {
-    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
-    unsafe { libc::kill(pid as libc::pid_t, signal) == 0 }
-}
-
-/// Ignore SIGINT in this process (a launcher whose child owns the terminal).
-pub fn ignore_interrupt() {
-    // SAFETY: installing SIG_IGN for SIGINT has no memory effects.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_IGN);
-    }
-}
-
-pub fn symbol_provider(symbol: &str) -> Option<PathBuf> {
-    let name = CString::new(symbol).ok()?;
-    // SAFETY: dlsym with RTLD_DEFAULT only reads the loaded objects' tables;
-    // dladdr fills `info` with pointers into the loader's static strings.
-    unsafe {
-        let addr = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr());
-        if addr.is_null() {
-            return None;
-        }
-        let mut info: libc::Dl_info = std::mem::zeroed();
-        if libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
-            return None;
-        }
-        let file = CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
-        Some(std::fs::canonicalize(&file).unwrap_or_else(|_| PathBuf::from(file)))
-    }
-}
-
 /// Runs `f` on the evaluated float32 data of `a` and lets it change that data
 /// in place (a softmax written in Rust over a matmul's scores, say).
 ///
-/// Only for a fresh result that owns its buffer alone, such as a matmul
-/// output: MLX cannot tell whether another array shares the buffer, and one
-/// that did would see the change. Non-f32 or non-row-contiguous arrays are
-/// refused.
+/// # Safety
+/// `a` must be a fresh result that owns its buffer alone, such as a matmul
+/// output no other array has seen: MLX cannot tell whether another array
+/// shares the buffer, and one that did would see the change. (Non-f32 and
+/// non-row-contiguous arrays are refused with an error.) Only
+/// [`super::matmul_in_place`] calls it, on the product it has just made.
 #[track_caller]
-pub fn with_f32_data_mut<R>(a: &mlx_rs::Array, f: impl FnOnce(&mut [f32]) -> R) -> Result<R, MlxError> {
+pub(super) unsafe fn with_f32_data_mut<R>(a: &mlx_rs::Array, f: impl FnOnce(&mut [f32]) -> R) -> Result<R, MlxError> {
     let refuse = |why: String| Err(MlxError { message: why, location: Location::caller() });
     a.eval()?;
     if a.dtype() != mlx_rs::Dtype::Float32 {

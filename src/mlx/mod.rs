@@ -1,14 +1,18 @@
 //! kvserve's safe layer over MLX: mlx-rs for arrays and ops, plus what it
 //! leaves out (MLX's version, which library serves BLAS, quantized weights as
-//! one value). Raw FFI lives only in [`ffi`].
+//! one value). Raw FFI lives only in [`ffi`], and the C library's calls in
+//! [`os`]: the crate denies `unsafe` everywhere else.
 
+#[allow(unsafe_code)]
 mod ffi;
+#[allow(unsafe_code)]
+pub mod os;
 
 use std::fmt;
 use std::panic::Location;
 use std::path::PathBuf;
 
-pub use ffi::{ignore_interrupt, send_signal, with_f32_data_mut};
+pub use os::{ignore_interrupt, send_signal};
 pub use mlx_rs::{Array, Dtype};
 
 /// An MLX failure: MLX's own message and where kvserve made the call.
@@ -44,7 +48,21 @@ pub fn version() -> Result<String> {
 /// (OpenBLAS when kvserve's link order took effect, else the wheel's
 /// reference BLAS).
 pub fn blas_provider() -> Option<PathBuf> {
-    ffi::symbol_provider("cblas_sgemm")
+    os::symbol_provider("cblas_sgemm")
+}
+
+/// `a @ b`, evaluated, then `f` over the product's float32 data in place
+/// (row-major), e.g. a softmax written in Rust over attention scores. The
+/// product is made here and seen by no other array, so changing it in
+/// place is sound.
+#[track_caller]
+pub fn matmul_in_place<R>(a: &Array, b: &Array, f: impl FnOnce(&mut [f32]) -> R) -> Result<(Array, R)> {
+    let product = a.matmul(b)?;
+    // SAFETY: `product` is the fresh result of the matmul above; no other
+    // array holds its buffer.
+    #[allow(unsafe_code)]
+    let r = unsafe { ffi::with_f32_data_mut(&product, f)? };
+    Ok((product, r))
 }
 
 /// Bytes MLX holds in live arrays.

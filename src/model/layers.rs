@@ -257,8 +257,7 @@ fn chunk_attention(q: &Array, k: &Array, v: &Array, scale: f32, offset: i32) -> 
     let (kvh, t) = (k.shape()[1], k.shape()[2]);
     let rep = h / kvh;
     let q = ops::multiply(q, Array::from_f32(scale))?.reshape(&[b, kvh, rep * l, d])?;
-    let scores = q.matmul(k.swap_axes(-1, -2)?)?;
-    crate::mlx::with_f32_data_mut(&scores, |data| causal_softmax(data, t as usize, l as usize, offset as usize))?;
+    let (scores, ()) = crate::mlx::matmul_in_place(&q, &k.swap_axes(-1, -2)?, |data| causal_softmax(data, t as usize, l as usize, offset as usize))?;
     Ok(scores.matmul(v)?.reshape(&[b, h, l, d])?)
 }
 

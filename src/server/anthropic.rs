@@ -209,12 +209,13 @@ pub fn parse(body: &Value, count_only: bool) -> Result<Parsed, ApiError> {
         top_k: f.int_in("top_k", 0, 1_000_000)?.unwrap_or(0) as usize,
         ..Default::default()
     };
+    let stop = f.stop_strings("stop_sequences")?;
     let request = ChatRequest {
         messages,
         tools,
         max_tokens: max_tokens as usize,
         sampling,
-        stop: f.strings("stop_sequences")?,
+        stop,
         enable_thinking,
         cache_marks: marks,
     };

@@ -118,6 +118,7 @@ impl From<SubmitError> for ApiError {
         match e {
             SubmitError::Full(n) => ApiError::new(Kind::Overloaded, format!("server is busy: {n} requests are already waiting; retry shortly")),
             SubmitError::Dead => ApiError::new(Kind::Unavailable, "the inference engine has stopped; see the server log"),
+            e @ SubmitError::Busy(..) => ApiError::new(Kind::Unavailable, e.to_string()),
         }
     }
 }

@@ -135,7 +135,26 @@ impl<'a> Fields<'a> {
             Some(v) => Err(wrong(&self.at(key), "a string or an array of strings", v)),
         }
     }
+
+    /// Stop strings: at most [`MAX_STOPS`], each at most [`MAX_STOP_BYTES`]
+    /// bytes (the caps OpenAI documents; Anthropic's API gets the same).
+    pub fn stop_strings(&self, key: &str) -> Result<Vec<String>, ApiError> {
+        let stops = self.strings(key)?;
+        if stops.len() > MAX_STOPS {
+            return Err(ApiError::invalid(self.at(key), format!("{}: {} sequences given; at most {MAX_STOPS}", self.at(key), stops.len())));
+        }
+        if let Some((i, s)) = stops.iter().enumerate().find(|(_, s)| s.len() > MAX_STOP_BYTES) {
+            let at = format!("{}[{i}]", self.at(key));
+            return Err(ApiError::invalid(at.clone(), format!("{at}: {} bytes; at most {MAX_STOP_BYTES}", s.len())));
+        }
+        Ok(stops)
+    }
 }
+
+/// Most stop strings one request may give.
+pub const MAX_STOPS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 256;
 
 /// Element `i` of array field `path` as an object.
 pub fn item<'a>(v: &'a Value, path: &str, i: usize) -> Result<Fields<'a>, ApiError> {

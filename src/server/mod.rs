@@ -11,6 +11,8 @@ pub mod openai;
 pub mod proxy;
 pub mod stream;
 pub mod trace;
+#[cfg(test)]
+mod tests;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,9 +29,9 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use crate::engine::generate::GenerateOptions;
-use crate::engine::request::ChatRequest;
+use crate::engine::request::{ChatRequest, RequestError};
 use crate::engine::generate::FinishReason;
-use crate::engine::worker::{Done, Engine, Job};
+use crate::engine::worker::{Done, Engine, Job, ModelInfo};
 use crate::text::tools::{ToolFormat, ToolStream};
 use error::{Api, ApiError, Kind};
 use metrics::Metrics;
@@ -355,10 +357,25 @@ fn check_model(state: &State, model: &str) -> Result<(), ApiError> {
     })
 }
 
+/// `f` over the request and the model, on the blocking pool: rendering the
+/// template and tokenizing a 50K-token prompt takes long enough to stall
+/// one of the two workers that serve every connection.
+async fn off_the_runtime<T: Send + 'static>(
+    state: &State,
+    request: &ChatRequest,
+    f: fn(&ChatRequest, &ModelInfo) -> Result<T, RequestError>,
+) -> Result<T, ApiError> {
+    let (info, request) = (state.engine.info.clone(), request.clone());
+    match tokio::task::spawn_blocking(move || f(&request, &info)).await {
+        Ok(r) => Ok(r?),
+        Err(e) => Err(ApiError::new(Kind::Internal, format!("internal error while preparing the prompt: {e}"))),
+    }
+}
+
 /// Validate, tokenize and queue a request; the generation's events follow.
-fn start(state: &State, request: &ChatRequest, id: &str) -> Result<Generation, ApiError> {
+async fn start(state: &State, request: &ChatRequest, id: &str) -> Result<Generation, ApiError> {
     let info = &state.engine.info;
-    let prompt = request.prompt(info)?;
+    let prompt = off_the_runtime(state, request, ChatRequest::prompt).await?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let opts = GenerateOptions {
         sampling: request.sampling.clone(),
@@ -425,7 +442,7 @@ async fn messages(state: &Arc<State>, body: Value) -> Result<Response<Body>, Api
     check_model(state, &p.model)?;
     let id = state.id("msg_");
     let trace = Trace::new(state, Api::Anthropic, "/v1/messages", &p.model, p.stream, &p.request, &body);
-    let gen = start(state, &p.request, &format!("toolu_{}", &id[4..]))?;
+    let gen = start(state, &p.request, &format!("toolu_{}", id.trim_start_matches("msg_"))).await?;
     if p.stream {
         let mut events = anthropic::Events::new(id, p.model);
         return Ok(sse_response(state, gen, true, trace, move |o| events.on(o)));
@@ -440,7 +457,7 @@ async fn messages(state: &Arc<State>, body: Value) -> Result<Response<Body>, Api
 async fn count_tokens(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiError> {
     let p = anthropic::parse(&body, true)?;
     check_model(state, &p.model)?;
-    let (_, ids, _) = p.request.render(&state.engine.info)?;
+    let (_, ids, _) = off_the_runtime(state, &p.request, ChatRequest::render).await?;
     Ok(json_response(200, &json!({"input_tokens": ids.len()})))
 }
 
@@ -450,7 +467,7 @@ async fn chat(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiErro
     let id = state.id("chatcmpl-");
     let created = now_secs();
     let trace = Trace::new(state, Api::OpenAi, "/v1/chat/completions", &p.model, p.stream, &p.request, &body);
-    let gen = start(state, &p.request, &format!("call_{}", &id[9..]))?;
+    let gen = start(state, &p.request, &format!("call_{}", id.trim_start_matches("chatcmpl-"))).await?;
     if p.stream {
         let mut chunks = openai::Chunks::new(id, p.model, created, p.include_usage);
         return Ok(sse_response(state, gen, false, trace, move |o| chunks.on(o)));

@@ -108,13 +108,10 @@ pub fn parse(body: &Value) -> Result<Parsed, ApiError> {
         top_k: f.int_in("top_k", 0, 1_000_000)?.unwrap_or(0) as usize,
         min_p: f.f64_in("min_p", 0.0, 1.0)?.unwrap_or(0.0) as f32,
         repetition_penalty: f.f64_in("repetition_penalty", 0.01, 10.0)?.unwrap_or(1.0) as f32,
-        seed: f.int_in("seed", i64::MIN, i64::MAX)?.unwrap_or(0) as u64,
+        seed: f.int_in("seed", i64::MIN, i64::MAX)?.map(|s| s as u64),
         ..Default::default()
     };
-    let stop = f.strings("stop")?;
-    if stop.len() > 16 {
-        return Err(ApiError::invalid("stop", format!("stop: {} sequences given; at most 16", stop.len())));
-    }
+    let stop = f.stop_strings("stop")?;
     let include_usage = f
         .object("stream_options")?
         .map(|o| Fields::new(o, "stream_options").bool("include_usage"))

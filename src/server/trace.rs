@@ -143,8 +143,11 @@ impl Tracer {
         let Some(tx) = guard.as_ref() else { return };
         v["time"] = serde_json::json!(now_secs());
         let mut line = v.to_string();
-        for key in &self.redact {
-            line = line.replace(key.as_str(), "[redacted]");
+        for key in self.redact.iter().filter(|k| !k.is_empty()) {
+            // As written in the JSON line: escaped where it has quotes or backslashes.
+            let escaped = serde_json::to_string(key).unwrap_or_default();
+            let escaped = escaped.get(1..escaped.len().saturating_sub(1)).unwrap_or(key);
+            line = line.replace(key.as_str(), "[redacted]").replace(escaped, "[redacted]");
         }
         let _ = tx.send(line);
     }

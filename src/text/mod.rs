@@ -1,6 +1,7 @@
 //! Text: tokenizer, chat template, streaming detokenizer.
 
 pub mod detok;
+pub mod stop;
 pub mod template;
 pub mod tokenizer;
 pub mod tools;

@@ -1,0 +1,42 @@
+//! The C library calls kvserve makes outside MLX: signals to processes and
+//! the dynamic loader's symbol lookup. Each wraps one libc call in a safe
+//! function; like [`super::ffi`], this file is a room where `unsafe` is allowed.
+
+use std::ffi::{c_int, CStr, CString};
+use std::path::PathBuf;
+
+/// Send `signal` (e.g. `libc::SIGTERM`) to process `pid`; false if it failed.
+pub fn send_signal(pid: u32, signal: c_int) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(pid, signal) == 0 }
+}
+
+/// Ignore SIGINT in this process (a launcher whose child owns the terminal).
+pub fn ignore_interrupt() {
+    // SAFETY: installing SIG_IGN for SIGINT has no memory effects.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_IGN);
+    }
+}
+
+/// Which shared object the process's global symbol lookup resolves `symbol`
+/// to: the library whose code MLX's own calls to it will run. `None` when no
+/// loaded object exports it.
+pub fn symbol_provider(symbol: &str) -> Option<PathBuf> {
+    let name = CString::new(symbol).ok()?;
+    // SAFETY: dlsym with RTLD_DEFAULT only reads the loaded objects' tables;
+    // dladdr fills `info` with pointers into the loader's static strings.
+    unsafe {
+        let addr = libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr());
+        if addr.is_null() {
+            return None;
+        }
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(addr, &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        let file = CStr::from_ptr(info.dli_fname).to_string_lossy().into_owned();
+        Some(std::fs::canonicalize(&file).unwrap_or_else(|_| PathBuf::from(file)))
+    }
+}
