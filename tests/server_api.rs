@@ -277,3 +277,117 @@ fn answers_from_the_cache_equal_answers_without_it() {
         assert_eq!(&answer(&s.addr, c.clone()).0, want);
     }
 }
+
+/// The answer of a request, whole or streamed, in either API: (text, finish reason).
+fn reply_text(addr: &str, anthropic: bool, stream: bool, extra: &Value, question: &str, max_tokens: u64) -> (String, String) {
+    let mut body = json!({"model": MODEL, "max_tokens": max_tokens, "stream": stream, "messages": [{"role": "user", "content": question}]});
+    for (k, v) in extra.as_object().unwrap() {
+        body[k] = v.clone();
+    }
+    let path = if anthropic { "/v1/messages" } else { "/v1/chat/completions" };
+    let r = post(addr, path, &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    if !stream {
+        let v = r.json();
+        return if anthropic {
+            (v["content"][0]["text"].as_str().unwrap_or("").to_string(), v["stop_reason"].as_str().unwrap().to_string())
+        } else {
+            let c = &v["choices"][0];
+            (c["message"]["content"].as_str().unwrap_or("").to_string(), c["finish_reason"].as_str().unwrap().to_string())
+        };
+    }
+    let (mut text, mut finish) = (String::new(), String::new());
+    for (_, data) in r.events() {
+        if data == "[DONE]" {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&data).unwrap();
+        assert_ne!(v["type"], "error", "{v}");
+        if anthropic {
+            text += v["delta"]["text"].as_str().unwrap_or("");
+            if let Some(s) = v["delta"]["stop_reason"].as_str() {
+                finish = s.to_string();
+            }
+        } else {
+            text += v["choices"][0]["delta"]["content"].as_str().unwrap_or("");
+            if let Some(s) = v["choices"][0]["finish_reason"].as_str() {
+                finish = s.to_string();
+            }
+        }
+    }
+    (text, finish)
+}
+
+/// The reported crash: a Chinese answer and any stop string stopped the
+/// engine for good (the stop scanner sliced inside a character). Now each
+/// stop cuts the answer exactly before its first occurrence, in both APIs,
+/// streamed and whole, and the server goes on.
+#[test]
+fn stop_strings_over_a_chinese_answer() {
+    let s = start(&[]);
+    let ask = "Translate into Chinese: Good morning, how are you today? The weather is nice.";
+    let (full, _) = reply_text(&s.addr, false, false, &json!({}), ask, 40);
+    assert!(full.chars().filter(|c| *c as u32 >= 0x2E80).count() >= 3, "the answer should be Chinese: {full:?}");
+    // A stop string that never occurs (the reported request), then stops
+    // taken from the answer: one CJK character, two, and one with ASCII.
+    let chars: Vec<char> = full.chars().collect();
+    let cjk = chars.iter().position(|c| *c as u32 >= 0x2E80).unwrap();
+    let mut stops = vec!["xyz".to_string(), chars[cjk + 1..cjk + 3].iter().collect::<String>()];
+    if let Some(i) = (cjk + 2..chars.len()).find(|&i| chars[i] as u32 >= 0x2E80) {
+        stops.push(chars[i].to_string());
+    }
+    stops.push(chars[chars.len() - 3..].iter().collect());
+    for stop in &stops {
+        let expected = match full.find(stop.as_str()) {
+            Some(i) => (full[..i].to_string(), true),
+            None => (full.clone(), false),
+        };
+        for (anthropic, stream) in [(false, false), (false, true), (true, false), (true, true)] {
+            let key = if anthropic { "stop_sequences" } else { "stop" };
+            let (text, finish) = reply_text(&s.addr, anthropic, stream, &json!({key: [stop]}), ask, 40);
+            let case = format!("stop {stop:?}, anthropic {anthropic}, stream {stream}");
+            assert_eq!(text, expected.0, "{case}");
+            if expected.1 {
+                assert_eq!(finish, if anthropic { "stop_sequence" } else { "stop" }, "{case}");
+            }
+        }
+    }
+    assert_eq!(get(&s.addr, "/health").status, 200);
+    assert_eq!(reply_text(&s.addr, false, false, &json!({}), ask, 40).0, full, "the engine goes on, unchanged");
+}
+
+#[test]
+fn stop_string_limits_in_both_apis() {
+    let s = start(&[]);
+    let many: Vec<String> = (0..17).map(|i| format!("s{i}")).collect();
+    let long = "x".repeat(257);
+    for (anthropic, key) in [(true, "stop_sequences"), (false, "stop")] {
+        let path = if anthropic { "/v1/messages" } else { "/v1/chat/completions" };
+        let r = post(&s.addr, path, &with(anthropic_ok(), key, json!(many)));
+        assert_error(&r, anthropic, 400, "invalid_request_error", &format!("{key}: 17 sequences given; at most 16"), key);
+        let r = post(&s.addr, path, &with(anthropic_ok(), key, json!(["ok", long])));
+        assert_error(&r, anthropic, 400, "invalid_request_error", &format!("{key}[1]: 257 bytes; at most 256"), key);
+        if !anthropic {
+            assert_eq!(r.json()["error"]["param"], "stop[1]");
+        }
+        let r = post(&s.addr, path, &with(anthropic_ok(), key, json!(many[..16])));
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+}
+
+/// Sampling without a seed draws a fresh one per request (the same request
+/// gives different answers); with a seed, the answer repeats.
+#[test]
+fn sampling_without_a_seed_differs_and_with_one_repeats() {
+    let s = start(&[]);
+    let ask = "Write one sentence about a dog.";
+    let sampled = json!({"temperature": 1.0});
+    for anthropic in [false, true] {
+        let runs: Vec<String> = (0..3).map(|_| reply_text(&s.addr, anthropic, false, &sampled, ask, 24).0).collect();
+        assert!(runs.iter().any(|r| r != &runs[0]), "anthropic {anthropic}: three unseeded samples were identical: {runs:?}");
+    }
+    let seeded = json!({"temperature": 1.0, "seed": 1234});
+    let a = reply_text(&s.addr, false, false, &seeded, ask, 24).0;
+    let b = reply_text(&s.addr, false, false, &seeded, ask, 24).0;
+    assert_eq!(a, b);
+}
