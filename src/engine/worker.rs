@@ -163,10 +163,11 @@ fn mlx_works() -> Result<(), String> {
     }
 }
 
-/// MLX is broken: say why and exit, so a supervisor restarts the process.
+/// The engine cannot go on (MLX is broken): say why and exit, so that a
+/// supervisor restarts the process.
 fn exit_mlx_failed(why: &str) -> ! {
-    tracing::error!("MLX has failed ({why}); exiting with status {EXIT_MLX_FAILED} so that a supervisor restarts kvserve");
-    eprintln!("kvserve: MLX has failed ({why}); exiting with status {EXIT_MLX_FAILED}");
+    tracing::error!("the engine cannot go on ({why}); exiting with status {EXIT_MLX_FAILED} so that a supervisor restarts kvserve");
+    eprintln!("kvserve: the engine cannot go on ({why}); exiting with status {EXIT_MLX_FAILED}");
     std::process::exit(EXIT_MLX_FAILED)
 }
 
@@ -188,6 +189,11 @@ struct AliveGuard(Arc<AtomicBool>);
 impl Drop for AliveGuard {
     fn drop(&mut self) {
         self.0.store(false, Ordering::SeqCst);
+        // Jobs are caught one by one; a panic that still ends the thread
+        // leaves a server that cannot serve: exit, so it is restarted.
+        if std::thread::panicking() {
+            exit_mlx_failed("the engine thread panicked outside a request");
+        }
     }
 }
 

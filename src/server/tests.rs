@@ -106,4 +106,7 @@ fn a_panicking_request_gets_a_500_and_the_engine_goes_on() {
     assert!(state.engine.is_alive());
     let _ = stop_tx.send(());
     rt.block_on(server).unwrap();
+    // The shutdown message is counted in and out like any other (it was
+    // taken off without being counted in, and the depth wrapped).
+    assert_eq!(state.engine.queue_depth(), 0);
 }
