@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::ModelError;
@@ -87,39 +86,71 @@ pub enum RopeScaling {
     Llama3(Llama3Rope),
 }
 
-#[derive(Debug, Deserialize)]
-struct Raw {
-    model_type: String,
-    hidden_size: i32,
-    num_hidden_layers: i32,
-    intermediate_size: Option<i32>,
-    num_attention_heads: i32,
-    num_key_value_heads: Option<i32>,
-    head_dim: Option<i32>,
-    vocab_size: i32,
-    rms_norm_eps: Option<f32>,
-    rope_theta: Option<f32>,
-    #[serde(default)]
-    rope_traditional: bool,
-    rope_scaling: Option<Value>,
-    max_position_embeddings: Option<i32>,
-    #[serde(default)]
-    tie_word_embeddings: Option<bool>,
-    #[serde(default)]
-    attention_bias: bool,
-    #[serde(default)]
-    mlp_bias: bool,
-    eos_token_id: Option<Value>,
-    bos_token_id: Option<Value>,
-    // qwen3_moe
-    num_experts: Option<i32>,
-    num_experts_per_tok: Option<i32>,
-    moe_intermediate_size: Option<i32>,
-    decoder_sparse_step: Option<i32>,
-    #[serde(default)]
-    mlp_only_layers: Vec<i32>,
-    #[serde(default)]
-    norm_topk_prob: bool,
+// Bounds on what config.json may claim: far above any real model, low enough
+// that products of them (heads x head_dim, rows x columns) fit in an i32.
+const MAX_HEADS: i64 = 1024;
+const MAX_HEAD_DIM: i64 = 4096;
+const MAX_WIDTH: i64 = 1 << 20;
+const MAX_LAYERS: i64 = 4096;
+const MAX_VOCAB: i64 = 1 << 24;
+const MAX_EXPERTS: i64 = 4096;
+
+/// Typed reads of config.json's fields; each error names the field. A
+/// `null` value counts as absent (Hugging Face writes `"head_dim": null`).
+struct Fields<'a> {
+    obj: &'a serde_json::Map<String, Value>,
+    file: &'a str,
+}
+
+impl Fields<'_> {
+    fn bad(&self, message: String) -> ModelError {
+        ModelError::Config { file: self.file.to_string(), message }
+    }
+    fn get(&self, name: &str) -> Option<&Value> {
+        self.obj.get(name).filter(|v| !v.is_null())
+    }
+    /// An integer in `lo..=hi`, if present.
+    fn int(&self, name: &str, lo: i64, hi: i64) -> Result<Option<i32>, ModelError> {
+        let Some(v) = self.get(name) else { return Ok(None) };
+        match v.as_i64() {
+            // hi is at most i32::MAX, so the cast is exact.
+            Some(x) if (lo..=hi).contains(&x) => Ok(Some(x as i32)),
+            Some(x) => Err(self.bad(format!("{name} is {x}; it must be between {lo} and {hi}"))),
+            None => Err(self.bad(format!("{name} is {v}; it must be an integer"))),
+        }
+    }
+    fn require(&self, name: &str, lo: i64, hi: i64) -> Result<i32, ModelError> {
+        self.int(name, lo, hi)?.ok_or_else(|| self.bad(format!("{name} is missing")))
+    }
+    /// A number for which `ok` holds (`want` says what that means), if present.
+    fn float(&self, name: &str, ok: fn(f32) -> bool, want: &str) -> Result<Option<f32>, ModelError> {
+        let Some(v) = self.get(name) else { return Ok(None) };
+        match v.as_f64().map(|x| x as f32) {
+            Some(x) if ok(x) => Ok(Some(x)),
+            Some(x) => Err(self.bad(format!("{name} is {x}; it must be {want}"))),
+            None => Err(self.bad(format!("{name} is {v}; it must be a number"))),
+        }
+    }
+    fn flag(&self, name: &str) -> Result<Option<bool>, ModelError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.bad(format!("{name} is {v}; it must be true or false"))),
+        }
+    }
+    fn string(&self, name: &str) -> Result<String, ModelError> {
+        match self.get(name) {
+            None => Err(self.bad(format!("{name} is missing"))),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(v) => Err(self.bad(format!("{name} is {v}; it must be a string"))),
+        }
+    }
+    fn ints(&self, name: &str) -> Result<Vec<i32>, ModelError> {
+        let Some(v) = self.get(name) else { return Ok(vec![]) };
+        v.as_array()
+            .and_then(|a| a.iter().map(|x| x.as_i64().and_then(|x| i32::try_from(x).ok())).collect::<Option<Vec<i32>>>())
+            .ok_or_else(|| self.bad(format!("{name} is {v}; it must be a list of integers")))
+    }
 }
 
 /// Mixture-of-experts layout (qwen3_moe).
@@ -181,69 +212,107 @@ pub fn token_ids(v: Option<&Value>) -> Vec<u32> {
 }
 
 impl ModelConfig {
-    /// Parse `config.json` text; `file` names it in errors.
+    /// Parse `config.json` text; `file` names it in errors. Every count is
+    /// checked (present, positive, within bounds, heads dividing evenly)
+    /// before any arithmetic on it.
     pub fn parse(text: &str, file: &str) -> Result<Self, ModelError> {
         let bad = |msg: String| ModelError::Config { file: file.to_string(), message: msg };
         let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let raw: Raw = serde_json::from_value(value.clone()).map_err(|e| bad(e.to_string()))?;
-        if !SUPPORTED.contains(&raw.model_type.as_str()) {
+        let obj = value.as_object().ok_or_else(|| bad("is not a JSON object".into()))?;
+        let f = Fields { obj, file };
+        let model_type = f.string("model_type")?;
+        if !SUPPORTED.contains(&model_type.as_str()) {
             return Err(bad(format!(
                 "unknown architecture '{}' (supported: {})",
-                raw.model_type,
+                model_type,
                 SUPPORTED.join(", ")
             )));
         }
         let quantization = Quantization::parse(value.get("quantization")).map_err(bad)?;
-        let positive = |name: &str, v: i32| {
-            if v > 0 {
-                Ok(v)
-            } else {
-                Err(bad(format!("{name} must be positive, got {v}")))
-            }
-        };
-        let num_heads = positive("num_attention_heads", raw.num_attention_heads)?;
-        let num_kv_heads = positive("num_key_value_heads", raw.num_key_value_heads.unwrap_or(num_heads))?;
+        let hidden_size = f.require("hidden_size", 1, MAX_WIDTH)?;
+        let num_layers = f.require("num_hidden_layers", 1, MAX_LAYERS)?;
+        let vocab_size = f.require("vocab_size", 1, MAX_VOCAB)?;
+        let num_heads = f.require("num_attention_heads", 1, MAX_HEADS)?;
+        let num_kv_heads = f.int("num_key_value_heads", 1, MAX_HEADS)?.unwrap_or(num_heads);
         if num_heads % num_kv_heads != 0 {
             return Err(bad(format!(
-                "num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}"
+                "num_key_value_heads {num_kv_heads} does not divide num_attention_heads {num_heads}"
             )));
         }
-        let hidden_size = positive("hidden_size", raw.hidden_size)?;
-        // qwen2 ignores head_dim (mlx-lm derives it from hidden_size).
-        let head_dim = match raw.head_dim {
-            Some(d) if raw.model_type != "qwen2" => positive("head_dim", d)?,
-            _ => hidden_size / num_heads,
+        let is_moe = model_type == "qwen3_moe";
+        // A dense model's MLP width; qwen3_moe's experts have their own.
+        let intermediate_size = match f.int("intermediate_size", 1, MAX_WIDTH)? {
+            Some(n) => n,
+            None if is_moe => 0,
+            None => return Err(bad("intermediate_size is missing".into())),
         };
-        let rope_theta = raw.rope_theta.unwrap_or(10000.0);
-        let rope_scaling = match &raw.rope_scaling {
+        // qwen2 ignores head_dim (mlx-lm derives it from hidden_size).
+        let head_dim = match f.int("head_dim", 1, MAX_HEAD_DIM)? {
+            Some(d) if model_type != "qwen2" => d,
+            _ if hidden_size % num_heads == 0 => hidden_size / num_heads,
+            _ => {
+                return Err(bad(format!(
+                    "hidden_size {hidden_size} is not a multiple of num_attention_heads {num_heads}, so head_dim cannot be derived"
+                )))
+            }
+        };
+        if head_dim % 2 != 0 {
+            return Err(bad(format!("head_dim {head_dim} is odd; rotary embeddings need it even")));
+        }
+        let rope_theta = f.float("rope_theta", |x| x.is_finite() && x > 0.0, "a positive number")?.unwrap_or(10000.0);
+        let rms_norm_eps = f.float("rms_norm_eps", |x| x.is_finite() && (0.0..1.0).contains(&x), "between 0 and 1")?;
+        let context_length = f.int("max_position_embeddings", 1, i32::MAX.into())?.unwrap_or(4096);
+        let rope_traditional = f.flag("rope_traditional")?.unwrap_or(false);
+        let attention_bias = f.flag("attention_bias")?.unwrap_or(false);
+        let rope_scaling = match obj.get("rope_scaling") {
             None | Some(Value::Null) => RopeScaling::None,
             Some(Value::Object(m)) => {
                 let kind = m.get("rope_type").or_else(|| m.get("type")).and_then(Value::as_str).unwrap_or("");
-                let f = |k: &str, d: f32| m.get(k).and_then(Value::as_f64).map(|x| x as f32).unwrap_or(d);
+                // Positive and finite: rotary frequencies are divided by them.
+                let num = |k: &str, d: f32| match m.get(k) {
+                    None | Some(Value::Null) => Ok(d),
+                    Some(v) => match v.as_f64().map(|x| x as f32) {
+                        Some(x) if x.is_finite() && x > 0.0 => Ok(x),
+                        _ => Err(bad(format!("rope_scaling.{k} is {v}; it must be a positive number"))),
+                    },
+                };
                 match kind {
-                    "linear" => RopeScaling::Linear(f("factor", 1.0)),
-                    "llama3" => RopeScaling::Llama3(Llama3Rope {
-                        factor: f("factor", 1.0),
-                        low_freq_factor: f("low_freq_factor", 1.0),
-                        high_freq_factor: f("high_freq_factor", 4.0),
-                        original_max_position_embeddings: f("original_max_position_embeddings", 8192.0),
-                    }),
+                    "linear" => RopeScaling::Linear(num("factor", 1.0)?),
+                    "llama3" => {
+                        let s = Llama3Rope {
+                            factor: num("factor", 1.0)?,
+                            low_freq_factor: num("low_freq_factor", 1.0)?,
+                            high_freq_factor: num("high_freq_factor", 4.0)?,
+                            original_max_position_embeddings: num("original_max_position_embeddings", 8192.0)?,
+                        };
+                        if s.high_freq_factor <= s.low_freq_factor {
+                            return Err(bad(format!(
+                                "rope_scaling.high_freq_factor {} must be greater than rope_scaling.low_freq_factor {}",
+                                s.high_freq_factor, s.low_freq_factor
+                            )));
+                        }
+                        RopeScaling::Llama3(s)
+                    }
                     "default" => RopeScaling::None,
                     other => return Err(bad(format!("rope_scaling type '{other}' is not supported (linear, llama3)"))),
                 }
             }
             Some(other) => return Err(bad(format!("rope_scaling must be an object, got {other}"))),
         };
-        let is_qwen2 = raw.model_type == "qwen2";
-        let raw_is_qwen3 = raw.model_type.starts_with("qwen3");
-        let moe = (raw.model_type == "qwen3_moe").then(|| MoeConfig {
-            num_experts: raw.num_experts.unwrap_or(0),
-            experts_per_token: raw.num_experts_per_tok.unwrap_or(0),
-            intermediate_size: raw.moe_intermediate_size.unwrap_or(0),
-            sparse_step: raw.decoder_sparse_step.unwrap_or(1),
-            mlp_only_layers: raw.mlp_only_layers.clone(),
-            norm_topk_prob: raw.norm_topk_prob,
-        });
+        let is_qwen2 = model_type == "qwen2";
+        let is_qwen3 = model_type.starts_with("qwen3");
+        let moe = if is_moe {
+            Some(MoeConfig {
+                num_experts: f.int("num_experts", 0, MAX_EXPERTS)?.unwrap_or(0),
+                experts_per_token: f.int("num_experts_per_tok", 0, MAX_EXPERTS)?.unwrap_or(0),
+                intermediate_size: f.int("moe_intermediate_size", 1, MAX_WIDTH)?.unwrap_or(0),
+                sparse_step: f.int("decoder_sparse_step", 1, MAX_LAYERS)?.unwrap_or(1),
+                mlp_only_layers: f.ints("mlp_only_layers")?,
+                norm_topk_prob: f.flag("norm_topk_prob")?.unwrap_or(false),
+            })
+        } else {
+            None
+        };
         if let Some(m) = &moe {
             if m.num_experts <= 0 || m.experts_per_token <= 0 || m.experts_per_token > m.num_experts {
                 return Err(bad(format!(
@@ -253,28 +322,90 @@ impl ModelConfig {
             }
         }
         Ok(ModelConfig {
-            qk_norm: raw.model_type.starts_with("qwen3"),
-            model_type: raw.model_type,
+            qk_norm: is_qwen3,
+            model_type,
             hidden_size,
-            num_layers: positive("num_hidden_layers", raw.num_hidden_layers)?,
-            intermediate_size: raw.intermediate_size.unwrap_or(0),
+            num_layers,
+            intermediate_size,
             num_heads,
             num_kv_heads,
             head_dim,
-            vocab_size: positive("vocab_size", raw.vocab_size)?,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            vocab_size,
+            rms_norm_eps: rms_norm_eps.unwrap_or(1e-6),
             rope_theta,
-            rope_traditional: raw.rope_traditional,
+            rope_traditional,
             rope_scaling,
-            context_length: raw.max_position_embeddings.unwrap_or(4096),
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(!raw_is_qwen3),
-            qkv_bias: is_qwen2 || raw.attention_bias,
-            o_bias: !is_qwen2 && raw.attention_bias,
-            mlp_bias: raw.mlp_bias,
+            context_length,
+            tie_word_embeddings: f.flag("tie_word_embeddings")?.unwrap_or(!is_qwen3),
+            qkv_bias: is_qwen2 || attention_bias,
+            o_bias: !is_qwen2 && attention_bias,
+            mlp_bias: f.flag("mlp_bias")?.unwrap_or(false),
             moe,
-            eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
-            bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
+            eos_token_ids: token_ids(obj.get("eos_token_id")),
+            bos_token_id: token_ids(obj.get("bos_token_id")).first().copied(),
             quantization,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parse(v: Value) -> Result<ModelConfig, String> {
+        ModelConfig::parse(&v.to_string(), "config.json").map_err(|e| e.to_string())
+    }
+
+    fn base(model_type: &str) -> Value {
+        json!({"model_type": model_type, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 100})
+    }
+
+    #[test]
+    fn head_dim_comes_from_the_config_except_for_qwen2() {
+        let mut v = base("qwen3");
+        v["head_dim"] = json!(32);
+        assert_eq!(parse(v.clone()).unwrap().head_dim, 32);
+        v["model_type"] = json!("qwen2");
+        assert_eq!(parse(v).unwrap().head_dim, 16);
+        let mut v = base("llama");
+        v["head_dim"] = Value::Null;
+        assert_eq!(parse(v).unwrap().head_dim, 16);
+    }
+
+    #[test]
+    fn only_moe_models_may_leave_out_intermediate_size() {
+        let mut v = base("qwen3_moe");
+        v.as_object_mut().unwrap().remove("intermediate_size");
+        assert_eq!(
+            parse(v.clone()).unwrap_err(),
+            "config.json: qwen3_moe needs 0 < num_experts_per_tok (0) <= num_experts (0)"
+        );
+        v["num_experts"] = json!(8);
+        v["num_experts_per_tok"] = json!(2);
+        assert_eq!(parse(v).unwrap().intermediate_size, 0);
+        let mut v = base("llama");
+        v.as_object_mut().unwrap().remove("intermediate_size");
+        assert_eq!(parse(v).unwrap_err(), "config.json: intermediate_size is missing");
+    }
+
+    #[test]
+    fn rope_scaling_numbers_are_checked() {
+        let mut v = base("llama");
+        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 4.0});
+        assert_eq!(
+            parse(v.clone()).unwrap_err(),
+            "config.json: rope_scaling.high_freq_factor 4 must be greater than rope_scaling.low_freq_factor 4"
+        );
+        v["rope_scaling"]["factor"] = json!(-1);
+        assert_eq!(parse(v).unwrap_err(), "config.json: rope_scaling.factor is -1; it must be a positive number");
+    }
+
+    #[test]
+    fn an_expert_count_past_its_bound_is_named() {
+        let mut v = base("qwen3_moe");
+        v["num_experts"] = json!(1 << 20);
+        assert_eq!(parse(v).unwrap_err(), "config.json: num_experts is 1048576; it must be between 0 and 4096");
     }
 }

@@ -11,6 +11,7 @@ use mlx_rs::{Array, Dtype};
 use serde_json::{json, Map, Value};
 
 use super::config::{ModelConfig, QuantSpec};
+use super::gguf_types::ModelShape;
 use super::ModelError;
 use crate::mlx::{MlxError, QuantizedMatrix};
 
@@ -59,17 +60,20 @@ impl Meta<'_> {
             _ => None,
         })
     }
-    fn require(&self, key: &str) -> Result<f64, ModelError> {
-        self.number(key)?.ok_or_else(|| err(self.path, format!("metadata lacks {key}")))
-    }
     fn ints(&self, key: &str) -> Result<Option<Vec<i32>>, ModelError> {
         Ok(match self.get(key)? {
             Some(GgufMetadataValue::Array(a)) => {
                 let a = a.as_dtype(Dtype::Int32).map_err(MlxError::from)?;
                 a.eval().map_err(MlxError::from)?;
-                Some(a.as_slice::<i32>().to_vec())
+                Some(a.try_as_slice::<i32>().map_err(|e| err(self.path, format!("{key}: {e}")))?.to_vec())
             }
             _ => None,
+        })
+    }
+    fn flag(&self, key: &str) -> Result<bool, ModelError> {
+        Ok(match self.get(key)? {
+            Some(GgufMetadataValue::Array(a)) => a.try_item_exact::<bool>().map_err(|e| err(self.path, format!("{key}: {e}")))?,
+            _ => false,
         })
     }
 }
@@ -106,12 +110,16 @@ fn hf_name(gguf: &str) -> Option<String> {
 
 /// Undo llama.cpp's permutation of Q/K rows for its rotary layout. Its
 /// converter did `reshape(heads, 2, d/2, cols).swapaxes(1, 2)`; the inverse
-/// reads the rows as (heads, d/2, 2) and swaps back.
-fn unpermute_rows(a: &Array, heads: i32) -> Result<Array, MlxError> {
-    let s = a.shape().to_vec();
-    let (out, cols) = (s[0], s[1]);
+/// reads the rows as (heads, d/2, 2) and swaps back. `Err` names a shape
+/// that cannot be split into `heads` heads of an even size.
+fn unpermute_rows(a: &Array, heads: i32) -> Result<Array, String> {
+    let &[out, cols] = a.shape() else { return Err(format!("has shape {:?}, not a matrix", a.shape())) };
+    if heads <= 0 || out % heads != 0 || (out / heads) % 2 != 0 {
+        return Err(format!("has {out} rows, which do not split into {heads} heads of an even size"));
+    }
     let d = out / heads;
-    Ok(a.reshape(&[heads, d / 2, 2, cols])?.swap_axes(1, 2)?.reshape(&[out, cols])?)
+    let a = a.reshape(&[heads, d / 2, 2, cols]).and_then(|a| a.swap_axes(1, 2)).and_then(|a| a.reshape(&[out, cols]));
+    a.map_err(|e| e.to_string())
 }
 
 /// Store a quantized matrix under `hf` and record its spec.
@@ -146,28 +154,13 @@ pub fn convert(path: &Path, requant: Option<QuantSpec>) -> Result<Converted, Mod
     if !path.is_file() {
         return Err(err(path, "file not found"));
     }
-    match super::gguf_types::unsupported_tensor(path) {
-        Err(e) => return Err(err(path, format!("cannot load GGUF: {e}"))),
-        Ok(Some((tensor, ty))) => {
-            return Err(err(
-                path,
-                format!("tensor '{tensor}' has type {ty}, which kvserve does not load (F32, F16, BF16, Q4_0, Q4_1, Q8_0); convert the model to one of these"),
-            ))
-        }
-        Ok(None) => {}
-    }
+    // Everything MLX's loader trusts, and every count used below, is checked
+    // here first (gguf_types), so a damaged file is an error naming the field.
+    let shape = super::gguf_types::check(path).map_err(|e| err(path, e.to_string()))?;
     let g = Gguf::load(path).map_err(|e| err(path, format!("cannot load GGUF: {e}")))?;
     let meta = Meta { g: &g, path };
-    let arch = meta.string("general.architecture")?.ok_or_else(|| err(path, "metadata lacks general.architecture"))?;
-    if !["llama", "qwen2", "qwen3"].contains(&arch.as_str()) {
-        return Err(err(path, format!("GGUF architecture '{arch}' is not supported (llama, qwen2, qwen3)")));
-    }
+    let ModelShape { arch, hidden, heads, kv_heads, layers, head_dim, ffn, vocab, .. } = shape.clone();
     let key = |k: &str| format!("{arch}.{k}");
-    let hidden = meta.require(&key("embedding_length"))? as i32;
-    let heads = meta.require(&key("attention.head_count"))? as i32;
-    let kv_heads = meta.number(&key("attention.head_count_kv"))?.map(|x| x as i32).unwrap_or(heads);
-    let layers = meta.require(&key("block_count"))? as i32;
-    let head_dim = meta.number(&key("attention.key_length"))?.map(|x| x as i32).unwrap_or(hidden / heads);
 
     let arrays = g.arrays().map_err(|e| err(path, format!("cannot read tensors: {e}")))?;
     let mut weights = HashMap::new();
@@ -183,16 +176,27 @@ pub fn convert(path: &Path, requant: Option<QuantSpec>) -> Result<Converted, Mod
         let hf = hf_name(&base).ok_or_else(|| err(path, format!("tensor '{base}' has no known Hugging Face name")))?;
         let permute = arch == "llama" && (base.ends_with("attn_q") || base.ends_with("attn_k"));
         let n_heads = if base.ends_with("attn_q") { heads } else { kv_heads };
-        let fix = |a: &Array| -> Result<Array, MlxError> {
-            if permute { unpermute_rows(a, n_heads) } else { Ok(a.clone()) }
+        let fix = |a: &Array| -> Result<Array, ModelError> {
+            if permute {
+                unpermute_rows(a, n_heads).map_err(|e| err(path, format!("tensor '{base}' {e}")))
+            } else {
+                Ok(a.clone())
+            }
         };
-        let w = &arrays[&format!("{base}.weight")];
+        let w = arrays.get(&format!("{base}.weight")).ok_or_else(|| err(path, format!("tensor '{base}.weight' is missing")))?;
         if let Some(scales) = arrays.get(&format!("{base}.scales")) {
             let biases = arrays
                 .get(&format!("{base}.biases"))
                 .ok_or_else(|| err(path, format!("{base} has scales but no biases")))?;
-            // MLX's GGUF loader maps Q4_0/Q4_1/Q8_0 to affine groups of 32.
-            let bits = w.shape()[1] * 32 / (scales.shape()[1] * 32);
+            // MLX's GGUF loader maps Q4_0/Q4_1/Q8_0 to affine groups of 32:
+            // per row, `bits` 32-bit words of packed values per group.
+            let bits = match (w.shape(), scales.shape()) {
+                (&[_, words], &[_, groups]) if groups > 0 && words % groups == 0 => words / groups,
+                (ws, ss) => return Err(err(path, format!("tensor '{base}' has packed shape {ws:?} and scales {ss:?}, which do not make groups of 32"))),
+            };
+            if ![2, 3, 4, 5, 6, 8].contains(&bits) {
+                return Err(err(path, format!("tensor '{base}' unpacks to {bits} bits per value (MLX supports 2-6 and 8)")));
+            }
             let spec = QuantSpec { group_size: 32, bits };
             let q = QuantizedMatrix {
                 packed: fix(w)?,
@@ -219,7 +223,8 @@ pub fn convert(path: &Path, requant: Option<QuantSpec>) -> Result<Converted, Mod
             }
         }
         if let Some(b) = arrays.get(&format!("{base}.bias")) {
-            weights.insert(format!("{hf}.bias"), fix(&b.reshape(&[-1, 1]).map_err(MlxError::from)?)?.reshape(&[-1]).map_err(MlxError::from)?);
+            let column = fix(&b.reshape(&[-1, 1]).map_err(MlxError::from)?)?;
+            weights.insert(format!("{hf}.bias"), column.reshape(&[-1]).map_err(MlxError::from)?);
         }
     }
     let tied = !weights.contains_key("lm_head.weight");
@@ -245,20 +250,19 @@ pub fn convert(path: &Path, requant: Option<QuantSpec>) -> Result<Converted, Mod
         Value::Object(q)
     });
 
-    let bos = meta.number("tokenizer.ggml.bos_token_id")?.map(|x| x as u32);
-    let eos = meta.number("tokenizer.ggml.eos_token_id")?.map(|x| x as u32);
+    let (bos, eos) = (shape.bos, shape.eos);
     let mut config = json!({
         "model_type": arch,
         "hidden_size": hidden,
         "num_hidden_layers": layers,
-        "intermediate_size": meta.require(&key("feed_forward_length"))? as i32,
+        "intermediate_size": ffn,
         "num_attention_heads": heads,
         "num_key_value_heads": kv_heads,
         "head_dim": head_dim,
-        "vocab_size": weights["model.embed_tokens.weight"].shape()[0],
+        "vocab_size": vocab,
         "rms_norm_eps": meta.number(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-6),
         "rope_theta": meta.number(&key("rope.freq_base"))?.unwrap_or(10000.0),
-        "max_position_embeddings": meta.number(&key("context_length"))?.unwrap_or(4096.0) as i64,
+        "max_position_embeddings": shape.context_length.unwrap_or(4096),
         "tie_word_embeddings": tied,
         "bos_token_id": bos,
         "eos_token_id": eos,
@@ -268,12 +272,12 @@ pub fn convert(path: &Path, requant: Option<QuantSpec>) -> Result<Converted, Mod
         config["quantization_config"] = q;
     }
 
-    let (tokenizer, tokenizer_config) = tokenizer_files(&meta, path, bos, eos)?;
+    let (tokenizer, tokenizer_config) = tokenizer_files(&meta, path, &shape)?;
     Ok(Converted { config, weights, tokenizer, tokenizer_config })
 }
 
 /// Build tokenizer.json and tokenizer_config.json from the GGUF vocabulary.
-fn tokenizer_files(meta: &Meta, path: &Path, bos: Option<u32>, eos: Option<u32>) -> Result<(Value, Value), ModelError> {
+fn tokenizer_files(meta: &Meta, path: &Path, shape: &ModelShape) -> Result<(Value, Value), ModelError> {
     let model = meta.string("tokenizer.ggml.model")?.unwrap_or_default();
     if model != "gpt2" {
         return Err(err(path, format!("tokenizer model '{model}' is not supported (gpt2 byte-level BPE)")));
@@ -286,12 +290,16 @@ fn tokenizer_files(meta: &Meta, path: &Path, bos: Option<u32>, eos: Option<u32>)
     let types = meta.ints("tokenizer.ggml.token_type")?.unwrap_or_default();
     let vocab: Map<String, Value> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     // Control (3) and user-defined (4) tokens are added tokens; control ones are special.
+    if types.len() > tokens.len() {
+        return Err(err(path, format!("tokenizer.ggml.token_type has {} entries but tokenizer.ggml.tokens has {}", types.len(), tokens.len())));
+    }
     let added: Vec<Value> = types
         .iter()
+        .zip(&tokens)
         .enumerate()
-        .filter(|(_, t)| **t == 3 || **t == 4)
-        .map(|(i, t)| {
-            json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
+        .filter(|(_, (t, _))| **t == 3 || **t == 4)
+        .map(|(i, (t, content))| {
+            json!({"id": i, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
                    "normalized": *t == 4, "special": *t == 3})
         })
         .collect();
@@ -309,15 +317,13 @@ fn tokenizer_files(meta: &Meta, path: &Path, bos: Option<u32>, eos: Option<u32>)
                   "vocab": vocab, "merges": merges},
     });
     let tok = |id: Option<u32>| id.and_then(|i| tokens.get(i as usize)).map(|s| json!(s)).unwrap_or(Value::Null);
-    let unk = meta.number("tokenizer.ggml.unknown_token_id")?.map(|x| x as u32);
-    let pad = meta.number("tokenizer.ggml.padding_token_id")?.map(|x| x as u32);
-    let add_bos = matches!(meta.get("tokenizer.ggml.add_bos_token")?, Some(GgufMetadataValue::Array(a)) if a.item_exact::<bool>());
+    let add_bos = meta.flag("tokenizer.ggml.add_bos_token")?;
     let config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": tok(bos),
-        "eos_token": tok(eos),
-        "unk_token": tok(unk),
-        "pad_token": tok(pad),
+        "bos_token": tok(shape.bos),
+        "eos_token": tok(shape.eos),
+        "unk_token": tok(shape.unk),
+        "pad_token": tok(shape.pad),
         "add_bos_token": add_bos,
         "clean_up_tokenization_spaces": false,
         "chat_template": meta.string("tokenizer.chat_template")?,

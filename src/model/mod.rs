@@ -44,7 +44,7 @@ pub fn on_cpu() -> bool {
 
 /// The safetensors files of an MLX-format directory: those the index names,
 /// else every `*.safetensors`.
-fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
+pub(crate) fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index)
@@ -85,6 +85,8 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Array>, ModelE
         let meta = std::fs::metadata(file)
             .map_err(|_| ModelError::Load { file: file.display().to_string(), message: "file not found".into() })?;
         sizes.push(meta.len());
+        // MLX's reader trusts the header; a damaged one is named here first.
+        source::check_safetensors(file)?;
     }
     let total: u64 = sizes.iter().sum();
     let gb = |b: u64| b as f64 / 1e9;

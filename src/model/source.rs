@@ -2,9 +2,14 @@
 //! Hugging Face repo id found in the local Hugging Face cache or LM Studio's
 //! models folder. Loaded with its tokenizer, chat template and stop ids.
 
+use std::collections::HashMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use super::{gguf, ModelError, Transformer};
+use mlx_rs::Array;
+use serde_json::Value;
+
+use super::{gguf, ModelConfig, ModelError, Transformer};
 use crate::text::template::ChatTemplate;
 use crate::text::tokenizer::Tokenizer;
 
@@ -82,10 +87,14 @@ pub fn load(spec: &str) -> Result<LoadedModel, ModelError> {
         let tj = serde_json::to_vec(&c.tokenizer).expect("json");
         let tokenizer = Tokenizer::from_json(&tj, &c.tokenizer_config, None, &path.display().to_string()).map_err(tok_err)?;
         let eos = cfg.eos_token_ids.clone();
-        (super::build(&cfg, c.weights)?, tokenizer, eos)
+        let model = super::build(&cfg, c.weights).map_err(|e| name_missing(e, &cfg, &|_| path.clone(), "the GGUF metadata"))?;
+        (model, tokenizer, eos)
     } else {
         let cfg = super::load_config(&path)?;
-        let model = super::build(&cfg, super::load_safetensors_dir(&path)?)?;
+        let weights = super::load_safetensors_dir(&path)?;
+        let files = super::weight_files(&path)?;
+        check_shapes(&cfg, &weights, &path.join("config.json"))?;
+        let model = super::build(&cfg, weights).map_err(|e| name_missing(e, &cfg, &|t| holder(&path, &files, t), "config.json"))?;
         let tokenizer = Tokenizer::load(&path).map_err(tok_err)?;
         let mut eos = cfg.eos_token_ids.clone();
         if let Ok(text) = std::fs::read_to_string(path.join("generation_config.json")) {
@@ -103,4 +112,121 @@ pub fn load(spec: &str) -> Result<LoadedModel, ModelError> {
         None => None,
     };
     Ok(LoadedModel { model, tokenizer, template, eos_ids, path, name })
+}
+
+/// Bytes per element of the safetensors dtypes MLX loads.
+fn dtype_bytes(dtype: &str) -> Option<u64> {
+    Some(match dtype {
+        "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" | "F8_E8M0" => 1,
+        "U16" | "I16" | "F16" | "BF16" => 2,
+        "U32" | "I32" | "F32" => 4,
+        "U64" | "I64" | "F64" | "C64" => 8,
+        _ => return None,
+    })
+}
+
+/// The largest header accepted (the `safetensors` format's own limit).
+const MAX_HEADER_BYTES: u64 = 100 << 20;
+
+/// Check a safetensors file's header before MLX reads it: a length inside the
+/// file, a JSON object, and for every tensor a known dtype, a shape MLX can
+/// hold, and data offsets inside the file that match dtype x shape. Errors
+/// name the file and the tensor.
+pub fn check_safetensors(file: &Path) -> Result<(), ModelError> {
+    let bad = |m: String| ModelError::Load { file: file.display().to_string(), message: m };
+    let corrupt = "the file may be truncated or corrupt";
+    let mut f = std::fs::File::open(file).map_err(|e| bad(e.to_string()))?;
+    let len = f.metadata().map_err(|e| bad(e.to_string()))?.len();
+    let mut n = [0u8; 8];
+    if len < 8 || f.read_exact(&mut n).is_err() {
+        return Err(bad(format!("is {len} bytes, too short for a safetensors header; {corrupt}")));
+    }
+    let n = u64::from_le_bytes(n);
+    if n > MAX_HEADER_BYTES || n > len - 8 {
+        return Err(bad(format!("safetensors header length {n} runs past the end of the file ({len} bytes); {corrupt}")));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header).map_err(|e| bad(format!("cannot read the safetensors header ({e}); {corrupt}")))?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("safetensors header is not a JSON object ({e}); {corrupt}")))?;
+    let data_len = len - 8 - n;
+    for (name, info) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let tensor = |m: String| bad(format!("tensor '{name}' {m}"));
+        let dtype = info.get("dtype").and_then(Value::as_str).ok_or_else(|| tensor("has no dtype".into()))?;
+        let size = dtype_bytes(dtype).ok_or_else(|| tensor(format!("has dtype '{dtype}', which MLX does not load")))?;
+        let shape = info
+            .get("shape")
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(Value::as_u64).collect::<Option<Vec<u64>>>())
+            .ok_or_else(|| tensor("has no shape (a list of sizes)".into()))?;
+        if shape.iter().any(|d| *d > i32::MAX as u64) {
+            return Err(tensor(format!("has shape {shape:?}, a dimension beyond MLX's limit of {}", i32::MAX)));
+        }
+        let want = shape.iter().try_fold(size, |n, d| n.checked_mul(*d));
+        let offsets = info.get("data_offsets").and_then(Value::as_array).map(|a| a.iter().map(Value::as_u64).collect::<Vec<_>>());
+        let (begin, end) = match offsets.as_deref() {
+            Some([Some(b), Some(e)]) => (*b, *e),
+            _ => return Err(tensor("has no data_offsets [begin, end]".into())),
+        };
+        if begin > end || end > data_len {
+            return Err(tensor(format!("has data_offsets [{begin}, {end}] outside the {data_len} bytes of data; {corrupt}")));
+        }
+        if want != Some(end - begin) {
+            return Err(tensor(format!(
+                "has data_offsets [{begin}, {end}] ({} bytes) but dtype {dtype} and shape {shape:?} need {}; {corrupt}",
+                end - begin,
+                want.map_or("more than 2^64".into(), |w| w.to_string())
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The weights agree with config.json: the embedding has `vocab_size` rows,
+/// and each layer's attention projections and norms the sizes its head counts
+/// and `hidden_size` give. Tensors that are absent are left to `build`.
+fn check_shapes(cfg: &ModelConfig, w: &HashMap<String, Array>, config: &Path) -> Result<(), ModelError> {
+    let bad = |m: String| ModelError::Config { file: config.display().to_string(), message: m };
+    let rows = |name: &str| w.get(name).and_then(|a| a.shape().first().copied());
+    let expect = |name: &str, want: i32, why: String| match rows(name) {
+        Some(got) if got != want => Err(bad(format!("{why} gives {name} {want} rows, but the weights have {got}"))),
+        _ => Ok(()),
+    };
+    expect("model.embed_tokens.weight", cfg.vocab_size, format!("vocab_size {}", cfg.vocab_size))?;
+    // Bounded in ModelConfig::parse, so the products fit in an i32.
+    let (q, kv) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
+    for i in 0..cfg.num_layers {
+        let p = format!("model.layers.{i}");
+        let heads = format!("num_attention_heads {} x head_dim {}", cfg.num_heads, cfg.head_dim);
+        let kv_heads = format!("num_key_value_heads {} x head_dim {}", cfg.num_kv_heads, cfg.head_dim);
+        expect(&format!("{p}.self_attn.q_proj.weight"), q, heads)?;
+        expect(&format!("{p}.self_attn.k_proj.weight"), kv, kv_heads.clone())?;
+        expect(&format!("{p}.self_attn.v_proj.weight"), kv, kv_heads)?;
+        expect(&format!("{p}.self_attn.o_proj.weight"), cfg.hidden_size, format!("hidden_size {}", cfg.hidden_size))?;
+        expect(&format!("{p}.input_layernorm.weight"), cfg.hidden_size, format!("hidden_size {}", cfg.hidden_size))?;
+    }
+    Ok(())
+}
+
+/// The file that should hold tensor `t`: the one the index maps it to, else
+/// the only weights file, else the directory.
+fn holder(dir: &Path, files: &[PathBuf], t: &str) -> PathBuf {
+    let index: Option<Value> = std::fs::read(dir.join("model.safetensors.index.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+    match (index.as_ref().and_then(|v| v.get("weight_map")?.get(t)?.as_str()), files) {
+        (Some(f), _) => dir.join(f),
+        (None, [one]) => one.clone(),
+        (None, _) => dir.to_path_buf(),
+    }
+}
+
+/// A tensor `build` looked for and did not find, named with the file that
+/// should hold it (`file` of the tensor's name) and what asked for it (`by`).
+fn name_missing(e: ModelError, cfg: &ModelConfig, file: &dyn Fn(&str) -> PathBuf, by: &str) -> ModelError {
+    match e {
+        ModelError::MissingTensor(t) => ModelError::Load {
+            file: file(&t).display().to_string(),
+            message: format!("tensor '{t}' is missing; a {} model of {} layers (from {by}) needs it", cfg.model_type, cfg.num_layers),
+        },
+        e => e,
+    }
 }
