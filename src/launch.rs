@@ -1,10 +1,15 @@
 //! `kvserve claude`: start the server (or use one already running), then run
-//! Claude Code against it with the environment it needs, and stop the server
-//! when Claude Code exits.
+//! Claude Code against it with the environment it needs, restart the server
+//! if it exits meanwhile, and stop it when Claude Code exits.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -40,30 +45,49 @@ pub fn find_claude() -> Option<PathBuf> {
     None
 }
 
-/// A server started for the session; stopped (snapshots flushed) on drop.
+/// A server started for the session, watched: if it exits while Claude Code
+/// runs (MLX failed, it was killed), it is started again on the same port,
+/// so Claude Code's next retry reaches it. Stopped (snapshots flushed) on drop.
 pub struct StartedServer {
-    child: Child,
+    child: Arc<Mutex<Child>>,
+    stopping: Arc<AtomicBool>,
+    monitor: Option<std::thread::JoinHandle<()>>,
     pub url: String,
     pub model: String,
 }
 
 impl Drop for StartedServer {
     fn drop(&mut self) {
-        crate::mlx::send_signal(self.child.id(), libc::SIGTERM);
-        let _ = self.child.wait();
+        self.stopping.store(true, Ordering::SeqCst);
+        {
+            let mut child = self.child.lock();
+            crate::mlx::send_signal(child.id(), libc::SIGTERM);
+            let _ = child.wait();
+        }
+        if let Some(m) = self.monitor.take() {
+            let _ = m.join();
+        }
     }
 }
 
-/// Start `kvserve serve --port 0 ARGS` in its own process group (a Ctrl-C
-/// meant for Claude Code does not reach it) and wait until it listens.
-pub fn start_server(serve_args: &[String]) -> Result<StartedServer, LaunchError> {
+/// Restarts allowed within [`RESTART_WINDOW`] before the watcher gives up
+/// (a server that cannot start would otherwise be retried forever).
+const MAX_RESTARTS: usize = 5;
+const RESTART_WINDOW: Duration = Duration::from_secs(300);
+
+/// Start `kvserve serve --port PORT ARGS` in its own process group (a Ctrl-C
+/// meant for Claude Code does not reach it) and wait until it listens;
+/// returns it with its URL and model.
+fn spawn_server(port: u16, serve_args: &[String]) -> Result<(Child, String, String), LaunchError> {
     let exe = std::env::current_exe().map_err(|e| LaunchError(format!("cannot find the kvserve executable: {e}")))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("serve").args(["--port", "0"]).args(serve_args).stdout(Stdio::piped());
+    cmd.arg("serve").args(["--port", &port.to_string()]).args(serve_args).stdout(Stdio::piped());
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().map_err(|e| LaunchError(format!("cannot start the server: {e}")))?;
-    let out = child.stdout.take().expect("stdout was piped");
+    let Some(out) = child.stdout.take() else {
+        return Err(LaunchError("the server's output could not be read".into()));
+    };
     let mut lines = BufReader::new(out).lines();
     let (mut url, mut model) = (None, None);
     while url.is_none() || model.is_none() {
@@ -80,7 +104,59 @@ pub fn start_server(serve_args: &[String]) -> Result<StartedServer, LaunchError>
     }
     // Keep draining the server's stdout so it never blocks on a full pipe.
     std::thread::spawn(move || for _ in lines {});
-    Ok(StartedServer { child, url: url.expect("set above"), model: model.expect("set above") })
+    Ok((child, url.unwrap_or_default(), model.unwrap_or_default()))
+}
+
+/// Start the server on a free port and watch it (see [`StartedServer`]).
+pub fn start_server(serve_args: &[String]) -> Result<StartedServer, LaunchError> {
+    let (child, url, model) = spawn_server(0, serve_args)?;
+    let port: u16 = url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .ok_or_else(|| LaunchError(format!("the server printed an address without a port: {url}")))?;
+    let child = Arc::new(Mutex::new(child));
+    let stopping = Arc::new(AtomicBool::new(false));
+    let (c, s, args) = (child.clone(), stopping.clone(), serve_args.to_vec());
+    let monitor = std::thread::Builder::new()
+        .name("server-watch".into())
+        .spawn(move || watch(c, s, port, args))
+        .map_err(|e| LaunchError(format!("cannot watch the server: {e}")))?;
+    Ok(StartedServer { child, stopping, monitor: Some(monitor), url, model })
+}
+
+/// Restart the server on `port` whenever it exits, until `stopping`.
+fn watch(child: Arc<Mutex<Child>>, stopping: Arc<AtomicBool>, port: u16, args: Vec<String>) {
+    let mut restarts: Vec<Instant> = vec![];
+    while !stopping.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(200));
+        let mut guard = child.lock();
+        if stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let status = match guard.try_wait() {
+            Ok(Some(s)) => s,
+            Ok(None) => continue,
+            Err(e) => {
+                eprintln!("kvserve claude: cannot watch the server any more: {e}");
+                return;
+            }
+        };
+        restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
+        if restarts.len() >= MAX_RESTARTS {
+            eprintln!(
+                "kvserve claude: the server exited ({status}) {MAX_RESTARTS} times within {} s; not restarting it again",
+                RESTART_WINDOW.as_secs()
+            );
+            return;
+        }
+        restarts.push(Instant::now());
+        eprintln!("kvserve claude: the server exited ({status}); starting it again on port {port}");
+        match spawn_server(port, &args) {
+            Ok((c, _, _)) => *guard = c,
+            Err(e) => eprintln!("kvserve claude: {e}"),
+        }
+    }
 }
 
 /// One plain HTTP/1.1 request to a local server (`addr` is host:port); the

@@ -340,7 +340,7 @@ fn models(state: &State) -> Value {
 
 fn health(state: &State) -> Response<Body> {
     if state.engine.is_alive() {
-        json_response(200, &json!({"status": "ok", "model": state.engine.info.name, "queue_depth": state.engine.queue_depth()}))
+        json_response(200, &json!({"status": "ok", "model": state.engine.info.name, "queue_depth": state.engine.queue_depth(), "pid": std::process::id()}))
     } else {
         json_response(503, &json!({"status": "error", "message": "the inference engine has stopped"}))
     }

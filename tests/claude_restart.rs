@@ -1,0 +1,66 @@
+//! `kvserve claude` is the supervisor of the server it starts: a server that
+//! dies while Claude Code runs (here: SIGKILL, as the OOM killer would) is
+//! started again on the same port, and Claude Code's next request is
+//! answered. A stand-in for Claude Code (a Python script given as
+//! `KVSERVE_CLAUDE`) does the killing and the checking.
+
+mod common;
+
+use std::process::Command;
+
+const FAKE_CLAUDE: &str = r#"#!/usr/bin/env python3
+import json, os, signal, sys, time, urllib.request
+url = os.environ["ANTHROPIC_BASE_URL"]
+def health():
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as r:
+            return json.load(r)
+    except Exception:
+        return None
+old = health()["pid"]
+os.kill(old, signal.SIGKILL)
+deadline = time.time() + 120
+new = None
+while time.time() < deadline:
+    h = health()
+    if h and h.get("pid") not in (None, old):
+        new = h["pid"]
+        break
+    time.sleep(0.2)
+if new is None:
+    print("the server was not restarted")
+    sys.exit(3)
+body = json.dumps({"model": os.environ["ANTHROPIC_MODEL"], "max_tokens": 4,
+                   "messages": [{"role": "user", "content": "Hi"}]}).encode()
+req = urllib.request.Request(url + "/v1/messages", data=body, headers={"content-type": "application/json"})
+with urllib.request.urlopen(req, timeout=120) as r:
+    answer = json.load(r)
+print(f"restarted {old} -> {new}; answer {answer['type']} {answer['stop_reason']}")
+"#;
+
+#[test]
+fn a_server_killed_during_a_session_is_started_again_on_the_same_port() {
+    let dir = std::env::temp_dir().join(format!("kvserve-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("claude");
+    std::fs::write(&fake, FAKE_CLAUDE).unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        .env("KVSERVE_CLAUDE", &fake)
+        .env("KVSERVE_LOG", "warn")
+        .args(["claude", "--model", common::smollm2_dir().to_str().unwrap(), "--", "-p", "hi"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "kvserve claude failed ({}): {stdout}\n{stderr}", out.status);
+    let line = stdout.lines().find(|l| l.starts_with("restarted ")).unwrap_or_else(|| panic!("{stdout}\n{stderr}"));
+    assert!(line.ends_with("; answer message end_turn") || line.ends_with("; answer message max_tokens"), "{line}");
+    assert!(stderr.contains("the server exited (signal: 9") && stderr.contains("starting it again on port"), "{stderr}");
+    // Both servers are gone once Claude Code has exited.
+    let pids: Vec<&str> = line["restarted ".len()..].split(';').next().unwrap().split(" -> ").collect();
+    for pid in pids {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "server {pid} is still running");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
