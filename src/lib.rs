@@ -11,6 +11,7 @@ pub mod mlx;
 pub mod model;
 pub mod text;
 pub mod engine;
+pub mod kernels;
 pub mod launch;
 pub mod report;
 pub mod server;

@@ -11,6 +11,7 @@ use mlx_rs::{Array, Dtype};
 use super::config::{ModelConfig, QuantSpec, RopeScaling};
 use super::ModelError;
 use crate::cache::kv::LayerKv;
+use crate::kernels::{self, QuantMatrix, Scales};
 use crate::mlx::{MlxError, QuantizedMatrix};
 
 type Result<T> = std::result::Result<T, ModelError>;
@@ -119,14 +120,71 @@ fn rows(x: &Array) -> i32 {
     s[..s.len() - 1].iter().product()
 }
 
+/// Scales or biases as the kernels read them, in place.
+fn kernel_scales(a: &Array) -> Option<Scales<'_>> {
+    Some(match a.dtype() {
+        Dtype::Float32 => Scales::F32(a.try_as_slice::<f32>().ok()?),
+        Dtype::Float16 => Scales::F16(bytemuck::cast_slice(a.try_as_slice::<half::f16>().ok()?)),
+        Dtype::Bfloat16 => Scales::Bf16(bytemuck::cast_slice(a.try_as_slice::<half::bf16>().ok()?)),
+        _ => return None,
+    })
+}
+
+/// `x W^T` on the CPU by kvserve's own quantized kernels (reading MLX's
+/// arrays in place), for up to [`kernels::MAX_M`] rows of f32 `x`; `None`
+/// when they do not apply (another dtype or bit width), so MLX's kernel runs.
+/// `x` is evaluated here: the step's graph is cut at each such product.
+pub fn cpu_quantized_matmul(q: &QuantizedMatrix, x: &Array) -> std::result::Result<Option<Array>, MlxError> {
+    let m = rows(x) as usize;
+    if x.dtype() != Dtype::Float32 || m == 0 || m > kernels::MAX_M || !matches!(q.bits, 4 | 8) {
+        return Ok(None);
+    }
+    let (out, cols) = q.shape();
+    let x = if x.shape().last() == Some(&cols) { x.clone() } else { return Ok(None) };
+    x.eval()?;
+    let x = if x.try_as_slice::<f32>().is_ok() { x } else { x.contiguous()? };
+    let (Ok(xs), Ok(packed), Some(scales), Some(biases)) =
+        (x.try_as_slice::<f32>(), q.packed.try_as_slice::<u32>(), kernel_scales(&q.scales), kernel_scales(&q.biases))
+    else {
+        return Ok(None);
+    };
+    let w = QuantMatrix { packed, scales, biases, rows: out as usize, cols: cols as usize, group_size: q.group_size as usize, bits: q.bits as u32 };
+    let mut y = vec![0f32; m * out as usize];
+    if kernels::qmv(&w, xs, m, &mut y).is_err() {
+        return Ok(None);
+    }
+    let mut shape = x.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = out;
+    }
+    Ok(Some(Array::from_slice(&y, &shape)))
+}
+
+/// `x W^T` for a quantized `W`: on the CPU, few rows through kvserve's
+/// kernels and many through dequantize + BLAS; elsewhere MLX's kernel.
+fn quantized_forward(q: &QuantizedMatrix, x: &Array, on_cpu: bool) -> std::result::Result<Array, MlxError> {
+    if on_cpu && rows(x) >= CPU_DEQUANT_MIN_ROWS {
+        return Ok(x.matmul(q.dequantize()?.t())?);
+    }
+    if on_cpu && cpu_kernels_enabled() {
+        if let Some(y) = cpu_quantized_matmul(q, x)? {
+            return Ok(y);
+        }
+    }
+    q.matmul(x)
+}
+
+/// The CPU kernels are on unless `KVSERVE_KERNELS=mlx` (MLX's own, to compare).
+fn cpu_kernels_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("KVSERVE_KERNELS").map_or(true, |v| v != "mlx"))
+}
+
 impl Linear {
     pub fn forward(&self, x: &Array) -> std::result::Result<Array, MlxError> {
         let y = match &self.weight {
             LinearWeight::Dense(w) => x.matmul(w.t())?,
-            LinearWeight::Quantized(q) if self.dense_prefill && rows(x) >= CPU_DEQUANT_MIN_ROWS => {
-                x.matmul(q.dequantize()?.t())?
-            }
-            LinearWeight::Quantized(q) => q.matmul(x)?,
+            LinearWeight::Quantized(q) => quantized_forward(q, x, self.dense_prefill)?,
         };
         Ok(match &self.bias {
             Some(b) => ops::add(&y, b)?,
@@ -157,11 +215,11 @@ impl Embedding {
         })
     }
 
-    /// The tied output head: `x E^T`.
-    pub fn as_linear(&self, x: &Array) -> std::result::Result<Array, MlxError> {
+    /// The tied output head: `x E^T` (`on_cpu`: as [`Linear`] does on the CPU).
+    pub fn as_linear(&self, x: &Array, on_cpu: bool) -> std::result::Result<Array, MlxError> {
         Ok(match self {
             Embedding::Dense(w) => x.matmul(w.t())?,
-            Embedding::Quantized(q) => q.matmul(x)?,
+            Embedding::Quantized(q) => quantized_forward(q, x, on_cpu)?,
         })
     }
 }
@@ -432,6 +490,8 @@ pub struct Transformer {
     norm: RmsNorm,
     /// `None` when the head is tied to the embedding.
     lm_head: Option<Linear>,
+    /// MLX computes on the CPU (kvserve's CPU paths apply).
+    on_cpu: bool,
 }
 
 impl Transformer {
@@ -455,7 +515,7 @@ impl Transformer {
         }
         let norm = w.rms_norm("model.norm", cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(w.linear("lm_head", false)?) };
-        Ok(Transformer { config: cfg.clone(), embed, blocks, norm, lm_head })
+        Ok(Transformer { config: cfg.clone(), embed, blocks, norm, lm_head, on_cpu: w.cpu_dense_prefill })
     }
 
     /// Run `tokens` (`[1, L]` int32) through the model, extending `cache`
@@ -474,7 +534,7 @@ impl Transformer {
         let h = self.norm.forward(&h)?;
         match &self.lm_head {
             Some(head) => head.forward(&h),
-            None => self.embed.as_linear(&h),
+            None => self.embed.as_linear(&h, self.on_cpu),
         }
     }
 
