@@ -477,9 +477,64 @@ pub struct Block {
 
 impl Block {
     pub fn forward(&self, x: &Array, kv: &mut LayerKv) -> std::result::Result<Array, MlxError> {
+        if let Some(y) = self.forward_host(x, kv)? {
+            return Ok(y);
+        }
         let h = ops::add(x, self.attn.forward(&self.input_norm.forward(x)?, kv)?)?;
         Ok(ops::add(&h, self.ff.forward(&self.post_attn_norm.forward(&h)?)?)?)
     }
+
+    /// One CPU decode row with everything but attention done here, on
+    /// values the kernels left in memory: each MLX evaluation costs about
+    /// 70 us here whatever its size, and this leaves one per layer (the
+    /// attention, read by `o_proj`) instead of four. `None` when it does not
+    /// apply (several rows, not f32, a mixture of experts, not the CPU).
+    fn forward_host(&self, x: &Array, kv: &mut LayerKv) -> std::result::Result<Option<Array>, MlxError> {
+        let FeedForward::Dense(mlp) = &self.ff else { return Ok(None) };
+        if !self.attn.cpu_chunk_attention || !cpu_kernels_enabled() || rows(x) != 1 || x.dtype() != Dtype::Float32 {
+            return Ok(None);
+        }
+        let shape = x.shape().to_vec();
+        let (Some(xs), Some(w1), Some(w2)) = (host(x)?, host(&self.input_norm.weight)?, host(&self.post_attn_norm.weight)?) else {
+            return Ok(None);
+        };
+        let n1 = rms_norm_host(&xs, &w1, self.input_norm.eps);
+        let a = self.attn.forward(&Array::from_slice(&n1, &shape), kv)?;
+        let Some(a) = host(&a)? else { return Ok(None) };
+        let h: Vec<f32> = xs.iter().zip(&a).map(|(x, a)| x + a).collect();
+        let n2 = Array::from_slice(&rms_norm_host(&h, &w2, self.post_attn_norm.eps), &shape);
+        let (Some(g), Some(u)) = (host(&mlp.gate_proj.forward(&n2)?)?, host(&mlp.up_proj.forward(&n2)?)?) else {
+            return Ok(None);
+        };
+        // silu(g) * u, as MLX writes silu: g * sigmoid(g).
+        let gu: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g * (1.0 / (1.0 + (-g).exp())) * u).collect();
+        let mut inner = shape.clone();
+        if let Some(last) = inner.last_mut() {
+            *last = gu.len() as i32;
+        }
+        let Some(d) = host(&mlp.down_proj.forward(&Array::from_slice(&gu, &inner))?)? else { return Ok(None) };
+        let y: Vec<f32> = h.iter().zip(&d).map(|(h, d)| h + d).collect();
+        Ok(Some(Array::from_slice(&y, &shape)))
+    }
+}
+
+/// The evaluated f32 values of `a` (`None` for another dtype).
+fn host(a: &Array) -> std::result::Result<Option<Vec<f32>>, MlxError> {
+    if a.dtype() != Dtype::Float32 {
+        return Ok(None);
+    }
+    a.eval()?;
+    Ok(match a.try_as_slice::<f32>() {
+        Ok(s) => Some(s.to_vec()),
+        Err(_) => a.contiguous()?.try_as_slice::<f32>().ok().map(<[f32]>::to_vec),
+    })
+}
+
+/// RMS norm of one row, as MLX's `fast::rms_norm` computes it in f32.
+fn rms_norm_host(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
+    let mean = x.iter().map(|v| v * v).sum::<f32>() / x.len().max(1) as f32;
+    let r = 1.0 / (mean + eps).sqrt();
+    x.iter().zip(w).map(|(v, w)| v * r * w).collect()
 }
 
 /// A decoder-only transformer: embedding, blocks, final norm, output head.
