@@ -82,42 +82,63 @@ pub fn sample(logits: &mut [f32], history: &[u32], p: &SamplingParams, rng: &mut
     if p.temperature <= 0.0 {
         return argmax(logits);
     }
-    // Candidates sorted by logit, then cut by top-k, min-p and top-p.
-    let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
-    idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
-    if p.top_k > 0 {
-        idx.truncate(p.top_k);
+    // Weights relative to the largest logit: exp((l - max) / T), 1 at the top.
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let t = p.temperature;
+    let weight = |l: f32| (((l - max) / t) as f64).exp();
+    // No full sort: top-k by selection, min-p by a threshold on the weight,
+    // and only top-p orders candidates, a growing prefix at a time.
+    let desc = |a: &u32, b: &u32| logits[*b as usize].total_cmp(&logits[*a as usize]);
+    let mut pool: Vec<u32> = (0..logits.len() as u32).collect();
+    if p.top_k > 0 && p.top_k < pool.len() {
+        pool.select_nth_unstable_by(p.top_k - 1, desc);
+        pool.truncate(p.top_k);
     }
-    let max = logits[idx[0] as usize];
-    let mut probs: Vec<f64> = idx.iter().map(|&i| (((logits[i as usize] - max) / p.temperature) as f64).exp()).collect();
-    let total: f64 = probs.iter().sum();
-    probs.iter_mut().for_each(|x| *x /= total);
-    let mut keep = probs.len();
+    // Top-p's mass is over the top-k set, as before min-p cuts it.
+    let pool_mass: f64 = pool.iter().map(|&i| weight(logits[i as usize])).sum();
     if p.min_p > 0.0 {
-        let floor = probs[0] * p.min_p as f64;
-        keep = keep.min(probs.iter().take_while(|&&x| x >= floor).count().max(1));
+        let floor = p.min_p as f64;
+        pool.retain(|&i| weight(logits[i as usize]) >= floor);
     }
-    if p.top_p < 1.0 {
-        let mut acc = 0.0;
-        let mut n = 0;
-        for &x in &probs[..keep] {
-            acc += x;
-            n += 1;
-            if acc >= p.top_p as f64 {
-                break;
+    if p.top_p < 1.0 && pool.len() > 1 {
+        let mut m = pool.len().min(64);
+        loop {
+            if m < pool.len() {
+                pool.select_nth_unstable_by(m - 1, desc);
+            }
+            pool[..m].sort_unstable_by(desc);
+            let mut acc = 0.0;
+            let mut keep = None;
+            for (n, &i) in pool[..m].iter().enumerate() {
+                acc += weight(logits[i as usize]) / pool_mass;
+                if acc >= p.top_p as f64 {
+                    keep = Some(n + 1);
+                    break;
+                }
+            }
+            match keep {
+                Some(n) => {
+                    pool.truncate(n);
+                    break;
+                }
+                None if m == pool.len() => break,
+                None => m = (m * 4).min(pool.len()),
             }
         }
-        keep = n.max(1);
     }
-    let total: f64 = probs[..keep].iter().sum();
+    if pool.is_empty() {
+        return argmax(logits);
+    }
+    let total: f64 = pool.iter().map(|&i| weight(logits[i as usize])).sum();
     let mut r = rng.next_f64() * total;
-    for (i, &x) in probs[..keep].iter().enumerate() {
-        r -= x;
+    for &i in &pool {
+        r -= weight(logits[i as usize]);
         if r <= 0.0 {
-            return idx[i];
+            return i;
         }
     }
-    idx[keep - 1]
+    // Rounding (or NaN logits) left some of `r`: the last candidate.
+    pool[pool.len() - 1]
 }
 
 #[cfg(test)]
@@ -171,6 +192,51 @@ mod tests {
         for _ in 0..2000 {
             assert!(sample(&mut logits.clone(), &[], &p, &mut rng) < 2);
             assert!(sample(&mut logits.clone(), &[], &q, &mut rng) < 2);
+        }
+    }
+
+    /// The kept set and its probabilities equal those of sorting every
+    /// logit (the old way), for each cut and their mixes.
+    #[test]
+    fn partial_selection_keeps_what_a_full_sort_keeps() {
+        let mut rng = Rng::new(5);
+        let logits: Vec<f32> = (0..3000).map(|_| (rng.next_f64() * 12.0 - 6.0) as f32).collect();
+        let reference = |p: &SamplingParams| -> Vec<u32> {
+            let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+            idx.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+            if p.top_k > 0 {
+                idx.truncate(p.top_k);
+            }
+            let max = logits[idx[0] as usize];
+            let w: Vec<f64> = idx.iter().map(|&i| (((logits[i as usize] - max) / p.temperature) as f64).exp()).collect();
+            let total: f64 = w.iter().sum();
+            let mut keep = idx.len();
+            if p.min_p > 0.0 {
+                keep = keep.min(w.iter().take_while(|&&x| x >= p.min_p as f64).count().max(1));
+            }
+            if p.top_p < 1.0 {
+                let mut acc = 0.0;
+                let n = w[..keep].iter().take_while(|&&x| { let before = acc; acc += x / total; before < p.top_p as f64 }).count();
+                keep = n.max(1);
+            }
+            let mut kept = idx[..keep].to_vec();
+            kept.sort_unstable();
+            kept
+        };
+        for (top_k, top_p, min_p) in [(0, 1.0, 0.0), (40, 1.0, 0.0), (0, 0.9, 0.0), (0, 0.999, 0.0), (0, 1.0, 0.05), (50, 0.8, 0.01), (0, 0.5, 0.2), (1, 1.0, 0.0)] {
+            let p = SamplingParams { temperature: 0.7, top_k, top_p, min_p, ..Default::default() };
+            let want = reference(&p);
+            // Every draw lands in the reference set, and over many draws every member is drawn.
+            let mut seen = std::collections::BTreeSet::new();
+            let mut r = Rng::new(11);
+            for _ in 0..if want.len() < 60 { 4000 } else { 300 } {
+                let i = sample(&mut logits.clone(), &[], &p, &mut r);
+                assert!(want.binary_search(&i).is_ok(), "{top_k}/{top_p}/{min_p}: drew {i} outside the kept set");
+                seen.insert(i);
+            }
+            if want.len() < 60 {
+                assert_eq!(seen.len(), want.len(), "{top_k}/{top_p}/{min_p}: kept set {want:?}, drew {seen:?}");
+            }
         }
     }
 }
