@@ -149,6 +149,10 @@ fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
 /// Whether MLX still computes: a small sum, evaluated and checked. After a
 /// failed request this tells a bad request from a broken MLX.
 fn mlx_works() -> Result<(), String> {
+    #[cfg(test)]
+    if tests::BREAK_MLX.load(Ordering::SeqCst) {
+        return Err("a test marked MLX as broken".into());
+    }
     let check = || -> Result<f32, crate::mlx::MlxError> {
         let a = mlx_rs::Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2]);
         let s = a.matmul(&a)?.sum(None)?;
@@ -787,5 +791,59 @@ impl Worker {
         );
         let _ = job.events.send(Event::Done(done));
         Ok(all)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Test hook: [`mlx_works`] reports MLX as broken.
+    pub(super) static BREAK_MLX: AtomicBool = AtomicBool::new(false);
+
+    const CHILD: &str = "KVSERVE_TEST_BROKEN_MLX_CHILD";
+    const NAME: &str = "engine::worker::tests::a_broken_mlx_after_a_failed_request_exits_with_status_70";
+
+    /// A request fails (an injected panic) and MLX then fails its check: the
+    /// process logs why and exits with status 70 for its supervisor. Run in a
+    /// child process (this test binary, re-run on this one test), since the
+    /// exit ends the process.
+    #[test]
+    fn a_broken_mlx_after_a_failed_request_exits_with_status_70() {
+        if std::env::var_os(CHILD).is_some() {
+            child();
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", NAME, "--nocapture", "--test-threads", "1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(EXIT_MLX_FAILED), "{}\n{stderr}", String::from_utf8_lossy(&out.stdout));
+        assert!(stderr.contains("a test marked MLX as broken") && stderr.contains("exiting with status 70"), "{stderr}");
+    }
+
+    fn child() -> ! {
+        let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
+        let engine = Engine::start(EngineConfig {
+            model: model.to_string_lossy().into_owned(),
+            cache_bytes: 1 << 28,
+            cache_dir: None,
+            queue: 4,
+            prefill_chunk: 512,
+            context_override: None,
+        })
+        .unwrap();
+        let prompt = engine.info.tokenizer.encode("Name a colour.").unwrap();
+        let (tx, mut rx) = tmpsc::unbounded_channel();
+        let opts = GenerateOptions { max_tokens: 8, eos_ids: engine.info.eos_ids.clone(), ..Default::default() };
+        BREAK_MLX.store(true, Ordering::SeqCst);
+        engine.inject_panic_in_next_job();
+        engine.submit(Job { prompt, breakpoints: vec![], opts, events: tx }).unwrap();
+        // The engine exits the process while this waits; getting past it is a failure.
+        while rx.blocking_recv().is_some() {}
+        std::thread::sleep(Duration::from_secs(5));
+        eprintln!("the process did not exit");
+        std::process::exit(1)
     }
 }
