@@ -469,20 +469,18 @@ impl Worker {
             }
             None => None,
         };
-        if let (Some(s), Some(dir)) = (&store, &cfg.cache_dir) {
-            {
-                let (found, warnings) = store::scan(dir, &s.fingerprint);
-                for w in warnings {
-                    tracing::warn!("{w}");
-                }
-                let n = found.len();
-                for f in found {
-                    cache.insert(&f.tokens, Snapshot { layers: None, file: Some(f.path) });
-                }
-                // Files made redundant by longer ones stay on disk but are not indexed.
-                cache.take_removed();
-                tracing::info!("prompt cache: {n} snapshots found in {}", dir.display());
+        if let Some(s) = &store {
+            let (found, warnings) = store::scan(&s.dir, &s.fingerprint);
+            for w in warnings {
+                tracing::warn!("{w}");
             }
+            let n = found.len();
+            for f in found {
+                cache.insert(&f.tokens, Snapshot { layers: None, file: Some(f.path) });
+            }
+            // Files made redundant by longer ones stay on disk but are not indexed.
+            cache.take_removed();
+            tracing::info!("prompt cache: {n} snapshots found in {}", s.dir.display());
         }
         let info = Arc::new(ModelInfo {
             name,

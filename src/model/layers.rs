@@ -495,14 +495,17 @@ impl Block {
             return Ok(None);
         }
         let shape = x.shape().to_vec();
-        let (Some(xs), Some(w1), Some(w2)) = (host(x)?, host(&self.input_norm.weight)?, host(&self.post_attn_norm.weight)?) else {
+        // The norms' weights are read in place (loaded evaluated and contiguous).
+        let (Some(xs), Ok(w1), Ok(w2)) =
+            (host(x)?, self.input_norm.weight.try_as_slice::<f32>(), self.post_attn_norm.weight.try_as_slice::<f32>())
+        else {
             return Ok(None);
         };
-        let n1 = rms_norm_host(&xs, &w1, self.input_norm.eps);
+        let n1 = rms_norm_host(&xs, w1, self.input_norm.eps);
         let a = self.attn.forward(&Array::from_slice(&n1, &shape), kv)?;
         let Some(a) = host(&a)? else { return Ok(None) };
         let h: Vec<f32> = xs.iter().zip(&a).map(|(x, a)| x + a).collect();
-        let n2 = Array::from_slice(&rms_norm_host(&h, &w2, self.post_attn_norm.eps), &shape);
+        let n2 = Array::from_slice(&rms_norm_host(&h, w2, self.post_attn_norm.eps), &shape);
         let (Some(g), Some(u)) = (host(&mlp.gate_proj.forward(&n2)?)?, host(&mlp.up_proj.forward(&n2)?)?) else {
             return Ok(None);
         };

@@ -7,7 +7,7 @@
 
 use std::arch::aarch64::*;
 
-use super::{row_f32, Impl, Isa, Job};
+use super::{check, row_f32, Impl, Isa, Job};
 
 /// The NEON kernels (NEON is part of every AArch64 CPU this targets).
 pub(super) fn neon() -> Option<Impl> {
@@ -17,22 +17,6 @@ pub(super) fn neon() -> Option<Impl> {
         rows4: rows4_neon,
         rows8: rows8_neon,
     })
-}
-
-macro_rules! by_m {
-    ($kernel:ident, $bits:literal, $job:expr, $r0:expr, $out:expr) => {
-        match $job.m {
-            1 => $kernel::<$bits, 1>($job, $r0, $out),
-            2 => $kernel::<$bits, 2>($job, $r0, $out),
-            3 => $kernel::<$bits, 3>($job, $r0, $out),
-            4 => $kernel::<$bits, 4>($job, $r0, $out),
-            5 => $kernel::<$bits, 5>($job, $r0, $out),
-            6 => $kernel::<$bits, 6>($job, $r0, $out),
-            7 => $kernel::<$bits, 7>($job, $r0, $out),
-            8 => $kernel::<$bits, 8>($job, $r0, $out),
-            m => unreachable!("m = {m} passed validation"),
-        }
-    };
 }
 
 fn rows4_neon(job: &Job, r0: usize, out: &mut [&mut [f32]]) {
@@ -46,19 +30,6 @@ fn rows8_neon(job: &Job, r0: usize, out: &mut [&mut [f32]]) {
     check(job, r0, out);
     // SAFETY: as in `rows4_neon`.
     unsafe { by_m!(kernel_neon, 8, job, r0, out) }
-}
-
-/// The invariants the kernel's unchecked reads rest on (once per call).
-fn check(job: &Job, r0: usize, out: &[&mut [f32]]) {
-    let w = job.w;
-    assert!(matches!(w.group_size, 32 | 64 | 128) && w.cols % w.group_size == 0);
-    assert_eq!(w.packed.len(), w.rows * w.cols * w.bits as usize / 32);
-    assert_eq!(w.scales.len(), w.rows * (w.cols / w.group_size));
-    assert_eq!(w.biases.len(), w.scales.len());
-    assert_eq!(job.x.len(), job.m * w.cols);
-    assert_eq!(out.len(), job.m);
-    let n = out[0].len();
-    assert!(out.iter().all(|o| o.len() == n) && r0 + n <= w.rows);
 }
 
 /// # Safety

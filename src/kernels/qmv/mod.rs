@@ -15,6 +15,23 @@
 
 mod scalar;
 
+/// For the SIMD files: calls `$kernel::<$bits, M>` with the const `M` equal to `job.m`.
+macro_rules! by_m {
+    ($kernel:ident, $bits:literal, $job:expr, $r0:expr, $out:expr) => {
+        match $job.m {
+            1 => $kernel::<$bits, 1>($job, $r0, $out),
+            2 => $kernel::<$bits, 2>($job, $r0, $out),
+            3 => $kernel::<$bits, 3>($job, $r0, $out),
+            4 => $kernel::<$bits, 4>($job, $r0, $out),
+            5 => $kernel::<$bits, 5>($job, $r0, $out),
+            6 => $kernel::<$bits, 6>($job, $r0, $out),
+            7 => $kernel::<$bits, 7>($job, $r0, $out),
+            8 => $kernel::<$bits, 8>($job, $r0, $out),
+            m => unreachable!("m = {m} passed validation"),
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86;
@@ -283,6 +300,21 @@ fn validate(w: &QuantMatrix, x: &[f32], m: usize, y: &[f32]) -> Result<(), Kerne
     check("biases", elems / g, w.biases.len())?;
     check("x", x_len, x.len())?;
     check("y", y_len, y.len())
+}
+
+/// For the SIMD files: the invariants their unchecked reads and writes rest on (cheap:
+/// once per call, not per element). `validate` has already checked the
+/// packed, scales, biases and x lengths against rows, cols and m.
+pub(crate) fn check(job: &Job, r0: usize, out: &[&mut [f32]]) {
+    let w = job.w;
+    assert!(matches!(w.group_size, 32 | 64 | 128) && w.cols % w.group_size == 0);
+    assert_eq!(w.packed.len(), w.rows * w.cols * w.bits as usize / 32);
+    assert_eq!(w.scales.len(), w.rows * (w.cols / w.group_size));
+    assert_eq!(w.biases.len(), w.scales.len());
+    assert_eq!(job.x.len(), job.m * w.cols);
+    assert_eq!(out.len(), job.m);
+    let n = out[0].len();
+    assert!(out.iter().all(|o| o.len() == n) && r0 + n <= w.rows);
 }
 
 /// Runs a validated product on `threads` threads (row ranges, one per

@@ -7,7 +7,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{f16_to_f32, row_f32, Impl, Isa, Job, Scales};
+use super::{check, f16_to_f32, row_f32, Impl, Isa, Job, Scales};
 
 /// The AVX-512 kernels, when this CPU has AVX-512F.
 pub(super) fn avx512() -> Option<Impl> {
@@ -23,23 +23,6 @@ pub(super) fn avx512() -> Option<Impl> {
 pub(super) fn avx2() -> Option<Impl> {
     (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c"))
         .then_some(Impl { isa: Isa::Avx2, perm_block: 16, rows4: rows4_avx2, rows8: rows8_avx2 })
-}
-
-/// Calls `$kernel::<$bits, M>` with the const `M` equal to `job.m`.
-macro_rules! by_m {
-    ($kernel:ident, $bits:literal, $job:expr, $r0:expr, $out:expr) => {
-        match $job.m {
-            1 => $kernel::<$bits, 1>($job, $r0, $out),
-            2 => $kernel::<$bits, 2>($job, $r0, $out),
-            3 => $kernel::<$bits, 3>($job, $r0, $out),
-            4 => $kernel::<$bits, 4>($job, $r0, $out),
-            5 => $kernel::<$bits, 5>($job, $r0, $out),
-            6 => $kernel::<$bits, 6>($job, $r0, $out),
-            7 => $kernel::<$bits, 7>($job, $r0, $out),
-            8 => $kernel::<$bits, 8>($job, $r0, $out),
-            m => unreachable!("m = {m} passed validation"),
-        }
-    };
 }
 
 fn rows4_avx512(job: &Job, r0: usize, out: &mut [&mut [f32]]) {
@@ -66,21 +49,6 @@ fn rows8_avx2(job: &Job, r0: usize, out: &mut [&mut [f32]]) {
     check(job, r0, out);
     // SAFETY: as in `rows4_avx2`.
     unsafe { by_m!(kernel_avx2, 8, job, r0, out) }
-}
-
-/// The invariants the kernels' unchecked reads and writes rest on (cheap:
-/// once per call, not per element). `validate` has already checked the
-/// packed, scales, biases and x lengths against rows, cols and m.
-fn check(job: &Job, r0: usize, out: &[&mut [f32]]) {
-    let w = job.w;
-    assert!(matches!(w.group_size, 32 | 64 | 128) && w.cols % w.group_size == 0);
-    assert_eq!(w.packed.len(), w.rows * w.cols * w.bits as usize / 32);
-    assert_eq!(w.scales.len(), w.rows * (w.cols / w.group_size));
-    assert_eq!(w.biases.len(), w.scales.len());
-    assert_eq!(job.x.len(), job.m * w.cols);
-    assert_eq!(out.len(), job.m);
-    let n = out[0].len();
-    assert!(out.iter().all(|o| o.len() == n) && r0 + n <= w.rows);
 }
 
 /// Row `r`'s scales (or biases) as f32, F16 widened 16 at a time.
