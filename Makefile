@@ -52,9 +52,9 @@ $(FIXTURES)/tokenizer-qwen3.json: tests/reference/tokenizer_reference.py $(FIXTU
 	$(PYTHON) tests/reference/tokenizer_reference.py $(FIXTURES)/qwen3-tokenizer $@
 $(FIXTURES)/tokenizer-smollm2.json: tests/reference/tokenizer_reference.py $(DEFAULT_MODEL)/.complete $(VENV)/.installed
 	$(PYTHON) tests/reference/tokenizer_reference.py $(DEFAULT_MODEL) $@
-$(FIXTURES)/smollm2.json: tests/reference/real_reference.py $(DEFAULT_MODEL)/.complete $(VENV)/.installed
+$(FIXTURES)/smollm2.json: tests/reference/real_reference.py tests/reference/kv16.py $(DEFAULT_MODEL)/.complete $(VENV)/.installed
 	$(PYTHON) tests/reference/real_reference.py $(DEFAULT_MODEL) $@
-$(FIXTURES)/tiny/.complete: tests/reference/make_tiny.py $(VENV)/.installed
+$(FIXTURES)/tiny/.complete: tests/reference/make_tiny.py tests/reference/kv16.py $(VENV)/.installed
 	rm -rf $(FIXTURES)/tiny
 	$(PYTHON) tests/reference/make_tiny.py $(FIXTURES)/tiny
 	touch $@

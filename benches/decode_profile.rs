@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use kvserve::cache::kv::new_cache;
+use kvserve::cache::kv::{new_cache, LayerKv};
 use kvserve::engine::generate::prefill;
 use kvserve::model::source;
 use kvserve::text::detok::StreamDetokenizer;
@@ -49,6 +49,37 @@ fn main() {
         println!("| {name} | {:.2} | {:.1}% |", per(x), 100.0 * x / total);
     }
     println!("| total | {:.2} | {:.2} tok/s |", per(total), STEPS as f64 / total);
+
+    // Decode with a long context: the cache filled with random f16 keys and
+    // values (attention costs the same whatever they hold), then greedy steps.
+    let cfg = &m.model.config;
+    println!("\ndecode with context (cache of random f16 keys/values, 32 greedy steps):");
+    println!("| context tokens | ms/step | tok/s |\n|---|---|---|");
+    for ctx in [256, 3300, 12_000] {
+        let shape = [1, cfg.num_kv_heads, ctx, cfg.head_dim];
+        let mut cache: Vec<LayerKv> = (0..m.model.num_layers())
+            .map(|_| {
+                let r = || mlx_rs::random::normal::<f32>(&shape, None, None, None).unwrap().as_dtype(mlx_rs::Dtype::Float16).unwrap();
+                let (k, v) = (r(), r());
+                mlx_rs::transforms::eval([&k, &v]).unwrap();
+                LayerKv::from_state(k, v).unwrap()
+            })
+            .collect();
+        let mut y = Array::from_slice(&[prompt[0] as i32], &[1, 1]);
+        // One step to warm up (the first write grows the buffers).
+        let l = m.model.forward(&y, &mut cache, true).unwrap();
+        y = argmax_axis(l.index((0, 0, ..)), -1, None).unwrap().reshape(&[1, 1]).unwrap();
+        y.eval().unwrap();
+        const N: usize = 32;
+        let t = Instant::now();
+        for _ in 0..N {
+            let l = m.model.forward(&y, &mut cache, true).unwrap();
+            y = argmax_axis(l.index((0, 0, ..)), -1, None).unwrap().reshape(&[1, 1]).unwrap();
+            y.eval().unwrap();
+        }
+        let per = t.elapsed().as_secs_f64() / N as f64;
+        println!("| {ctx} | {:.2} | {:.1} |", per * 1e3, 1.0 / per);
+    }
 
     // Memory bandwidth: MLX summing a 512 MB array (all cores), best of 3.
     let n = 128 << 20;

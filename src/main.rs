@@ -155,6 +155,10 @@ struct ServeArgs {
     /// Keep snapshots in this folder so they survive restarts.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Most memory MLX keeps in freed buffers for reuse (bytes or K/M/G);
+    /// beyond it, freed buffers are returned to the system.
+    #[arg(long, value_parser = parse_bytes, default_value = "256M")]
+    mlx_cache_limit: usize,
     /// Requests that may wait for the engine; more get 429 / 529.
     #[arg(long, default_value_t = 32)]
     queue: usize,
@@ -242,6 +246,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         return serve_proxy(&args, &upstream);
     }
     let cache_bytes = args.cache_bytes.unwrap_or_else(default_cache_bytes);
+    kvserve::mlx::set_cache_limit(args.mlx_cache_limit).context("cannot set MLX's cache limit")?;
     let cfg = EngineConfig {
         model: args.model.clone().expect("clap requires --model without --proxy"),
         cache_bytes,

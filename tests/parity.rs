@@ -1,6 +1,9 @@
 //! Parity with mlx-lm 0.32.2: tiny random models of every architecture, built
 //! and quantized by mlx-lm's own classes (tests/reference/make_tiny.py), give
-//! the same last-position logits and the same 32 greedy tokens here.
+//! the same last-position logits and the same 32 greedy tokens here. The
+//! reference runs mlx-lm's models with mlx-lm's KV cache holding f16 keys
+//! and values, as kvserve's does; against f32 keys and values the logits
+//! move by at most [`F16_KV_TOL`].
 
 mod common;
 
@@ -13,10 +16,19 @@ use serde_json::Value;
 const MODELS: &[&str] = &["llama_q4", "llama3_q8_untied", "llama_f32", "qwen2_q4", "qwen3_q4", "qwen3_moe_q4"];
 /// fp32 everywhere; differences come from summation order only.
 const LOGIT_TOL: f32 = 2e-3;
+/// The CPU's dense prefill (dequantize + BLAS) sums in another order than
+/// mlx-lm's quantized kernel; a last-bit difference in a key can round it to
+/// the neighbouring f16 value, so this path gets twice the margin (measured
+/// up to 1.98e-3 on this machine; other CPUs' BLAS may sum differently).
+const DENSE_LOGIT_TOL: f32 = 4e-3;
+/// What storing keys and values in f16 may change in these models' logits
+/// (they are scaled up for decisive greedy choices; measured up to 1.6e-2).
+const F16_KV_TOL: f32 = 3e-2;
 
 struct Reference {
     prompt: Vec<i32>,
     last_logits: Vec<f32>,
+    last_logits_f32_kv: Vec<f32>,
     greedy: Vec<i32>,
 }
 
@@ -27,6 +39,7 @@ fn reference(name: &str) -> Reference {
     Reference {
         prompt: ints("prompt"),
         last_logits: v["last_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect(),
+        last_logits_f32_kv: v["last_logits_f32_kv"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect(),
         greedy: ints("greedy"),
     }
 }
@@ -74,8 +87,11 @@ fn check(name: &str, dense_prefill: bool) {
     let m = load(name, dense_prefill);
     let logits = last_logits(&m, &r.prompt);
     let d = max_diff(&logits, &r.last_logits);
-    eprintln!("{name} dense_prefill={dense_prefill}: max logit difference {d:.2e}");
-    assert!(d < LOGIT_TOL, "{name} (dense_prefill={dense_prefill}): max logit difference {d}");
+    let f32_kv = max_diff(&logits, &r.last_logits_f32_kv);
+    eprintln!("{name} dense_prefill={dense_prefill}: max logit difference {d:.2e} (against f32 keys and values: {f32_kv:.2e})");
+    let tol = if dense_prefill { DENSE_LOGIT_TOL } else { LOGIT_TOL };
+    assert!(d < tol, "{name} (dense_prefill={dense_prefill}): max logit difference {d}");
+    assert!(f32_kv < F16_KV_TOL, "{name} (dense_prefill={dense_prefill}): f16 keys and values move the logits by {f32_kv}");
     assert_eq!(greedy(&m, &r.prompt, r.greedy.len()), r.greedy, "{name} (dense_prefill={dense_prefill}) greedy tokens");
 }
 

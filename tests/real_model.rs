@@ -84,9 +84,20 @@ fn converted_model_matches_mlx_lm() {
         let logits = prefill(&m.model, &mut cache, &prompt, dense_prefill_chunk).unwrap();
         let got = logits.as_slice::<f32>();
         let want: Vec<f32> = r["last_logits"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
-        let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
-        eprintln!("SmolLM2 chunk {dense_prefill_chunk}: max logit difference {d:.2e}");
-        assert!(d < 5e-3, "chunk {dense_prefill_chunk}: max logit difference {d}");
+        let diff = |want: &[f32]| got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+        let d = diff(&want);
+        // mlx-lm with f32 keys and values: what kvserve's f16 storage changes.
+        let f32_kv: Vec<f32> = r["last_logits_f32_kv"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect();
+        let d32 = diff(&f32_kv);
+        eprintln!("SmolLM2 chunk {dense_prefill_chunk}: max logit difference {d:.2e} (against f32 keys and values: {d32:.2e})");
+        // The CPU prefill (dequantize + BLAS, in chunks) sums in another
+        // order than mlx-lm's quantized kernel over the whole prompt, and a
+        // last-bit difference in a key can round it to the neighbouring f16
+        // value: measured 6.6e-3 (one chunk) and 1.9e-2 (chunks of 4) here,
+        // on logits up to ~20 in magnitude (1e-3 relative). With f32 keys
+        // and values this bound was 5e-3; the greedy tokens below are exact.
+        assert!(d < 3e-2, "chunk {dense_prefill_chunk}: max logit difference {d}");
+        assert!(d32 < 3e-2, "chunk {dense_prefill_chunk}: f16 keys and values move the logits by {d32}");
     }
     // 32 greedy tokens, not stopping at EOS, as the reference did.
     let opts = GenerateOptions { max_tokens: 32, eos_ids: vec![], ..Default::default() };

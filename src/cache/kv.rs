@@ -1,12 +1,24 @@
 //! Per-layer KV state passed into the model's forward pass (the model never
 //! owns it). MLX arrays are immutable, so a snapshot is a set of references:
 //! later writes build new arrays and leave the snapshot as it was.
+//!
+//! Keys and values are kept in f16 ([`KV_DTYPE`]) on every backend, as
+//! llama.cpp and mlx-lm's half-precision models do: half the memory of f32
+//! for the active cache, the snapshots and the snapshot files. Attention
+//! reads them back in the compute dtype.
 
 use mlx_rs::ops::indexing::{IndexOp, TryIndexMutOp};
 use mlx_rs::ops::{self};
-use mlx_rs::Array;
+use mlx_rs::{Array, Dtype};
 
 use crate::mlx::MlxError;
+
+/// The dtype keys and values are stored in.
+pub const KV_DTYPE: Dtype = Dtype::Float16;
+
+fn stored(a: Array) -> Result<Array, MlxError> {
+    Ok(if a.dtype() == KV_DTYPE { a } else { a.as_dtype(KV_DTYPE)? })
+}
 
 /// Buffers grow by this many tokens at a time (as mlx-lm's KVCache does).
 pub const STEP: i32 = 256;
@@ -35,18 +47,34 @@ impl LayerKv {
         self.keys.as_ref().map_or(0, |k| k.shape()[2])
     }
 
-    /// Write this step's keys and values after the ones held; return
-    /// everything held so far. The buffers grow in [`STEP`]s; the write is an
-    /// MLX slice update, done in place unless a snapshot still references the
-    /// buffer (then MLX copies, and the snapshot keeps its contents).
+    /// Write this step's keys and values after the ones held (rounded to
+    /// [`KV_DTYPE`]); return everything held so far, in the dtype `k` came
+    /// in. The buffers grow in [`STEP`]s; the write is an MLX slice update,
+    /// done in place unless a snapshot still references the buffer (then MLX
+    /// copies, and the snapshot keeps its contents).
     pub fn update_and_fetch(&mut self, k: Array, v: Array) -> Result<(Array, Array), MlxError> {
+        let dtype = k.dtype();
+        self.append(k, v)?;
+        let end = self.offset;
+        let (keys, values) = (self.keys.as_ref().expect("written above"), self.values.as_ref().expect("written above"));
+        let (k, v) = (keys.index((.., .., ..end, ..)), values.index((.., .., ..end, ..)));
+        if dtype == KV_DTYPE {
+            return Ok((k, v));
+        }
+        Ok((k.as_dtype(dtype)?, v.as_dtype(dtype)?))
+    }
+
+    /// [`update_and_fetch`](Self::update_and_fetch) without the fetch: the
+    /// write stays lazy until the buffers are evaluated.
+    pub fn append(&mut self, k: Array, v: Array) -> Result<(), MlxError> {
+        let (k, v) = (stored(k)?, stored(v)?);
         let n = k.shape()[2];
         let end = self.offset + n;
         if end > self.capacity() {
             let grow = |buf: Option<&Array>, new: &Array| -> Result<Array, MlxError> {
                 let shape = new.shape();
                 let add = (n + STEP - 1) / STEP * STEP;
-                let zeros = ops::zeros_dtype(&[shape[0], shape[1], add, shape[3]], new.dtype())?;
+                let zeros = ops::zeros_dtype(&[shape[0], shape[1], add, shape[3]], KV_DTYPE)?;
                 Ok(match buf {
                     // Drop the unused tail before growing so the layout stays contiguous.
                     Some(b) => ops::concatenate(&[&b.index((.., .., ..self.offset, ..)), &zeros], 2)?,
@@ -60,7 +88,17 @@ impl LayerKv {
         keys.try_index_mut((.., .., self.offset..end, ..), &k)?;
         values.try_index_mut((.., .., self.offset..end, ..), &v)?;
         self.offset = end;
-        Ok((keys.index((.., .., ..end, ..)), values.index((.., .., ..end, ..))))
+        Ok(())
+    }
+
+    /// The whole key and value buffers, `[B, kv_heads, capacity, head_dim]`
+    /// in [`KV_DTYPE`], of which the first [`offset`](Self::offset) tokens
+    /// are valid; `None` when empty.
+    pub fn buffers(&self) -> Option<(&Array, &Array)> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if self.offset > 0 => Some((k, v)),
+            _ => None,
+        }
     }
 
     /// Keep only the first `len` tokens (the buffers keep their capacity;
@@ -103,9 +141,10 @@ impl LayerKv {
     }
 
     /// A state holding exactly `keys` and `values` (as [`state`](Self::state) gave them).
-    pub fn from_state(keys: Array, values: Array) -> Self {
+    /// Other dtypes are converted to [`KV_DTYPE`] (lazily).
+    pub fn from_state(keys: Array, values: Array) -> Result<Self, MlxError> {
         let offset = keys.shape()[2];
-        LayerKv { keys: Some(keys), values: Some(values), offset }
+        Ok(LayerKv { keys: Some(stored(keys)?), values: Some(stored(values)?), offset })
     }
 }
 

@@ -22,7 +22,7 @@ use super::kv::LayerKv;
 use crate::mlx::MlxError;
 
 /// The file format; files of any other format are skipped.
-const FORMAT: &str = "kvserve-kv-2";
+const FORMAT: &str = "kvserve-kv-3";
 /// The largest header read (the token list dominates: under 12 bytes a token).
 const MAX_HEADER: u64 = 64 << 20;
 /// Writes waiting at most; a snapshot offered beyond that is not written
@@ -74,8 +74,8 @@ pub struct OnDisk {
     pub tokens: Vec<u32>,
 }
 
-/// One tensor of a snapshot file: `[B, kv_heads, tokens, head_dim]` f32
-/// values at bytes `start..end` of the data section.
+/// One tensor of a snapshot file: `[B, kv_heads, tokens, head_dim]` values
+/// in the file's dtype at bytes `start..end` of the data section.
 #[derive(Debug, Clone, PartialEq)]
 struct Tensor {
     layer: usize,
@@ -96,7 +96,7 @@ impl Tensor {
 #[derive(Debug)]
 struct Header {
     fingerprint: String,
-    /// The name of the dtype the KV state had (it is stored as f32).
+    /// The dtype of every tensor (the KV state's, `float16` as kvserve keeps it).
     dtype: String,
     tokens: Vec<u32>,
     checksum: String,
@@ -106,6 +106,23 @@ struct Header {
     /// Bytes before the data section (8 + the header's length).
     data_start: u64,
     data_len: u64,
+}
+
+/// `bytes` (a whole number of `T`s, any alignment) as `T`s.
+fn pod_vec<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
+    let n = bytes.len() / std::mem::size_of::<T>();
+    let mut v = vec![T::zeroed(); n];
+    bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(&bytes[..n * std::mem::size_of::<T>()]);
+    v
+}
+
+/// The safetensors dtype and element size of a file's dtype name.
+fn tensor_dtype(name: &str) -> (&'static str, u64) {
+    match name {
+        "float16" => ("F16", 2),
+        "bfloat16" => ("BF16", 2),
+        _ => ("F32", 4),
+    }
 }
 
 /// The checksum over everything that decides what a snapshot means: its
@@ -179,8 +196,8 @@ fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Header, 
             "values" => true,
             _ => return Err(format!("unexpected tensor {name:?}")),
         };
-        if v["dtype"].as_str() != Some("F32") {
-            return Err(format!("tensor {name} has dtype {}, expected F32", v["dtype"]));
+        if v["dtype"].as_str() != Some(tensor_dtype(&dtype).0) {
+            return Err(format!("tensor {name} has dtype {}, expected {} (the file's {dtype})", v["dtype"], tensor_dtype(&dtype).0));
         }
         let shape = match v["shape"].as_array().map(|s| s.iter().map(dim).collect::<Option<Vec<i32>>>()) {
             Some(Some(s)) if s.len() == 4 => [s[0], s[1], s[2], s[3]],
@@ -198,7 +215,7 @@ fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Header, 
         };
         // MLX sizes arrays with i32 element counts.
         let elements = shape.iter().try_fold(1i32, |n, &d| n.checked_mul(d)).ok_or(format!("tensor {name} has shape {shape:?}: too large"))?;
-        let bytes = u64::try_from(elements).ok().and_then(|n| n.checked_mul(4)).ok_or(format!("tensor {name} is too large"))?;
+        let bytes = u64::try_from(elements).ok().and_then(|n| n.checked_mul(tensor_dtype(&dtype).1)).ok_or(format!("tensor {name} is too large"))?;
         if end.checked_sub(start) != Some(bytes) {
             return Err(format!("tensor {name} has data_offsets [{start}, {end}] for {bytes} bytes of shape {shape:?}"));
         }
@@ -326,19 +343,22 @@ pub fn load(path: &Path, layers: usize, tokens: usize, fingerprint: &str) -> Res
         "bfloat16" => Dtype::Bfloat16,
         _ => Dtype::Float32,
     };
-    // The tensors tile the data section, every one a whole number of f32s.
-    let n = usize::try_from(h.data_len / 4).map_err(|_| file_err(path, "too large"))?;
-    let mut data = vec![0f32; n];
-    f.read_exact(bytemuck::cast_slice_mut(&mut data))
+    // The tensors tile the data section (checked by parse_header).
+    let n = usize::try_from(h.data_len).map_err(|_| file_err(path, "too large"))?;
+    let mut data = vec![0u8; n];
+    f.read_exact(&mut data)
         .map_err(|e| file_err(path, format!("cannot read {} bytes of data after byte {}: {e}", h.data_len, h.data_start)))?;
-    let bytes: &[u8] = bytemuck::cast_slice(&data);
-    if checksum(&h.fingerprint, &h.dtype, &h.tokens, &h.tensors, &[bytes]) != h.checksum {
+    if checksum(&h.fingerprint, &h.dtype, &h.tokens, &h.tensors, &[&data]) != h.checksum {
         return Err(file_err(path, "the checksum does not match: the file is damaged"));
     }
     let array = |t: &Tensor| -> Result<Array, StoreError> {
-        // In bounds and a whole number of f32s: checked by parse_header.
-        let values = &data[(t.start / 4) as usize..(t.end / 4) as usize];
-        Ok(Array::from_slice(values, &t.shape).as_dtype(dtype).map_err(MlxError::from)?)
+        // In bounds and a whole number of elements: checked by parse_header.
+        let bytes = &data[t.start as usize..t.end as usize];
+        Ok(match dtype {
+            Dtype::Float16 => Array::from_slice(&pod_vec::<half::f16>(bytes), &t.shape),
+            Dtype::Bfloat16 => Array::from_slice(&pod_vec::<half::bf16>(bytes), &t.shape),
+            _ => Array::from_slice(&pod_vec::<f32>(bytes), &t.shape),
+        })
     };
     let mut arrays: BTreeMap<(usize, bool), Array> = BTreeMap::new();
     for t in &h.tensors {
@@ -351,7 +371,7 @@ pub fn load(path: &Path, layers: usize, tokens: usize, fingerprint: &str) -> Res
             return Err(file_err(path, format!("layer {i} is missing")));
         };
         mlx_rs::transforms::eval([&k, &v]).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-        out.push(LayerKv::from_state(k, v));
+        out.push(LayerKv::from_state(k, v)?);
     }
     Ok(out)
 }
@@ -385,7 +405,7 @@ impl PendingWrite {
             }),
         );
         for t in &self.tensors {
-            header.insert(t.name(), json!({"dtype": "F32", "shape": t.shape, "data_offsets": [t.start, t.end]}));
+            header.insert(t.name(), json!({"dtype": tensor_dtype(self.dtype).0, "shape": t.shape, "data_offsets": [t.start, t.end]}));
         }
         let mut h = serde_json::to_vec(&Value::Object(header)).expect("header serializes");
         while h.len() % 8 != 0 {
@@ -631,12 +651,20 @@ impl Store {
             let (k, v) = l.state().ok_or_else(|| file_err(&path, format!("layer {i} is empty")))?;
             dtype = k.dtype();
             for (values, a) in [(false, k), (true, v)] {
-                let a = a.contiguous().and_then(|a| a.as_dtype(Dtype::Float32)).map_err(MlxError::from)?;
+                let a = match a.dtype() {
+                    Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32 => a,
+                    _ => a.as_dtype(Dtype::Float32).map_err(MlxError::from)?,
+                };
+                let a = a.contiguous().map_err(MlxError::from)?;
                 a.eval().map_err(MlxError::from)?;
                 let s = a.shape();
                 let shape: [i32; 4] = s.try_into().map_err(|_| file_err(&path, format!("layer {i} has shape {s:?}")))?;
                 // safetensors is little-endian, as every platform MLX runs on.
-                let bytes: Vec<u8> = bytemuck::cast_slice::<f32, u8>(a.as_slice::<f32>()).to_vec();
+                let bytes: Vec<u8> = match a.dtype() {
+                    Dtype::Float16 => bytemuck::cast_slice::<half::f16, u8>(a.as_slice::<half::f16>()).to_vec(),
+                    Dtype::Bfloat16 => bytemuck::cast_slice::<half::bf16, u8>(a.as_slice::<half::bf16>()).to_vec(),
+                    _ => bytemuck::cast_slice::<f32, u8>(a.as_slice::<f32>()).to_vec(),
+                };
                 let end = offset + bytes.len() as u64;
                 tensors.push(Tensor { layer: i, values, shape, start: offset, end });
                 offset = end;
@@ -702,7 +730,7 @@ mod tests {
                 let len = (2 * n * 4) as usize;
                 let k: Vec<f32> = (0..len).map(|j| seed + i as f32 + j as f32 * 0.5).collect();
                 let v: Vec<f32> = k.iter().map(|x| -x).collect();
-                LayerKv::from_state(Array::from_slice(&k, &[1, 2, n, 4]), Array::from_slice(&v, &[1, 2, n, 4]))
+                LayerKv::from_state(Array::from_slice(&k, &[1, 2, n, 4]), Array::from_slice(&v, &[1, 2, n, 4])).unwrap()
             })
             .collect()
     }
@@ -711,7 +739,8 @@ mod tests {
         l.iter()
             .flat_map(|l| {
                 let (k, v) = l.state().unwrap();
-                [k.as_slice::<f32>().to_vec(), v.as_slice::<f32>().to_vec()]
+                let f32s = |a: Array| a.as_dtype(Dtype::Float32).unwrap().as_slice::<f32>().to_vec();
+                [f32s(k), f32s(v)]
             })
             .collect()
     }
@@ -804,10 +833,10 @@ mod tests {
             ("no-tokens", edit(&|h| h["__metadata__"]["tokens"] = json!("[]")), "no token ids"),
             ("fewer-tokens", edit(&|h| h["__metadata__"]["tokens"] = json!("[1, 2, 3]")), "holds 4 tokens; the file lists 3"),
             ("changed-tokens", edit(&|h| h["__metadata__"]["tokens"] = json!("[1, 2, 3, 5]")), "checksum"),
-            ("changed-dtype", edit(&|h| h["__metadata__"]["dtype"] = json!("float16")), "checksum"),
+            ("changed-dtype", edit(&|h| h["__metadata__"]["dtype"] = json!("bfloat16")), "expected BF16"),
             ("unknown-dtype", edit(&|h| h["__metadata__"]["dtype"] = json!("int4")), "unknown dtype"),
             ("no-checksum", edit(&|h| { h["__metadata__"].as_object_mut().unwrap().remove("checksum"); }), "checksum is missing"),
-            ("tensor-dtype", edit(&|h| h["0.keys"]["dtype"] = json!("F16")), "expected F32"),
+            ("tensor-dtype", edit(&|h| h["0.keys"]["dtype"] = json!("F32")), "expected F16"),
             ("shape-3d", edit(&|h| h["0.keys"]["shape"] = json!([2, 4, 4])), "4 positive dimensions"),
             ("shape-zero", edit(&|h| h["0.keys"]["shape"] = json!([1, 0, 4, 4])), "4 positive dimensions"),
             ("shape-negative", edit(&|h| h["0.keys"]["shape"] = json!([1, -2, 4, 4])), "4 positive dimensions"),
@@ -816,9 +845,9 @@ mod tests {
             ("shape-vs-bytes", edit(&|h| h["0.keys"]["shape"] = json!([1, 1, 4, 4])), "bytes of shape"),
             ("offsets-reversed", edit(&|h| { let o = h["0.keys"]["data_offsets"].clone(); h["0.keys"]["data_offsets"] = json!([o[1], o[0]]); }), "data_offsets"),
             ("offsets-missing", edit(&|h| h["0.keys"]["data_offsets"] = json!([0])), "two byte offsets"),
-            ("offsets-past-end", edit(&|h| h["1.values"]["data_offsets"] = json!([1u64 << 40, (1u64 << 40) + 128])), "truncated"),
+            ("offsets-past-end", edit(&|h| h["1.values"]["data_offsets"] = json!([1u64 << 40, (1u64 << 40) + 64])), "truncated"),
             ("offsets-overflow", edit(&|h| h["1.values"]["data_offsets"] = json!([u64::MAX - 8, u64::MAX])), "data_offsets"),
-            ("offsets-overlap", edit(&|h| h["0.values"]["data_offsets"] = json!([0, 128])), "overlaps"),
+            ("offsets-overlap", edit(&|h| h["0.values"]["data_offsets"] = json!([0, 64])), "overlaps"),
             ("extra-tensor", edit(&|h| h["7.bias"] = json!({"dtype": "F32", "shape": [1, 1, 4, 1], "data_offsets": [0, 16]})), "unexpected tensor"),
             ("missing-layer", edit(&|h| { h.as_object_mut().unwrap().remove("1.values"); }), "after the last tensor"),
             ("renamed-layer", edit(&|h| { let t = h["1.values"].take(); h.as_object_mut().unwrap().remove("1.values"); h["5.values"] = t; }), "does not fit 2 layers"),
@@ -854,7 +883,7 @@ mod tests {
         }
         // Only what needs the data to tell is left for load.
         loaded.sort();
-        assert_eq!(loaded, ["changed-dtype", "changed-tokens", "flipped-bit", "shape-swapped"]);
+        assert_eq!(loaded, ["changed-tokens", "flipped-bit", "shape-swapped"]);
         assert!(warning("leftover.partial").unwrap().contains("unfinished write"), "{warnings:?}");
         assert!(warning("folder.safetensors").unwrap().contains("not a regular file"), "{warnings:?}");
         assert!(warning("notes.txt").is_none());

@@ -79,6 +79,18 @@ pub fn reset_peak_memory() -> Result<()> {
     Ok(mlx_rs::memory::reset_peak_memory()?)
 }
 
+/// Bytes MLX keeps in its buffer cache (freed buffers kept for reuse).
+pub fn cache_memory() -> Result<usize> {
+    Ok(mlx_rs::memory::cache_memory()?)
+}
+
+/// Bound MLX's buffer cache to `bytes` (MLX sets no bound of its own on the
+/// CPU: every freed buffer, such as a long prompt's attention scores, stays
+/// allocated for reuse). Returns the previous limit.
+pub fn set_cache_limit(bytes: usize) -> Result<usize> {
+    Ok(mlx_rs::memory::set_cache_limit(bytes)?)
+}
+
 /// A weight matrix `[out, in]` in MLX's affine quantization: every
 /// `group_size` consecutive values of a row share one scale and one bias,
 /// each value stored in `bits` bits packed into u32 words.

@@ -130,6 +130,50 @@ fn kernel_scales(a: &Array) -> Option<Scales<'_>> {
     })
 }
 
+/// A quantized matrix as the kernels read it, in place (`None` for a bit
+/// width or dtype they do not take).
+fn quant_matrix(q: &QuantizedMatrix) -> Option<QuantMatrix<'_>> {
+    if !matches!(q.bits, 4 | 8) {
+        return None;
+    }
+    let (out, cols) = q.shape();
+    Some(QuantMatrix {
+        packed: q.packed.try_as_slice::<u32>().ok()?,
+        scales: kernel_scales(&q.scales)?,
+        biases: kernel_scales(&q.biases)?,
+        rows: out as usize,
+        cols: cols as usize,
+        group_size: q.group_size as usize,
+        bits: q.bits as u32,
+    })
+}
+
+/// `x W^T (+ b)` for one f32 row held in memory, by kvserve's kernels;
+/// `None` when they do not apply (a dense weight, another bit width).
+fn linear_host(l: &Linear, x: &[f32]) -> Option<Vec<f32>> {
+    let LinearWeight::Quantized(q) = &l.weight else { return None };
+    let w = quant_matrix(q)?;
+    let mut y = vec![0f32; w.rows];
+    kernels::qmv(&w, x, 1, &mut y).ok()?;
+    if let Some(b) = &l.bias {
+        let b = b.try_as_slice::<f32>().ok().filter(|b| b.len() == y.len())?;
+        y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+    }
+    Some(y)
+}
+
+/// An f16 KV buffer's bits, read in place.
+fn f16_bits(a: &Array) -> std::result::Result<&[u16], MlxError> {
+    Ok(bytemuck::cast_slice(a.try_as_slice::<half::f16>().map_err(|e| host_error(format!("KV buffer: {e}")))?))
+}
+
+/// An error for a CPU decode step that cannot go on (after the checks made
+/// at load time, a broken invariant).
+#[track_caller]
+fn host_error(message: String) -> MlxError {
+    MlxError { message, location: std::panic::Location::caller() }
+}
+
 /// `x W^T` on the CPU by kvserve's own quantized kernels (reading MLX's
 /// arrays in place), for up to [`kernels::MAX_M`] rows of f32 `x`; `None`
 /// when they do not apply (another dtype or bit width), so MLX's kernel runs.
@@ -143,12 +187,9 @@ pub fn cpu_quantized_matmul(q: &QuantizedMatrix, x: &Array) -> std::result::Resu
     let x = if x.shape().last() == Some(&cols) { x.clone() } else { return Ok(None) };
     x.eval()?;
     let x = if x.try_as_slice::<f32>().is_ok() { x } else { x.contiguous()? };
-    let (Ok(xs), Ok(packed), Some(scales), Some(biases)) =
-        (x.try_as_slice::<f32>(), q.packed.try_as_slice::<u32>(), kernel_scales(&q.scales), kernel_scales(&q.biases))
-    else {
+    let (Ok(xs), Some(w)) = (x.try_as_slice::<f32>(), quant_matrix(q)) else {
         return Ok(None);
     };
-    let w = QuantMatrix { packed, scales, biases, rows: out as usize, cols: cols as usize, group_size: q.group_size as usize, bits: q.bits as u32 };
     let mut y = vec![0f32; m * out as usize];
     if kernels::qmv(&w, xs, m, &mut y).is_err() {
         return Ok(None);
@@ -243,6 +284,8 @@ pub struct Rope {
     scale: f32,
     /// Per-frequency periods (Llama 3 scaling) used instead of `base`.
     freqs: Option<Array>,
+    /// `1 / period` of each rotated pair, as MLX's rope computes it (f32).
+    inv_freq: Vec<f32>,
 }
 
 impl Rope {
@@ -270,10 +313,35 @@ impl Rope {
                         }
                     })
                     .collect();
-                (1.0, Some(Array::from_slice(&freqs, &[dims / 2])))
+                (1.0, Some(freqs))
             }
         };
-        Rope { dims, traditional: cfg.rope_traditional, base: cfg.rope_theta, scale, freqs }
+        let half = (dims / 2).max(1);
+        // MLX: `exp(-i * (log(base) / half))`, or the reciprocal of the given periods.
+        let inv_freq: Vec<f32> = match &freqs {
+            Some(f) => f.iter().map(|p| 1.0 / p).collect(),
+            None => (0..half).map(|i| (-(i as f32) * (cfg.rope_theta.ln() / half as f32)).exp()).collect(),
+        };
+        let freqs = freqs.map(|f| Array::from_slice(&f, &[dims / 2]));
+        Rope { dims, traditional: cfg.rope_traditional, base: cfg.rope_theta, scale, freqs, inv_freq }
+    }
+
+    /// Rotate `heads` rows of `d` values at position `pos` in place, as
+    /// [`forward`](Self::forward) does (MLX's CPU rope: f32 angles `pos *
+    /// scale * inv_freq`, then `x1 cos - x2 sin`, `x1 sin + x2 cos`).
+    fn apply_host(&self, x: &mut [f32], d: usize, pos: i32) {
+        let dims = (self.dims as usize).min(d);
+        let half = dims / 2;
+        let p = pos as f32 * self.scale;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = self.inv_freq[..half].iter().map(|f| (p * f).cos()).zip(self.inv_freq[..half].iter().map(|f| (p * f).sin())).unzip();
+        for row in x.chunks_exact_mut(d) {
+            for i in 0..half {
+                let (a, b) = if self.traditional { (2 * i, 2 * i + 1) } else { (i, i + half) };
+                let (x1, x2) = (row[a], row[b]);
+                row[a] = x1 * cos[i] - x2 * sin[i];
+                row[b] = x1 * sin[i] + x2 * cos[i];
+            }
+        }
     }
 
     pub fn forward(&self, x: &Array, offset: i32) -> std::result::Result<Array, MlxError> {
@@ -298,6 +366,9 @@ pub struct Attention {
     /// MLX's fused kernel (whose CPU version is a fallback made of ops,
     /// slow in its softmax).
     cpu_chunk_attention: bool,
+    /// On the CPU, a single decode row runs in [`decode_host`](Self::decode_host):
+    /// every projection is 4/8-bit quantized and every tensor it reads f32.
+    host_decode: bool,
 }
 
 /// Causal attention for `l > 1` queries at position `offset`, on the CPU
@@ -348,34 +419,18 @@ fn softmax_row(row: &mut [f32], visible: usize) {
     let mut chunks = live.chunks_exact_mut(8);
     for c in &mut chunks {
         for (x, s) in c.iter_mut().zip(sums.iter_mut()) {
-            *x = exp_nonpositive(*x - m);
+            *x = kernels::exp_nonpositive(*x - m);
             *s += *x;
         }
     }
     for x in chunks.into_remainder() {
-        *x = exp_nonpositive(*x - m);
+        *x = kernels::exp_nonpositive(*x - m);
         sums[0] += *x;
     }
     let inv = 1.0 / sums.iter().sum::<f32>();
     for x in live.iter_mut() {
         *x *= inv;
     }
-}
-
-/// `e^x` for `x <= 0` in f32, branch-free so the loops above vectorize:
-/// `x = n ln2 + r` with `|r| <= ln2/2`, `e^r` by its Taylor series to `r^7`
-/// (relative error under 1e-8 there), `2^n` built from the exponent bits.
-/// Below -87 the result is flushed to about 1e-38, far under any softmax term.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let x = x.max(-87.0);
-    let k = x * std::f32::consts::LOG2_E + ROUND;
-    let n = k - ROUND;
-    let r = (x - n * 0.693_359_4) + n * 2.121_944_4e-4; // ln 2 split in two for exactness
-    let p = 1.0 + r * (1.0 + r * (0.5 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let e = (k.to_bits() as i32 - ROUND.to_bits() as i32 + 127) as u32;
-    p * f32::from_bits(e << 23)
 }
 
 impl Attention {
@@ -400,7 +455,78 @@ impl Attention {
             head_dim: cfg.head_dim,
             scale: (cfg.head_dim as f32).powf(-0.5),
             cpu_chunk_attention: w.cpu_dense_prefill,
-        })
+            host_decode: false,
+        }
+        .with_host_decode())
+    }
+
+    fn with_host_decode(mut self) -> Self {
+        let quantized = |l: &Linear| {
+            matches!(&l.weight, LinearWeight::Quantized(q) if quant_matrix(q).is_some())
+                && l.bias.as_ref().is_none_or(|b| b.dtype() == Dtype::Float32)
+        };
+        let norm = |n: &Option<RmsNorm>| n.as_ref().is_none_or(|n| n.weight.try_as_slice::<f32>().is_ok());
+        self.host_decode = self.cpu_chunk_attention
+            && [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj].into_iter().all(quantized)
+            && norm(&self.q_norm)
+            && norm(&self.k_norm)
+            && self.head_dim > 0
+            && self.head_dim as usize <= kernels::attn::MAX_DIM;
+        self
+    }
+
+    /// One decode row (`x`: the normed hidden state, `[hidden]`) entirely
+    /// in memory: projections by kvserve's kernels, norms and rotary
+    /// embedding here, attention over the f16 cache by
+    /// [`kernels::attn::decode_attention`] (the cache as MLX holds it, read
+    /// in place), then the row's key and value appended to the cache (an
+    /// MLX write, left lazy: [`Transformer::forward`] evaluates every
+    /// layer's at once). Returns the output projection.
+    fn decode_host(&self, x: &[f32], kv: &mut LayerKv) -> std::result::Result<Vec<f32>, MlxError> {
+        let (h, kvh, d) = (self.n_heads as usize, self.n_kv_heads as usize, self.head_dim as usize);
+        let proj = |l: &Linear, x: &[f32], what: &str| {
+            linear_host(l, x).ok_or_else(|| host_error(format!("the CPU decode step cannot run {what}")))
+        };
+        let (mut q, mut k, v) = (proj(&self.q_proj, x, "q_proj")?, proj(&self.k_proj, x, "k_proj")?, proj(&self.v_proj, x, "v_proj")?);
+        if q.len() != h * d || k.len() != kvh * d || v.len() != kvh * d {
+            return Err(host_error(format!("projections of {}, {}, {} values for {h}/{kvh} heads of {d}", q.len(), k.len(), v.len())));
+        }
+        for (t, norm) in [(&mut q, &self.q_norm), (&mut k, &self.k_norm)] {
+            if let Some(n) = norm {
+                let w = n.weight.try_as_slice::<f32>().map_err(|e| host_error(format!("q/k norm weight: {e}")))?;
+                for row in t.chunks_exact_mut(d) {
+                    let normed = rms_norm_host(row, w, n.eps);
+                    row.copy_from_slice(&normed);
+                }
+            }
+        }
+        let pos = kv.offset();
+        self.rope.apply_host(&mut q, d, pos);
+        self.rope.apply_host(&mut k, d, pos);
+        let f16 = |x: &[f32]| -> Vec<half::f16> { x.iter().map(|&v| half::f16::from_f32(v)).collect() };
+        let (k16, v16) = (f16(&k), f16(&v));
+        let mut out = vec![0f32; h * d];
+        {
+            let bufs = match kv.buffers() {
+                Some((kb, vb)) => {
+                    let s = kb.shape();
+                    if s.len() != 4 || s[0] != 1 || s[1] as usize != kvh || s[3] as usize != d || vb.shape() != s {
+                        return Err(host_error(format!("a KV buffer of shape {s:?} for {kvh} heads of {d}")));
+                    }
+                    Some((f16_bits(kb)?, f16_bits(vb)?, s[2] as usize))
+                }
+                None => None,
+            };
+            let (kd, vd, cap): (&[u16], &[u16], usize) = bufs.unwrap_or((&[], &[], 0));
+            let len = if cap == 0 { 0 } else { pos as usize };
+            let keys = kernels::attn::KvBuffer { data: kd, heads: kvh, capacity: cap, len, dim: d };
+            let values = kernels::attn::KvBuffer { data: vd, ..keys };
+            kernels::attn::decode_attention(&q, h, &keys, &values, bytemuck::cast_slice(&k16), bytemuck::cast_slice(&v16), self.scale, &mut out)
+                .map_err(|e| host_error(e.to_string()))?;
+        }
+        let shape = [1, kvh as i32, 1, d as i32];
+        kv.append(Array::from_slice(&k16, &shape), Array::from_slice(&v16, &shape))?;
+        proj(&self.o_proj, &out, "o_proj")
     }
 
     pub fn forward(&self, x: &Array, kv: &mut LayerKv) -> std::result::Result<Array, MlxError> {
@@ -502,8 +628,13 @@ impl Block {
             return Ok(None);
         };
         let n1 = rms_norm_host(&xs, w1, self.input_norm.eps);
-        let a = self.attn.forward(&Array::from_slice(&n1, &shape), kv)?;
-        let Some(a) = host(&a)? else { return Ok(None) };
+        let a = if self.attn.host_decode {
+            self.attn.decode_host(&n1, kv)?
+        } else {
+            let a = self.attn.forward(&Array::from_slice(&n1, &shape), kv)?;
+            let Some(a) = host(&a)? else { return Ok(None) };
+            a
+        };
         let h: Vec<f32> = xs.iter().zip(&a).map(|(x, a)| x + a).collect();
         let n2 = Array::from_slice(&rms_norm_host(&h, w2, self.post_attn_norm.eps), &shape);
         let (Some(g), Some(u)) = (host(&mlp.gate_proj.forward(&n2)?)?, host(&mlp.up_proj.forward(&n2)?)?) else {
@@ -585,6 +716,11 @@ impl Transformer {
         for (block, kv) in self.blocks.iter().zip(cache.iter_mut()) {
             h = block.forward(&h, kv)?;
         }
+        // The CPU decode row leaves each layer's cache write lazy: one
+        // evaluation for all of them (each costs ~70 us however small).
+        if self.on_cpu && tokens.size() == 1 {
+            mlx_rs::transforms::eval(cache.iter().flat_map(LayerKv::arrays))?;
+        }
         if last_only {
             let l = h.shape()[1];
             h = h.index((.., (l - 1)..l, ..));
@@ -610,11 +746,11 @@ mod tests {
         let mut worst = 0f32;
         for i in 0..=200_000 {
             let x = -87.0 * i as f32 / 200_000.0;
-            let (ours, std) = (exp_nonpositive(x), x.exp());
+            let (ours, std) = (kernels::exp_nonpositive(x), x.exp());
             worst = worst.max(((ours - std) / std).abs());
         }
         assert!(worst < 4e-7, "worst relative error {worst}");
-        assert!(exp_nonpositive(-1000.0) < 1e-37 && exp_nonpositive(0.0) == 1.0);
+        assert!(kernels::exp_nonpositive(-1000.0) < 1e-37 && kernels::exp_nonpositive(0.0) == 1.0);
     }
 
     fn max_diff(a: &Array, b: &Array) -> f32 {

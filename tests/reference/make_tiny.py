@@ -5,7 +5,9 @@ parity tests.
 Usage: python make_tiny.py OUT_DIR
 Writes OUT_DIR/<name>/ (config.json, model.safetensors) and
 OUT_DIR/<name>/reference.json with the prompt ids, mlx-lm's last-position
-logits for the whole prompt, and its 32 greedy tokens.
+logits for the whole prompt, and its 32 greedy tokens, computed with an f16
+KV cache as kvserve keeps it (kv16.py); also the logits with f32 keys
+and values (`last_logits_f32_kv`), to state what f16 storage changes.
 """
 
 import json
@@ -14,8 +16,9 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
-from mlx_lm.models import cache as cache_mod
 from mlx_lm.utils import quantize_model, save_config, save_model
+
+from kv16 import f16_cache
 
 mx.set_default_device(mx.cpu)
 
@@ -109,9 +112,13 @@ def build(name, module_name, extra, quant, out: Path):
     save_model(path, model, donate_model=False)
     save_config(config, config_path=path / "config.json")
 
-    logits = model(mx.array([PROMPT]))[0, -1].astype(mx.float32)
-    cache = cache_mod.make_prompt_cache(model)
+    # Without a cache: keys and values in f32 throughout.
+    logits_f32_kv = model(mx.array([PROMPT]))[0, -1].astype(mx.float32)
+    # kvserve keeps its KV cache in f16: the same model and prompt through
+    # mlx-lm's own KVCache holding f16 keys and values.
+    cache = f16_cache(model)
     out_logits = model(mx.array([PROMPT]), cache=cache)
+    logits = out_logits[0, -1].astype(mx.float32)
     tokens = []
     y = mx.argmax(out_logits[0, -1])
     for _ in range(GREEDY):
@@ -121,6 +128,7 @@ def build(name, module_name, extra, quant, out: Path):
     ref = {
         "prompt": PROMPT,
         "last_logits": logits.tolist(),
+        "last_logits_f32_kv": logits_f32_kv.tolist(),
         "greedy": tokens,
     }
     (path / "reference.json").write_text(json.dumps(ref))
