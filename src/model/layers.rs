@@ -175,12 +175,12 @@ fn host_error(message: String) -> MlxError {
 }
 
 /// `x W^T` on the CPU by kvserve's own quantized kernels (reading MLX's
-/// arrays in place), for up to [`kernels::MAX_M`] rows of f32 `x`; `None`
+/// arrays in place), [`kernels::MAX_M`] rows of f32 `x` at a time; `None`
 /// when they do not apply (another dtype or bit width), so MLX's kernel runs.
 /// `x` is evaluated here: the step's graph is cut at each such product.
 pub fn cpu_quantized_matmul(q: &QuantizedMatrix, x: &Array) -> std::result::Result<Option<Array>, MlxError> {
     let m = rows(x) as usize;
-    if x.dtype() != Dtype::Float32 || m == 0 || m > kernels::MAX_M || !matches!(q.bits, 4 | 8) {
+    if x.dtype() != Dtype::Float32 || m == 0 || !matches!(q.bits, 4 | 8) {
         return Ok(None);
     }
     let (out, cols) = q.shape();
@@ -190,9 +190,12 @@ pub fn cpu_quantized_matmul(q: &QuantizedMatrix, x: &Array) -> std::result::Resu
     let (Ok(xs), Some(w)) = (x.try_as_slice::<f32>(), quant_matrix(q)) else {
         return Ok(None);
     };
-    let mut y = vec![0f32; m * out as usize];
-    if kernels::qmv(&w, xs, m, &mut y).is_err() {
-        return Ok(None);
+    let (out_n, cols_n) = (out as usize, cols as usize);
+    let mut y = vec![0f32; m * out_n];
+    for (xt, yt) in xs.chunks(kernels::MAX_M * cols_n).zip(y.chunks_mut(kernels::MAX_M * out_n)) {
+        if kernels::qmv(&w, xt, xt.len() / cols_n, yt).is_err() {
+            return Ok(None);
+        }
     }
     let mut shape = x.shape().to_vec();
     if let Some(last) = shape.last_mut() {
@@ -201,16 +204,24 @@ pub fn cpu_quantized_matmul(q: &QuantizedMatrix, x: &Array) -> std::result::Resu
     Ok(Some(Array::from_slice(&y, &shape)))
 }
 
+/// Up to this many rows, a CPU product runs on kvserve's kernels in tiles of
+/// [`kernels::MAX_M`] rows rather than dequantize + BLAS: dequantizing every
+/// matrix costs more than a few tiles. `cargo bench --bench decode_profile`,
+/// 16 new tokens on a cached prefix: 254-281 ms against 557-604 (3.3K
+/// cached tokens), 568-651 against 874-1200 (12K); at 64 rows the two
+/// paths measured alike, so prompts' 512-token chunks stay on BLAS.
+const CPU_KERNEL_MAX_ROWS: i32 = 32;
+
 /// `x W^T` for a quantized `W`: on the CPU, few rows through kvserve's
 /// kernels and many through dequantize + BLAS; elsewhere MLX's kernel.
 fn quantized_forward(q: &QuantizedMatrix, x: &Array, on_cpu: bool) -> std::result::Result<Array, MlxError> {
-    if on_cpu && rows(x) >= CPU_DEQUANT_MIN_ROWS {
-        return Ok(x.matmul(q.dequantize()?.t())?);
-    }
-    if on_cpu && cpu_kernels_enabled() {
+    if on_cpu && cpu_kernels_enabled() && rows(x) <= CPU_KERNEL_MAX_ROWS {
         if let Some(y) = cpu_quantized_matmul(q, x)? {
             return Ok(y);
         }
+    }
+    if on_cpu && rows(x) >= CPU_DEQUANT_MIN_ROWS {
+        return Ok(x.matmul(q.dequantize()?.t())?);
     }
     q.matmul(x)
 }
