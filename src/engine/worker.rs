@@ -137,6 +137,13 @@ pub const CLEAR_WAIT: Duration = Duration::from_secs(10);
 /// The exit status when MLX itself has failed (EX_SOFTWARE).
 pub const EXIT_MLX_FAILED: i32 = 70;
 
+/// A request takes over (rather than copies) a snapshot whose prompt it
+/// continues but for at most this many final tokens (the boundary before
+/// the answer re-tokenizes), and whose answer part it does not share is at
+/// most [`TAKE_OVER_TAIL`] tokens long; see `Worker::lookup`.
+pub const TAKE_OVER_SLACK: usize = 8;
+pub const TAKE_OVER_TAIL: usize = 4096;
+
 /// The text of a caught panic.
 fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
     payload
@@ -206,6 +213,9 @@ impl Drop for AliveGuard {
 struct Snapshot {
     layers: Option<Rc<Vec<LayerKv>>>,
     file: Option<PathBuf>,
+    /// How many of its tokens were the request's prompt (the rest is the
+    /// answer); 0 when unknown (read from disk).
+    prompt_len: usize,
 }
 
 impl Cached for Snapshot {
@@ -213,7 +223,7 @@ impl Cached for Snapshot {
         self.layers.as_ref().map_or(0, |l| l.iter().map(LayerKv::nbytes).sum())
     }
     fn demote(&self) -> Option<Self> {
-        self.file.as_ref().map(|f| Snapshot { layers: None, file: Some(f.clone()) })
+        self.file.as_ref().map(|f| Snapshot { layers: None, file: Some(f.clone()), prompt_len: self.prompt_len })
     }
 }
 
@@ -476,7 +486,7 @@ impl Worker {
             }
             let n = found.len();
             for f in found {
-                cache.insert(&f.tokens, Snapshot { layers: None, file: Some(f.path) });
+                cache.insert(&f.tokens, Snapshot { layers: None, file: Some(f.path), prompt_len: 0 });
             }
             // Files made redundant by longer ones stay on disk but are not indexed.
             cache.take_removed();
@@ -567,7 +577,7 @@ impl Worker {
 
     /// Store a snapshot of `live` (holding `tokens`), on disk too when a
     /// cache folder is set; true if it was kept.
-    fn keep(&mut self, tokens: &[u32], live: &[LayerKv]) -> bool {
+    fn keep(&mut self, tokens: &[u32], prompt_len: usize, live: &[LayerKv]) -> bool {
         let arrays: Vec<&mlx_rs::Array> = live.iter().flat_map(LayerKv::arrays).collect();
         if let Err(e) = mlx_rs::transforms::eval(arrays) {
             tracing::warn!("snapshot not kept: {e}");
@@ -578,7 +588,7 @@ impl Worker {
         if bytes > self.cache.budget() {
             return false;
         }
-        let id = self.cache.insert(tokens, Snapshot { layers: Some(Rc::new(layers)), file: None });
+        let id = self.cache.insert(tokens, Snapshot { layers: Some(Rc::new(layers)), file: None, prompt_len });
         self.forget_removed();
         if let (Some(id), Some(_)) = (id, &self.store) {
             self.unsaved.push(id);
@@ -600,7 +610,7 @@ impl Worker {
                             let _ = std::fs::remove_file(old);
                         }
                     }
-                    self.cache.replace(id, Snapshot { layers: snap.layers.clone(), file: Some(path) });
+                    self.cache.replace(id, Snapshot { layers: snap.layers.clone(), file: Some(path), prompt_len: snap.prompt_len });
                     self.forget_removed();
                 }
                 Err(e) => tracing::warn!("snapshot not written to disk: {e}"),
@@ -611,10 +621,11 @@ impl Worker {
     }
 
     /// The deepest usable snapshot for `prompt` as a live cache (see [`Lookup`]) and how many
-    /// tokens it serves. A snapshot the prompt extends is taken out of the
-    /// index (this request's own snapshot will replace it), so the live state
-    /// owns its buffers and MLX writes them in place; one that must be
-    /// trimmed stays (it is another conversation's) and is copied on write.
+    /// tokens it serves. A snapshot the prompt extends, or whose prompt it
+    /// extends (the next turn of its conversation), is taken out of the index (this
+    /// request's own snapshot will replace it), so the live state owns its
+    /// buffers and MLX writes them in place; one that must be trimmed by
+    /// more stays (it is another conversation's) and is copied on write.
     /// A snapshot that cannot be read from disk is dropped.
     fn lookup(&mut self, prompt: &[u32]) -> Lookup {
         loop {
@@ -627,7 +638,7 @@ impl Worker {
                     Ok(l) => {
                         let l = Rc::new(l);
                         if hit.usable < hit.entry_len {
-                            self.cache.replace(hit.id, Snapshot { layers: Some(l.clone()), file: Some(f.clone()) });
+                            self.cache.replace(hit.id, Snapshot { layers: Some(l.clone()), file: Some(f.clone()), prompt_len: hit.value.prompt_len });
                         }
                         l
                     }
@@ -646,7 +657,17 @@ impl Worker {
                 }
             };
             let file = hit.value.file.clone();
-            let owned = hit.usable == hit.entry_len;
+            // The next turn of the snapshot's conversation is taken over too:
+            // it continues the snapshot's prompt and differs only in the
+            // answer (the template re-renders it, and its first tokens
+            // re-tokenize differently). Keeping the old one would cost a full
+            // copy of the cache on the first write and one more snapshot in
+            // memory every turn, for an answer that costs little to
+            // recompute if that exact request ever comes again. Another
+            // conversation sharing only a prefix is copied.
+            let p = hit.value.prompt_len;
+            let owned = hit.usable == hit.entry_len
+                || (p > 0 && hit.usable + TAKE_OVER_SLACK >= p && hit.entry_len - hit.usable <= TAKE_OVER_TAIL);
             let (id, usable) = (hit.id, hit.usable);
             drop(hit);
             let (mut taken_file, mut pinned) = (None, Some(id));
@@ -713,7 +734,7 @@ impl Worker {
             }
         };
         if !kept.is_empty() {
-            self.keep(kept, &live);
+            self.keep(kept, n.min(kept.len()), &live);
         }
         self.holding = (None, None);
         self.obsolete.extend(taken_file);
@@ -721,7 +742,14 @@ impl Worker {
             self.cache.release(id);
             self.forget_removed();
         }
-        tracing::debug!("snapshot of {held} tokens kept in {:.0} ms", t_keep.elapsed().as_secs_f64() * 1e3);
+        tracing::info!(
+            "snapshot of {held} tokens kept in {:.0} ms; {} snapshots, {:.0} MB; MLX holds {:.0} MB in arrays, {:.0} MB in its buffer cache",
+            t_keep.elapsed().as_secs_f64() * 1e3,
+            self.cache.len(),
+            self.cache.bytes() as f64 / 1e6,
+            crate::mlx::active_memory().unwrap_or(0) as f64 / 1e6,
+            crate::mlx::cache_memory().unwrap_or(0) as f64 / 1e6,
+        );
         result.map(|_| ())
     }
 
@@ -736,6 +764,11 @@ impl Worker {
         let mut usage = PromptUsage { prompt: n, cache_read: read, cache_creation: creation, input: n - read - creation };
         if job.events.send(Event::Started(usage)).is_err() {
             return Ok(prompt[..read].to_vec());
+        }
+        // Room for the whole prompt at once (one copy instead of one per chunk).
+        let cfg = &self.model.config;
+        for l in live.iter_mut() {
+            l.reserve(n as i32, cfg.num_kv_heads, cfg.head_dim).map_err(|e| e.to_string())?;
         }
         // The prompt but its last token, in chunks; a client that leaves stops it between chunks.
         for part in prompt[read..n - 1].chunks(self.prefill_chunk) {

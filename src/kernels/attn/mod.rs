@@ -209,8 +209,8 @@ fn decode_attention_with(
         *partials[c].lock() = Some(block(p, qg, g, d, scale, keys.rows(h, j0, j1), values.rows(h, j0, j1), own));
     };
     let chunks = kvh * blocks;
-    let parallel = chunks > 1 && t * kvh >= PARALLEL_MIN && Pool::global(usize::MAX).threads() > 1;
-    if !(parallel && Pool::global(usize::MAX).run(chunks, &run)) {
+    let parallel = chunks > 1 && t * kvh >= PARALLEL_MIN && Pool::global(super::qmv::MAX_THREADS).threads() > 1;
+    if !(parallel && Pool::global(super::qmv::MAX_THREADS).run(chunks, &run)) {
         (0..chunks).for_each(run);
     }
     // Merge each head group's blocks.

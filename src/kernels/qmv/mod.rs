@@ -178,7 +178,7 @@ const SCALAR: Impl = Impl { isa: Isa::Scalar, perm_block: 0, rows4: scalar::rows
 pub const PARALLEL_MIN_WORK: usize = 192 << 10;
 
 /// Most threads one product uses.
-const MAX_THREADS: usize = 16;
+pub(crate) const MAX_THREADS: usize = 16;
 
 fn impl_for(isa: Isa) -> Option<Impl> {
     match isa {
