@@ -144,20 +144,6 @@ pub fn decode_attention(
     decode_attention_with(prims(), q, heads, keys, values, new_k, new_v, scale, out)
 }
 
-/// [`decode_attention`] on the scalar primitives (the reference for tests).
-pub fn decode_attention_scalar(
-    q: &[f32],
-    heads: usize,
-    keys: &KvBuffer,
-    values: &KvBuffer,
-    new_k: &[u16],
-    new_v: &[u16],
-    scale: f32,
-    out: &mut [f32],
-) -> Result<(), AttnError> {
-    decode_attention_with(SCALAR, q, heads, keys, values, new_k, new_v, scale, out)
-}
-
 fn validate(q: &[f32], heads: usize, k: &KvBuffer, v: &KvBuffer, new_k: &[u16], new_v: &[u16], out: &[f32]) -> Result<(), AttnError> {
     let bad = |m: String| Err(AttnError::Shape(m));
     let (kvh, d) = (k.heads, k.dim);

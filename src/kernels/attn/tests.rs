@@ -73,7 +73,7 @@ fn run_case(c: &Case, seed: u64) {
     let mut fast = vec![0f32; heads * d];
     let mut slow = vec![0f32; heads * d];
     decode_attention(&q, heads, &keys, &values, &nkb, &nvb, scale, &mut fast).unwrap();
-    decode_attention_scalar(&q, heads, &keys, &values, &nkb, &nvb, scale, &mut slow).unwrap();
+    decode_attention_with(SCALAR, &q, heads, &keys, &values, &nkb, &nvb, scale, &mut slow).unwrap();
     for (name, got) in [("dispatched", &fast), ("scalar", &slow)] {
         let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         assert!(worst < 2e-5, "{name}: heads {heads}/{kvh}, d {d}, t {t}: worst difference {worst}");
