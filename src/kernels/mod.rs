@@ -30,3 +30,22 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     let e = (k.to_bits() as i32 - ROUND.to_bits() as i32 + 127) as u32;
     p * f32::from_bits(e << 23)
 }
+
+/// `x = e^(x - max)` over `row` in place (every `x <= max`); returns their
+/// sum, kept in eight lanes so the loop vectorizes.
+#[inline]
+pub fn exp_shifted_sum(row: &mut [f32], max: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (x, l) in c.iter_mut().zip(lanes.iter_mut()) {
+            *x = exp_nonpositive(*x - max);
+            *l += *x;
+        }
+    }
+    for x in chunks.into_remainder() {
+        *x = exp_nonpositive(*x - max);
+        lanes[0] += *x;
+    }
+    lanes.iter().sum()
+}

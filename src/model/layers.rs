@@ -426,19 +426,7 @@ fn softmax_row(row: &mut [f32], visible: usize) {
     for &x in live.iter() {
         m = if x > m { x } else { m };
     }
-    let mut sums = [0f32; 8];
-    let mut chunks = live.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for (x, s) in c.iter_mut().zip(sums.iter_mut()) {
-            *x = kernels::exp_nonpositive(*x - m);
-            *s += *x;
-        }
-    }
-    for x in chunks.into_remainder() {
-        *x = kernels::exp_nonpositive(*x - m);
-        sums[0] += *x;
-    }
-    let inv = 1.0 / sums.iter().sum::<f32>();
+    let inv = 1.0 / kernels::exp_shifted_sum(live, m);
     for x in live.iter_mut() {
         *x *= inv;
     }

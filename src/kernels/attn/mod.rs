@@ -238,24 +238,13 @@ fn block(p: Prims, q: &[f32], g: usize, d: usize, scale: f32, k: &[u16], v: &[u1
     for r in 0..g {
         let row = &mut s[r * n..(r + 1) * n];
         let m = row.iter().copied().fold(own_s[r], f32::max);
-        let mut lanes = [0f32; 8];
-        let mut chunks = row.chunks_exact_mut(8);
-        for c in &mut chunks {
-            for (x, l) in c.iter_mut().zip(lanes.iter_mut()) {
-                *x = crate::kernels::exp_nonpositive(*x - m);
-                *l += *x;
-            }
-        }
-        for x in chunks.into_remainder() {
-            *x = crate::kernels::exp_nonpositive(*x - m);
-            lanes[0] += *x;
-        }
+        let mut total = crate::kernels::exp_shifted_sum(row, m);
         if own.is_some() {
             own_s[r] = crate::kernels::exp_nonpositive(own_s[r] - m);
-            lanes[1] += own_s[r];
+            total += own_s[r];
         }
         max[r] = m;
-        sum[r] = lanes.iter().sum();
+        sum[r] = total;
     }
     let mut acc = vec![0f32; g * d];
     if n > 0 {
