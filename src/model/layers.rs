@@ -627,28 +627,36 @@ impl Block {
             return Ok(None);
         };
         let n1 = rms_norm_host(&xs, w1, self.input_norm.eps);
+        // From here on the cache holds this row: a step that cannot go on is
+        // an error, never a `None` that would run the layer a second time.
         let a = if self.attn.host_decode {
             self.attn.decode_host(&n1, kv)?
         } else {
-            let a = self.attn.forward(&Array::from_slice(&n1, &shape), kv)?;
-            let Some(a) = host(&a)? else { return Ok(None) };
-            a
+            host_row(&self.attn.forward(&Array::from_slice(&n1, &shape), kv)?)?
         };
         let h: Vec<f32> = xs.iter().zip(&a).map(|(x, a)| x + a).collect();
-        let n2 = Array::from_slice(&rms_norm_host(&h, w2, self.post_attn_norm.eps), &shape);
-        let (Some(g), Some(u)) = (host(&mlp.gate_proj.forward(&n2)?)?, host(&mlp.up_proj.forward(&n2)?)?) else {
-            return Ok(None);
-        };
+        let n2 = rms_norm_host(&h, w2, self.post_attn_norm.eps);
+        let (g, u) = (linear_row(&mlp.gate_proj, &n2)?, linear_row(&mlp.up_proj, &n2)?);
         // silu(g) * u, as MLX writes silu: g * sigmoid(g).
         let gu: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g * (1.0 / (1.0 + (-g).exp())) * u).collect();
-        let mut inner = shape.clone();
-        if let Some(last) = inner.last_mut() {
-            *last = gu.len() as i32;
-        }
-        let Some(d) = host(&mlp.down_proj.forward(&Array::from_slice(&gu, &inner))?)? else { return Ok(None) };
+        let d = linear_row(&mlp.down_proj, &gu)?;
         let y: Vec<f32> = h.iter().zip(&d).map(|(h, d)| h + d).collect();
         Ok(Some(Array::from_slice(&y, &shape)))
     }
+}
+
+/// `x W^T (+ b)` for one f32 row held in memory: by kvserve's kernels
+/// without leaving memory when the weight is quantized, else through MLX.
+fn linear_row(l: &Linear, x: &[f32]) -> std::result::Result<Vec<f32>, MlxError> {
+    match linear_host(l, x) {
+        Some(y) => Ok(y),
+        None => host_row(&l.forward(&Array::from_slice(x, &[1, 1, x.len() as i32]))?),
+    }
+}
+
+/// [`host`] for a value that must be f32.
+fn host_row(a: &Array) -> std::result::Result<Vec<f32>, MlxError> {
+    host(a)?.ok_or_else(|| host_error(format!("the CPU decode row got {:?} values, not f32", a.dtype())))
 }
 
 /// The evaluated f32 values of `a` (`None` for another dtype).
