@@ -71,18 +71,8 @@ impl LayerKv {
         let n = k.shape()[2];
         let end = self.offset + n;
         if end > self.capacity() {
-            let grow = |buf: Option<&Array>, new: &Array| -> Result<Array, MlxError> {
-                let shape = new.shape();
-                let add = (n + STEP - 1) / STEP * STEP;
-                let zeros = ops::zeros_dtype(&[shape[0], shape[1], add, shape[3]], KV_DTYPE)?;
-                Ok(match buf {
-                    // Drop the unused tail before growing so the layout stays contiguous.
-                    Some(b) => ops::concatenate(&[&b.index((.., .., ..self.offset, ..)), &zeros], 2)?,
-                    None => zeros,
-                })
-            };
-            self.keys = Some(grow(self.keys.as_ref(), &k)?);
-            self.values = Some(grow(self.values.as_ref(), &v)?);
+            let s = k.shape();
+            self.grow_to(self.offset + (n + STEP - 1) / STEP * STEP, [s[0], s[1], s[3]])?;
         }
         let (keys, values) = (self.keys.as_mut().expect("grown above"), self.values.as_mut().expect("grown above"));
         keys.try_index_mut((.., .., self.offset..end, ..), &k)?;
@@ -100,19 +90,26 @@ impl LayerKv {
         if tokens <= self.capacity() {
             return Ok(());
         }
-        let cap = (tokens + STEP - 1) / STEP * STEP;
+        self.grow_to((tokens + STEP - 1) / STEP * STEP, [1, kv_heads, head_dim])?;
+        Ok(mlx_rs::transforms::eval(self.arrays())?)
+    }
+
+    /// New buffers of `cap` tokens holding the valid ones (lazily): shaped
+    /// like the old buffers, or `[batch, heads, cap, dim]` when there are none.
+    fn grow_to(&mut self, cap: i32, [batch, heads, dim]: [i32; 3]) -> Result<(), MlxError> {
+        let offset = self.offset;
         let grow = |buf: Option<&Array>| -> Result<Array, MlxError> {
             Ok(match buf {
                 Some(b) => {
                     let s = b.shape();
-                    let zeros = ops::zeros_dtype(&[s[0], s[1], cap - self.offset, s[3]], KV_DTYPE)?;
-                    ops::concatenate(&[&b.index((.., .., ..self.offset, ..)), &zeros], 2)?
+                    let zeros = ops::zeros_dtype(&[s[0], s[1], cap - offset, s[3]], KV_DTYPE)?;
+                    // Drop the unused tail before growing so the layout stays contiguous.
+                    ops::concatenate(&[&b.index((.., .., ..offset, ..)), &zeros], 2)?
                 }
-                None => ops::zeros_dtype(&[1, kv_heads, cap, head_dim], KV_DTYPE)?,
+                None => ops::zeros_dtype(&[batch, heads, cap, dim], KV_DTYPE)?,
             })
         };
         let (k, v) = (grow(self.keys.as_ref())?, grow(self.values.as_ref())?);
-        mlx_rs::transforms::eval([&k, &v])?;
         self.keys = Some(k);
         self.values = Some(v);
         Ok(())
