@@ -8,7 +8,7 @@
 # Usage: scripts/llama_server.sh [DIR]   (DIR: default ~/.cache/kvserve/llama.cpp-11434)
 # Prints the binary's path on stdout (everything else goes to stderr). A second
 # run finds the binary and does nothing else. Installs cmake and build-essential
-# (Debian) when missing, as scripts/setup.sh does.
+# (Debian) through scripts/setup.sh when missing.
 set -euo pipefail
 
 VERSION=11434.0.0
@@ -22,28 +22,16 @@ if [ -x "$BIN" ]; then
 fi
 say() { echo "llama-server: $*" >&2; }
 
-# Build tools, only those missing (Debian: as root or with passwordless sudo).
+# Build tools, only those missing: installed by scripts/setup.sh (Debian).
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 { command -v g++ >/dev/null 2>&1 && command -v make >/dev/null 2>&1; } || missing+=(build-essential)
 if [ ${#missing[@]} -gt 0 ]; then
-    if ! command -v dpkg-query >/dev/null 2>&1; then
+    bash "$(dirname "$0")/setup.sh" "${missing[@]}" >&2
+    if ! command -v cmake >/dev/null 2>&1 || ! command -v g++ >/dev/null 2>&1 || ! command -v make >/dev/null 2>&1; then
         say "missing ${missing[*]}: install them (macOS: xcode-select --install; brew install cmake)"
         exit 1
     fi
-    if [ "$(id -u)" -eq 0 ]; then
-        sudo=()
-    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
-        sudo=(sudo -n)
-    else
-        say "missing Debian packages: ${missing[*]}"
-        say "run as root, or: sudo apt-get install -y ${missing[*]}"
-        exit 1
-    fi
-    say "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    "${sudo[@]}" apt-get update -qq
-    "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
 # The sdist (pip builds only its metadata; --no-binary keeps pip from taking a wheel).
