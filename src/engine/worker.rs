@@ -667,7 +667,7 @@ impl Worker {
             // conversation sharing only a prefix is copied.
             let p = hit.value.prompt_len;
             let owned = hit.usable == hit.entry_len
-                || (p > 0 && hit.usable + TAKE_OVER_SLACK >= p && hit.entry_len - hit.usable <= TAKE_OVER_TAIL);
+                || (p > 0 && hit.usable + TAKE_OVER_SLACK >= p && hit.entry_len.saturating_sub(hit.usable) <= TAKE_OVER_TAIL);
             let (id, usable) = (hit.id, hit.usable);
             drop(hit);
             let (mut taken_file, mut pinned) = (None, Some(id));
