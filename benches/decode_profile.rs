@@ -18,6 +18,12 @@ fn main() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
     let m = source::load(dir.to_str().unwrap()).expect("run `make model` first");
     let prompt = m.tokenizer.encode("Write a long story about a lighthouse keeper.").unwrap();
+    // KVSERVE_PROFILE=chunks or =batch: only that table.
+    match std::env::var("KVSERVE_PROFILE").as_deref() {
+        Ok("chunks") => return chunk_table(&m.model, &prompt),
+        Ok("batch") => return batch_table(&m.model, &prompt),
+        _ => {}
+    }
     let mut cache = new_cache(m.model.num_layers());
     let mut logits = prefill(&m.model, &mut cache, &prompt, 512).unwrap();
     let mut detok = StreamDetokenizer::new();
@@ -72,22 +78,8 @@ fn main() {
         println!("| {ctx} | {:.2} | {:.1} |", per * 1e3, 1.0 / per);
     }
 
-    // A warm turn: a few new tokens computed on top of a long cached prefix.
-    println!("\nnew tokens on top of a cached prefix (random f16 keys/values), best of 3:");
-    println!("| cached tokens | new tokens | ms |\n|---|---|---|");
-    for ctx in [3300, 12_000] {
-        for n in [16usize, 64, 512] {
-            let mut best = f64::MAX;
-            for _ in 0..3 {
-                let mut cache = random_cache(&m.model, ctx);
-                let ids: Vec<u32> = prompt.iter().copied().cycle().take(n).collect();
-                let t = Instant::now();
-                prefill(&m.model, &mut cache, &ids, 512).unwrap().eval().unwrap();
-                best = best.min(t.elapsed().as_secs_f64());
-            }
-            println!("| {ctx} | {n} | {:.0} |", best * 1e3);
-        }
-    }
+    chunk_table(&m.model, &prompt);
+    batch_table(&m.model, &prompt);
 
     // Memory bandwidth: MLX summing a 512 MB array (all cores), best of 3.
     let n = 128 << 20;
@@ -110,6 +102,67 @@ fn main() {
     println!("memory bandwidth (MLX sum over 512 MB): {gbs:.1} GB/s");
     println!("weights read per token: {:.1} MB -> bandwidth limit {:.0} tok/s", weights as f64 / 1e6, gbs * 1e9 / weights as f64);
     let _ = Array::from_int(0);
+}
+
+/// A warm turn's new tokens, or one prefill chunk: `n` tokens computed on
+/// top of a cached prefix (what the scheduler's chunk size is chosen from).
+fn chunk_table(model: &kvserve::model::Transformer, prompt: &[u32]) {
+    // A warm turn: a few new tokens computed on top of a long cached prefix.
+    println!("\nnew tokens on top of a cached prefix (random f16 keys/values), best of 3:");
+    println!("| cached tokens | new tokens | ms |\n|---|---|---|");
+    for ctx in [3300, 12_000] {
+        for n in [16usize, 32, 33, 64, 128, 256, 512] {
+            let mut best = f64::MAX;
+            for _ in 0..3 {
+                let mut cache = random_cache(model, ctx);
+                let ids: Vec<u32> = prompt.iter().copied().cycle().take(n).collect();
+                let t = Instant::now();
+                prefill(model, &mut cache, &ids, 512).unwrap().eval().unwrap();
+                best = best.min(t.elapsed().as_secs_f64());
+            }
+            println!("| {ctx} | {n} | {:.0} |", best * 1e3);
+        }
+    }
+
+}
+
+/// Batched decode: B sequences, each with its own cache of `ctx` tokens,
+/// one step for all of them at once (`Transformer::decode_batch`, what the
+/// scheduler runs), against B single-row steps.
+fn batch_table(model: &kvserve::model::Transformer, prompt: &[u32]) {
+    println!("\nbatched decode (each sequence its own cache of random f16 keys/values; 16 steps, best of 2):");
+    println!("| context tokens | rows | ms/step | tok/s (all rows) | x one row |\n|---|---|---|---|---|");
+    // KVSERVE_PROFILE_ROWS=B: only B rows at 256 tokens, 200 steps (for a profiler).
+    let only: Option<usize> = std::env::var("KVSERVE_PROFILE_ROWS").ok().and_then(|v| v.parse().ok());
+    let (contexts, rows): (&[i32], Vec<usize>) = match only {
+        Some(b) => (&[256], vec![b]),
+        None => (&[256, 3300], vec![1, 2, 4, 8]),
+    };
+    for &ctx in contexts {
+        let mut one = 0.0;
+        for b in rows.iter().copied() {
+            let mut best = f64::MAX;
+            for _ in 0..2 {
+                let mut caches: Vec<Vec<LayerKv>> = (0..b).map(|_| random_cache(model, ctx)).collect();
+                let tokens: Vec<u32> = prompt.iter().copied().cycle().take(b).collect();
+                let step = |caches: &mut Vec<Vec<LayerKv>>| {
+                    let mut refs: Vec<&mut [LayerKv]> = caches.iter_mut().map(|c| c.as_mut_slice()).collect();
+                    model.decode_batch(&tokens, &mut refs).unwrap().eval().unwrap();
+                };
+                step(&mut caches);
+                let n = if only.is_some() { 200 } else { 16 };
+                let t = Instant::now();
+                for _ in 0..n {
+                    step(&mut caches);
+                }
+                best = best.min(t.elapsed().as_secs_f64() / n as f64);
+            }
+            if b == 1 {
+                one = best;
+            }
+            println!("| {ctx} | {b} | {:.2} | {:.1} | {:.2} |", best * 1e3, b as f64 / best, b as f64 * one / best);
+        }
+    }
 }
 
 /// A KV cache of `tokens` random f16 keys and values for every layer.

@@ -36,7 +36,7 @@ fn prefill_bench(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 let mut cache = new_cache(m.model.num_layers());
-                prefill(&m.model, &mut cache, prompt, GenerateOptions::default().prefill_chunk).unwrap()
+                prefill(&m.model, &mut cache, prompt, kvserve::engine::generate::PREFILL_CHUNK).unwrap()
             })
         });
         eprintln!("smollm2_prefill/{n}: peak MLX memory {:.1} MB", mlx::peak_memory().unwrap() as f64 / 1e6);

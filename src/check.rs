@@ -7,7 +7,8 @@ use serde_json::{json, Value};
 
 use crate::engine::generate::GenerateOptions;
 use crate::engine::request::{ChatMessage, ChatRequest};
-use crate::engine::worker::{Engine, EngineConfig, Event, PromptUsage};
+use crate::engine::types::{Event, Job, PromptUsage};
+use crate::engine::worker::{Engine, EngineConfig};
 use crate::server::{self, trace::TraceConfig, ServerConfig, State};
 
 struct Report {
@@ -31,7 +32,7 @@ impl Report {
 fn generate(engine: &Engine, prompt: Vec<u32>) -> Result<(String, PromptUsage), String> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let opts = GenerateOptions { max_tokens: 8, eos_ids: engine.info.eos_ids.clone(), ..Default::default() };
-    engine.submit(crate::engine::worker::Job { prompt, breakpoints: vec![], opts, events: tx }).map_err(|e| e.to_string())?;
+    engine.submit(Job { prompt, opts, events: tx }).map_err(|e| e.to_string())?;
     let (mut text, mut usage) = (String::new(), PromptUsage::default());
     while let Some(ev) = rx.blocking_recv() {
         match ev {
@@ -80,6 +81,7 @@ pub fn run(model: &str) -> bool {
         cache_dir: None,
         queue: 4,
         prefill_chunk: 512,
+        parallel: 4,
         context_override: None,
     };
     let engine = match Engine::start(cfg) {

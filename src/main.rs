@@ -159,13 +159,17 @@ struct ServeArgs {
     /// beyond it, freed buffers are returned to the system.
     #[arg(long, value_parser = parse_bytes, default_value = "256M")]
     mlx_cache_limit: usize,
-    /// Requests that may wait for the engine; more get 429 / 529.
+    /// Requests computed at once (their decode steps batched); more wait in the queue.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
+    parallel: u16,
+    /// Requests that may wait for the engine beyond those running; more get 429 / 529.
     #[arg(long, default_value_t = 32)]
     queue: usize,
     /// Largest request body, bytes or with K/M/G suffix.
     #[arg(long, value_parser = parse_bytes, default_value = "32M")]
     max_body: usize,
-    /// Prompt tokens computed per step.
+    /// The most prompt tokens computed in one step (smaller chunks are
+    /// chosen while other requests decode).
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
     /// Accept prompts up to this many tokens instead of the model's own
@@ -253,6 +257,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         cache_dir: args.cache_dir.clone(),
         queue: args.queue,
         prefill_chunk: args.prefill_chunk,
+        parallel: args.parallel as usize,
         context_override: args.context,
     };
     let t0 = std::time::Instant::now();

@@ -202,7 +202,8 @@ fn concurrent_streams_equal_their_solo_runs() {
 
 #[test]
 fn a_full_queue_is_refused_and_a_departed_client_frees_the_engine() {
-    let s = start(&["--queue", "1"]);
+    // One request computed at a time, one more waiting: a third is refused.
+    let s = start(&["--parallel", "1", "--queue", "1"]);
     let long = |i: usize| json!({"model": MODEL, "max_tokens": 400, "stream": true, "messages": [{"role": "user", "content": format!("Write a long story number {i}.")}]});
     // Client A streams, reads the first delta, and hangs up.
     let mut a = std::net::TcpStream::connect(&s.addr).unwrap();

@@ -175,11 +175,8 @@ impl<S: Cached> PrefixCache<S> {
         best.map(|(_, i)| i)
     }
 
-    /// The deepest entry usable for `tokens`, serving at most `max_usable`
-    /// tokens, pinned until [`release`](Self::release)d. An entry on the path
-    /// serves its whole length; an entry past the point where `tokens`
-    /// leaves the index serves the common prefix (trim it) when that is longer.
-    pub fn fetch_nearest(&mut self, tokens: &[u32], max_usable: usize) -> Option<Hit<S>> {
+    /// The node of the entry [`fetch_nearest`](Self::fetch_nearest) would hand out, and the tokens it serves.
+    fn nearest(&self, tokens: &[u32], max_usable: usize) -> Option<(usize, usize)> {
         let tokens = &tokens[..tokens.len().min(max_usable)];
         let (at, partial, m) = self.walk(tokens);
         // Deepest entry on the path (at `at` or above).
@@ -197,13 +194,27 @@ impl<S: Cached> PrefixCache<S> {
         }
         let exact_len = exact.map_or(0, |i| self.node(i).depth);
         let below = if m > exact_len { self.entry_below(partial.unwrap_or(at)) } else { None };
-        let (node, usable) = match (below, exact) {
-            (Some(b), _) => (b, m),
-            (None, Some(e)) if exact_len > 0 => (e, exact_len),
-            _ => {
-                self.stats.misses += 1;
-                return None;
-            }
+        match (below, exact) {
+            (Some(b), _) => Some((b, m)),
+            (None, Some(e)) if exact_len > 0 => Some((e, exact_len)),
+            _ => None,
+        }
+    }
+
+    /// How many tokens of `tokens` (at most `max_usable`) a fetch would serve
+    /// now; no pin, no statistics.
+    pub fn usable(&self, tokens: &[u32], max_usable: usize) -> usize {
+        self.nearest(tokens, max_usable).map_or(0, |(_, u)| u)
+    }
+
+    /// The deepest entry usable for `tokens`, serving at most `max_usable`
+    /// tokens, pinned until [`release`](Self::release)d. An entry on the path
+    /// serves its whole length; an entry past the point where `tokens`
+    /// leaves the index serves the common prefix (trim it) when that is longer.
+    pub fn fetch_nearest(&mut self, tokens: &[u32], max_usable: usize) -> Option<Hit<S>> {
+        let Some((node, usable)) = self.nearest(tokens, max_usable) else {
+            self.stats.misses += 1;
+            return None;
         };
         let entry = self.node_mut(node).entry.as_mut().expect("entry found above");
         entry.pins += 1;

@@ -31,18 +31,10 @@ impl From<mlx_rs::error::Exception> for GenerateError {
     }
 }
 
-/// Why generation ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    /// An end-of-sequence token.
-    Eos,
-    /// One of the stop strings; the string itself is not in the output.
-    StopString,
-    /// max_tokens reached.
-    Length,
-    /// The consumer asked to stop (client gone).
-    Cancelled,
-}
+pub use super::types::FinishReason;
+
+/// The most tokens in one prefill chunk by default.
+pub const PREFILL_CHUNK: usize = 512;
 
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -50,13 +42,11 @@ pub struct GenerateOptions {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub eos_ids: Vec<u32>,
-    /// Tokens per prefill step.
-    pub prefill_chunk: usize,
 }
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { sampling: SamplingParams::default(), max_tokens: 256, stop: vec![], eos_ids: vec![], prefill_chunk: 512 }
+        GenerateOptions { sampling: SamplingParams::default(), max_tokens: 256, stop: vec![], eos_ids: vec![] }
     }
 }
 
@@ -122,7 +112,7 @@ pub fn generate(
             kv.trim_to(reuse as i32)?;
         }
     }
-    let logits = prefill(model, cache, &prompt[reuse..], opts.prefill_chunk)?;
+    let logits = prefill(model, cache, &prompt[reuse..], PREFILL_CHUNK)?;
     let prompt_secs = start.elapsed().as_secs_f64();
 
     let gen_start = Instant::now();

@@ -1,6 +1,10 @@
 //! Generation: sampling and the prefill/decode loop.
 
 pub mod generate;
+mod policy;
 pub mod request;
 pub mod sampler;
+mod scheduler;
+mod sequence;
+pub mod types;
 pub mod worker;

@@ -1,21 +1,12 @@
 //! The one canonical chat request both APIs map to, and how it becomes the
-//! model's prompt: chat template, token ids, and the token positions where
-//! snapshots are worth storing (cache breakpoints, end of system + tools).
+//! model's prompt: chat template and token ids.
 
 use serde_json::{json, Value};
 
 use super::sampler::SamplingParams;
-use super::worker::ModelInfo;
+pub use super::types::ToolCall;
+use super::types::ModelInfo;
 use crate::text::template::TemplateInput;
-
-/// A tool call in a conversation (an assistant's request, or one generated).
-#[derive(Debug, Clone, PartialEq)]
-pub struct ToolCall {
-    pub id: String,
-    pub name: String,
-    /// The arguments object (or, if a client sent unparsable text, that string).
-    pub arguments: Value,
-}
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ChatMessage {
@@ -38,7 +29,9 @@ pub struct ChatRequest {
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub enable_thinking: Option<bool>,
-    /// Texts (in prompt order) whose ends are cache breakpoints.
+    /// Texts (in prompt order) whose ends are cache breakpoints. Parsed, not
+    /// acted on: the one snapshot each request leaves serves every token
+    /// boundary in it by trimming.
     pub cache_marks: Vec<String>,
 }
 
@@ -47,8 +40,6 @@ pub struct ChatRequest {
 pub struct Prompt {
     pub text: String,
     pub ids: Vec<u32>,
-    /// Token positions to snapshot at, ascending.
-    pub breakpoints: Vec<usize>,
     /// Tokens the answer may use (max_tokens, capped by the context left).
     pub max_tokens: usize,
 }
@@ -118,7 +109,7 @@ impl ChatRequest {
 
     /// Render and tokenize for `model`; checks the context length.
     pub fn prompt(&self, model: &ModelInfo) -> Result<Prompt, RequestError> {
-        let (text, ids, ends) = self.render(model)?;
+        let (text, ids, _) = self.render(model)?;
         if ids.len() >= model.context {
             return Err(RequestError::new(
                 "messages".to_string(),
@@ -129,9 +120,8 @@ impl ChatRequest {
                 ),
             ));
         }
-        let breakpoints = self.breakpoints(&text, &ends, ids.len());
         let max_tokens = self.max_tokens.min(model.context - ids.len());
-        Ok(Prompt { text, ids, breakpoints, max_tokens })
+        Ok(Prompt { text, ids, max_tokens })
     }
 
     /// The prompt's text, token ids and each token's end offset in the text
@@ -159,30 +149,6 @@ impl ChatRequest {
         // The template already writes BOS where the model wants it.
         let (ids, ends) = model.tokenizer.encode_with_ends(&text).map_err(|e| RequestError::new(None, e.to_string()))?;
         Ok((text, ids, ends))
-    }
-
-    /// Token positions where the marked texts end, and where the
-    /// conversation after the system + tools part begins.
-    fn breakpoints(&self, text: &str, ends: &[usize], n: usize) -> Vec<usize> {
-        let tokens_before = |byte: usize| ends.partition_point(|&e| e <= byte);
-        let mut out = vec![];
-        let mut from = 0;
-        for mark in self.cache_marks.iter().filter(|m| !m.is_empty()) {
-            if let Some(i) = text[from..].find(mark.as_str()) {
-                let end = from + i + mark.len();
-                out.push(tokens_before(end));
-                from = end;
-            }
-        }
-        if let Some(first) = self.messages.iter().find(|m| m.role != "system" && !m.content.is_empty()) {
-            if let Some(i) = text.find(first.content.as_str()) {
-                out.push(tokens_before(i));
-            }
-        }
-        out.retain(|&p| p > 0 && p < n);
-        out.sort_unstable();
-        out.dedup();
-        out
     }
 }
 

@@ -148,16 +148,25 @@ fn quant_matrix(q: &QuantizedMatrix) -> Option<QuantMatrix<'_>> {
     })
 }
 
-/// `x W^T (+ b)` for one f32 row held in memory, by kvserve's kernels;
-/// `None` when they do not apply (a dense weight, another bit width).
-fn linear_host(l: &Linear, x: &[f32]) -> Option<Vec<f32>> {
+/// `x W^T (+ b)` for `m` f32 rows held in memory (`x`: `[m, cols]`), by
+/// kvserve's kernels, [`kernels::MAX_M`] rows at a time (each row's sums are
+/// the same whatever the other rows); `None` when they do not apply (a
+/// dense weight, another bit width).
+fn linear_host(l: &Linear, x: &[f32], m: usize) -> Option<Vec<f32>> {
     let LinearWeight::Quantized(q) = &l.weight else { return None };
     let w = quant_matrix(q)?;
-    let mut y = vec![0f32; w.rows];
-    kernels::qmv(&w, x, 1, &mut y).ok()?;
+    if m == 0 || x.len() != m * w.cols {
+        return None;
+    }
+    let mut y = vec![0f32; m * w.rows];
+    for (xt, yt) in x.chunks(kernels::MAX_M * w.cols).zip(y.chunks_mut(kernels::MAX_M * w.rows)) {
+        kernels::qmv(&w, xt, xt.len() / w.cols, yt).ok()?;
+    }
     if let Some(b) = &l.bias {
-        let b = b.try_as_slice::<f32>().ok().filter(|b| b.len() == y.len())?;
-        y.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        let b = b.try_as_slice::<f32>().ok().filter(|b| b.len() == w.rows)?;
+        for row in y.chunks_exact_mut(w.rows) {
+            row.iter_mut().zip(b).for_each(|(y, b)| *y += b);
+        }
     }
     Some(y)
 }
@@ -210,7 +219,7 @@ pub fn cpu_quantized_matmul(q: &QuantizedMatrix, x: &Array) -> std::result::Resu
 /// 16 new tokens on a cached prefix: 254-281 ms against 557-604 (3.3K
 /// cached tokens), 568-651 against 874-1200 (12K); at 64 rows the two
 /// paths measured alike, so prompts' 512-token chunks stay on BLAS.
-const CPU_KERNEL_MAX_ROWS: i32 = 32;
+pub const CPU_KERNEL_MAX_ROWS: i32 = 32;
 
 /// `x W^T` for a quantized `W`: on the CPU, few rows through kvserve's
 /// kernels and many through dequantize + BLAS; elsewhere MLX's kernel.
@@ -474,21 +483,23 @@ impl Attention {
         self
     }
 
-    /// One decode row (`x`: the normed hidden state, `[hidden]`) entirely
-    /// in memory: projections by kvserve's kernels, norms and rotary
-    /// embedding here, attention over the f16 cache by
+    /// Decode rows (`x`: the normed hidden states, `[rows, hidden]`, row
+    /// `i` the next token of the sequence whose cache is `kvs[i]`) entirely
+    /// in memory: projections of all rows at once by kvserve's kernels,
+    /// then per row the norms and rotary embedding here (at that row's own
+    /// position), attention over its own f16 cache by
     /// [`kernels::attn::decode_attention`] (the cache as MLX holds it, read
-    /// in place), then the row's key and value appended to the cache (an
-    /// MLX write, left lazy: [`Transformer::forward`] evaluates every
-    /// layer's at once). Returns the output projection.
-    fn decode_host(&self, x: &[f32], kv: &mut LayerKv) -> std::result::Result<Vec<f32>, MlxError> {
-        let (h, kvh, d) = (self.n_heads as usize, self.n_kv_heads as usize, self.head_dim as usize);
+    /// in place), and the row's key and value appended to its cache (an MLX
+    /// write, left lazy: the caller evaluates every layer's at once).
+    /// Returns the output projection, `[rows, hidden]`.
+    fn decode_host(&self, x: &[f32], kvs: &mut [&mut LayerKv]) -> std::result::Result<Vec<f32>, MlxError> {
+        let (h, kvh, d, rows) = (self.n_heads as usize, self.n_kv_heads as usize, self.head_dim as usize, kvs.len());
         let proj = |l: &Linear, x: &[f32], what: &str| {
-            linear_host(l, x).ok_or_else(|| host_error(format!("the CPU decode step cannot run {what}")))
+            linear_host(l, x, rows).ok_or_else(|| host_error(format!("the CPU decode step cannot run {what}")))
         };
         let (mut q, mut k, v) = (proj(&self.q_proj, x, "q_proj")?, proj(&self.k_proj, x, "k_proj")?, proj(&self.v_proj, x, "v_proj")?);
-        if q.len() != h * d || k.len() != kvh * d || v.len() != kvh * d {
-            return Err(host_error(format!("projections of {}, {}, {} values for {h}/{kvh} heads of {d}", q.len(), k.len(), v.len())));
+        if q.len() != rows * h * d || k.len() != rows * kvh * d || v.len() != rows * kvh * d {
+            return Err(host_error(format!("projections of {}, {}, {} values for {rows} rows of {h}/{kvh} heads of {d}", q.len(), k.len(), v.len())));
         }
         for (t, norm) in [(&mut q, &self.q_norm), (&mut k, &self.k_norm)] {
             if let Some(n) = norm {
@@ -499,12 +510,23 @@ impl Attention {
                 }
             }
         }
+        let mut out = vec![0f32; rows * h * d];
+        for (i, kv) in kvs.iter_mut().enumerate() {
+            let (q, k, v) = (&mut q[i * h * d..(i + 1) * h * d], &mut k[i * kvh * d..(i + 1) * kvh * d], &v[i * kvh * d..(i + 1) * kvh * d]);
+            self.attend_row(q, k, v, kv, &mut out[i * h * d..(i + 1) * h * d])?;
+        }
+        proj(&self.o_proj, &out, "o_proj")
+    }
+
+    /// One row's rotary embedding, attention over its cache and cache write
+    /// (see [`decode_host`](Self::decode_host)).
+    fn attend_row(&self, q: &mut [f32], k: &mut [f32], v: &[f32], kv: &mut LayerKv, out: &mut [f32]) -> std::result::Result<(), MlxError> {
+        let (h, kvh, d) = (self.n_heads as usize, self.n_kv_heads as usize, self.head_dim as usize);
         let pos = kv.offset();
-        self.rope.apply_host(&mut q, d, pos);
-        self.rope.apply_host(&mut k, d, pos);
+        self.rope.apply_host(q, d, pos);
+        self.rope.apply_host(k, d, pos);
         let f16 = |x: &[f32]| -> Vec<half::f16> { x.iter().map(|&v| half::f16::from_f32(v)).collect() };
-        let (k16, v16) = (f16(&k), f16(&v));
-        let mut out = vec![0f32; h * d];
+        let (k16, v16) = (f16(k), f16(v));
         {
             let bufs = match kv.buffers() {
                 Some((kb, vb)) => {
@@ -520,12 +542,45 @@ impl Attention {
             let len = if cap == 0 { 0 } else { pos as usize };
             let keys = kernels::attn::KvBuffer { data: kd, heads: kvh, capacity: cap, len, dim: d };
             let values = kernels::attn::KvBuffer { data: vd, ..keys };
-            kernels::attn::decode_attention(&q, h, &keys, &values, bytemuck::cast_slice(&k16), bytemuck::cast_slice(&v16), self.scale, &mut out)
+            kernels::attn::decode_attention(q, h, &keys, &values, bytemuck::cast_slice(&k16), bytemuck::cast_slice(&v16), self.scale, out)
                 .map_err(|e| host_error(e.to_string()))?;
         }
         let shape = [1, kvh as i32, 1, d as i32];
         kv.append(Array::from_slice(&k16, &shape), Array::from_slice(&v16, &shape))?;
-        proj(&self.o_proj, &out, "o_proj")
+        Ok(())
+    }
+
+    /// Attention for one decode row per sequence (`x`: `[rows, 1, hidden]`,
+    /// row `i` at the end of `kvs[i]`) through MLX's ops: the projections
+    /// batched, the rotary embedding, cache write and attention per row.
+    fn forward_rows(&self, x: &Array, kvs: &mut [&mut LayerKv]) -> std::result::Result<Array, MlxError> {
+        if let [kv] = kvs {
+            return self.forward(x, kv);
+        }
+        let b = x.shape()[0];
+        let heads = |proj: &Linear, n: i32, norm: &Option<RmsNorm>| -> std::result::Result<Array, MlxError> {
+            let mut t = proj.forward(x)?.reshape(&[b, 1, n, self.head_dim])?;
+            if let Some(norm) = norm {
+                t = norm.forward(&t)?;
+            }
+            Ok(t.transpose_axes(&[0, 2, 1, 3])?)
+        };
+        let q = heads(&self.q_proj, self.n_heads, &self.q_norm)?;
+        let k = heads(&self.k_proj, self.n_kv_heads, &self.k_norm)?;
+        let v = heads(&self.v_proj, self.n_kv_heads, &None)?;
+        let mut outs = Vec::with_capacity(kvs.len());
+        for (i, kv) in kvs.iter_mut().enumerate() {
+            let i = i as i32;
+            let row = |t: &Array| t.index((i..i + 1, .., .., ..));
+            let offset = kv.offset();
+            let q = self.rope.forward(&row(&q), offset)?;
+            let k = self.rope.forward(&row(&k), offset)?;
+            let (k, v) = kv.update_and_fetch(k, row(&v))?;
+            outs.push(fast::scaled_dot_product_attention(&q, &k, &v, self.scale, None, None)?);
+        }
+        let o = ops::concatenate(&outs, 0)?;
+        let o = o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, 1, self.n_heads * self.head_dim])?;
+        self.o_proj.forward(&o)
     }
 
     pub fn forward(&self, x: &Array, kv: &mut LayerKv) -> std::result::Result<Array, MlxError> {
@@ -602,55 +657,70 @@ pub struct Block {
 
 impl Block {
     pub fn forward(&self, x: &Array, kv: &mut LayerKv) -> std::result::Result<Array, MlxError> {
-        if let Some(y) = self.forward_host(x, kv)? {
-            return Ok(y);
+        if rows(x) == 1 {
+            if let Some(y) = self.forward_host(x, &mut [kv])? {
+                return Ok(y);
+            }
         }
         let h = ops::add(x, self.attn.forward(&self.input_norm.forward(x)?, kv)?)?;
         Ok(ops::add(&h, self.ff.forward(&self.post_attn_norm.forward(&h)?)?)?)
     }
 
-    /// One CPU decode row with everything but attention done here, on
-    /// values the kernels left in memory: each MLX evaluation costs about
-    /// 70 us here whatever its size, and this leaves one per layer (the
-    /// attention, read by `o_proj`) instead of four. `None` when it does not
-    /// apply (several rows, not f32, a mixture of experts, not the CPU).
-    fn forward_host(&self, x: &Array, kv: &mut LayerKv) -> std::result::Result<Option<Array>, MlxError> {
+    /// One decode row per sequence (`x`: `[rows, 1, hidden]`, row `i` the
+    /// next token of the sequence whose cache is `kvs[i]`).
+    pub fn forward_rows(&self, x: &Array, kvs: &mut [&mut LayerKv]) -> std::result::Result<Array, MlxError> {
+        if let Some(y) = self.forward_host(x, kvs)? {
+            return Ok(y);
+        }
+        let h = ops::add(x, self.attn.forward_rows(&self.input_norm.forward(x)?, kvs)?)?;
+        Ok(ops::add(&h, self.ff.forward(&self.post_attn_norm.forward(&h)?)?)?)
+    }
+
+    /// Decode rows (one per cache in `kvs`) with everything but attention
+    /// done here, on values the kernels left in memory: each MLX evaluation
+    /// costs about 70 us here whatever its size, and this leaves at most one
+    /// per layer instead of four. `None` when it does not apply (not one row
+    /// per cache, not f32, a mixture of experts, not the CPU).
+    fn forward_host(&self, x: &Array, kvs: &mut [&mut LayerKv]) -> std::result::Result<Option<Array>, MlxError> {
         let FeedForward::Dense(mlp) = &self.ff else { return Ok(None) };
-        if !self.attn.cpu_chunk_attention || !cpu_kernels_enabled() || rows(x) != 1 || x.dtype() != Dtype::Float32 {
+        let n = kvs.len();
+        if !self.attn.cpu_chunk_attention || !cpu_kernels_enabled() || n == 0 || rows(x) as usize != n || x.shape().len() != 3 || x.dtype() != Dtype::Float32 {
             return Ok(None);
         }
         let shape = x.shape().to_vec();
+        let hidden = shape[2] as usize;
         // The norms' weights are read in place (loaded evaluated and contiguous).
         let (Some(xs), Ok(w1), Ok(w2)) =
             (host(x)?, self.input_norm.weight.try_as_slice::<f32>(), self.post_attn_norm.weight.try_as_slice::<f32>())
         else {
             return Ok(None);
         };
-        let n1 = rms_norm_host(&xs, w1, self.input_norm.eps);
-        // From here on the cache holds this row: a step that cannot go on is
-        // an error, never a `None` that would run the layer a second time.
+        let norm_rows = |x: &[f32], w: &[f32], eps: f32| -> Vec<f32> { x.chunks_exact(hidden).flat_map(|r| rms_norm_host(r, w, eps)).collect() };
+        let n1 = norm_rows(&xs, w1, self.input_norm.eps);
+        // From here on the caches hold these rows: a step that cannot go on
+        // is an error, never a `None` that would run the layer a second time.
         let a = if self.attn.host_decode {
-            self.attn.decode_host(&n1, kv)?
+            self.attn.decode_host(&n1, kvs)?
         } else {
-            host_row(&self.attn.forward(&Array::from_slice(&n1, &shape), kv)?)?
+            host_row(&self.attn.forward_rows(&Array::from_slice(&n1, &shape), kvs)?)?
         };
         let h: Vec<f32> = xs.iter().zip(&a).map(|(x, a)| x + a).collect();
-        let n2 = rms_norm_host(&h, w2, self.post_attn_norm.eps);
-        let (g, u) = (linear_row(&mlp.gate_proj, &n2)?, linear_row(&mlp.up_proj, &n2)?);
+        let n2 = norm_rows(&h, w2, self.post_attn_norm.eps);
+        let (g, u) = (linear_row(&mlp.gate_proj, &n2, n)?, linear_row(&mlp.up_proj, &n2, n)?);
         // silu(g) * u, as MLX writes silu: g * sigmoid(g).
         let gu: Vec<f32> = g.iter().zip(&u).map(|(g, u)| g * (1.0 / (1.0 + (-g).exp())) * u).collect();
-        let d = linear_row(&mlp.down_proj, &gu)?;
+        let d = linear_row(&mlp.down_proj, &gu, n)?;
         let y: Vec<f32> = h.iter().zip(&d).map(|(h, d)| h + d).collect();
         Ok(Some(Array::from_slice(&y, &shape)))
     }
 }
 
-/// `x W^T (+ b)` for one f32 row held in memory: by kvserve's kernels
+/// `x W^T (+ b)` for `m` f32 rows held in memory: by kvserve's kernels
 /// without leaving memory when the weight is quantized, else through MLX.
-fn linear_row(l: &Linear, x: &[f32]) -> std::result::Result<Vec<f32>, MlxError> {
-    match linear_host(l, x) {
+fn linear_row(l: &Linear, x: &[f32], m: usize) -> std::result::Result<Vec<f32>, MlxError> {
+    match linear_host(l, x, m) {
         Some(y) => Ok(y),
-        None => host_row(&l.forward(&Array::from_slice(x, &[1, 1, x.len() as i32]))?),
+        None => host_row(&l.forward(&Array::from_slice(x, &[m as i32, 1, (x.len() / m.max(1)) as i32]))?),
     }
 }
 
@@ -737,6 +807,36 @@ impl Transformer {
             Some(head) => head.forward(&h),
             None => self.embed.as_linear(&h, self.on_cpu),
         }
+    }
+
+    /// One decode step for several sequences: row `i` is `tokens[i]`, the
+    /// next token of the sequence whose cache (one entry per layer) is
+    /// `caches[i]`; each row sees only its own cache, at its own position.
+    /// Returns logits `[rows, vocab]`. One row is [`forward`](Self::forward)'s
+    /// own step, so a sequence decoded alone or beside others computes the
+    /// same (on the CPU kernels, each row's sums do not depend on the others).
+    pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut [LayerKv]]) -> std::result::Result<Array, MlxError> {
+        let b = tokens.len();
+        assert_eq!(b, caches.len(), "one cache per row");
+        assert!(caches.iter().all(|c| c.len() == self.blocks.len()), "one KV state per layer");
+        if let [cache] = caches {
+            let logits = self.forward(&Array::from_slice(tokens, &[1, 1]), cache, true)?;
+            return Ok(logits.reshape(&[1, -1])?);
+        }
+        let mut h = self.embed.forward(&Array::from_slice(tokens, &[b as i32, 1]))?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let mut kvs: Vec<&mut LayerKv> = caches.iter_mut().map(|c| &mut c[i]).collect();
+            h = block.forward_rows(&h, &mut kvs)?;
+        }
+        if self.on_cpu {
+            mlx_rs::transforms::eval(caches.iter().flat_map(|c| c.iter().flat_map(LayerKv::arrays)))?;
+        }
+        let h = self.norm.forward(&h)?;
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(&h)?,
+            None => self.embed.as_linear(&h, self.on_cpu)?,
+        };
+        Ok(logits.reshape(&[b as i32, -1])?)
     }
 
     pub fn num_layers(&self) -> usize {

@@ -1,16 +1,16 @@
 //! Anthropic Messages API: the request mapped to the canonical one, and the
 //! response as Anthropic's event sequence (a small state machine over
-//! content blocks) or one JSON message.
+//! content blocks, which proxy mode writes with too) or one JSON message.
 
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::fields::{body_object, item, Fields};
+use super::finish::Finish;
 use super::stream::Out;
-use crate::engine::generate::FinishReason;
 use crate::engine::request::{ChatMessage, ChatRequest, ToolCall};
 use crate::engine::sampler::SamplingParams;
-use crate::engine::worker::PromptUsage;
+use crate::engine::types::PromptUsage;
 use crate::text::tools::Piece;
 
 /// The line Claude Code puts first in `system`; it changes every turn and
@@ -231,105 +231,156 @@ pub fn usage_json(u: &PromptUsage, output_tokens: usize) -> Value {
     })
 }
 
-fn stop_reason(finish: FinishReason, calls: usize, cut: bool) -> &'static str {
-    match finish {
-        _ if cut => "max_tokens",
-        FinishReason::Length => "max_tokens",
-        FinishReason::StopString => "stop_sequence",
-        _ if calls > 0 => "tool_use",
-        _ => "end_turn",
-    }
-}
-
-/// What kind of block is open.
-#[derive(PartialEq)]
-enum Open {
-    None,
-    Text,
-    Thinking,
-}
-
-/// Turns the engine's output into Anthropic's stream events.
-pub struct Events {
-    id: String,
-    model: String,
-    index: usize,
-    open: Open,
-    calls: usize,
-    usage: PromptUsage,
-    output_tokens: usize,
-}
-
 /// One SSE event.
 pub fn sse(event: &str, data: &Value) -> String {
     format!("event: {event}\ndata: {data}\n\n")
 }
 
-impl Events {
+/// The `error` event that ends a stream which has already begun (its 200 sent).
+pub fn error_event(message: &str) -> String {
+    sse("error", &json!({"type": "error", "error": {"type": "api_error", "message": message}}))
+}
+
+/// Writes Anthropic's stream events, for the local engine ([`Events`]) and
+/// proxy mode (`proxy::Translate`) alike: one content block open at a time,
+/// numbered in order, closed before the next one opens and before the
+/// message ends.
+pub struct Blocks {
+    id: String,
+    model: String,
+    index: usize,
+    open: Option<Block>,
+    /// tool_use blocks opened so far (they decide the stop reason).
+    calls: usize,
+}
+
+/// The kind of the open block. A tool block has a key (the upstream's
+/// tool-call index), so that a call's argument pieces go on in its block.
+#[derive(Clone, Copy, PartialEq)]
+enum Block {
+    Text,
+    Thinking,
+    Tool(u64),
+}
+
+impl Blocks {
     pub fn new(id: String, model: String) -> Self {
-        Events { id, model, index: 0, open: Open::None, calls: 0, usage: PromptUsage::default(), output_tokens: 0 }
+        Blocks { id, model, index: 0, open: None, calls: 0 }
     }
 
-    fn close(&mut self, out: &mut String) {
-        if self.open != Open::None {
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// tool_use blocks opened so far.
+    pub fn calls(&self) -> usize {
+        self.calls
+    }
+
+    /// `message_start`, with the usage known before any output.
+    pub fn start(&self, out: &mut String, usage: Value) {
+        let message = json!({
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": usage,
+        });
+        out.push_str(&sse("message_start", &json!({"type": "message_start", "message": message})));
+    }
+
+    /// Close the open block, if any.
+    pub fn close(&mut self, out: &mut String) {
+        if self.open.take().is_some() {
             out.push_str(&sse("content_block_stop", &json!({"type": "content_block_stop", "index": self.index})));
             self.index += 1;
-            self.open = Open::None;
         }
+    }
+
+    /// Close the open block and open `block`, starting as `content_block`.
+    fn open(&mut self, out: &mut String, block: Block, content_block: Value) {
+        self.close(out);
+        out.push_str(&sse("content_block_start", &json!({"type": "content_block_start", "index": self.index, "content_block": content_block})));
+        self.open = Some(block);
+    }
+
+    fn delta(&self, out: &mut String, delta: Value) {
+        out.push_str(&sse("content_block_delta", &json!({"type": "content_block_delta", "index": self.index, "delta": delta})));
+    }
+
+    /// Answer text, in the open text block or a new one.
+    pub fn text(&mut self, out: &mut String, t: &str) {
+        if self.open != Some(Block::Text) {
+            self.open(out, Block::Text, json!({"type": "text", "text": ""}));
+        }
+        self.delta(out, json!({"type": "text_delta", "text": t}));
+    }
+
+    /// Reasoning text, in the open thinking block or a new one.
+    pub fn thinking(&mut self, out: &mut String, t: &str) {
+        if self.open != Some(Block::Thinking) {
+            self.open(out, Block::Thinking, json!({"type": "thinking", "thinking": ""}));
+        }
+        self.delta(out, json!({"type": "thinking_delta", "thinking": t}));
+    }
+
+    /// Whether the open block is the tool call keyed `key`.
+    pub fn in_tool(&self, key: u64) -> bool {
+        self.open == Some(Block::Tool(key))
+    }
+
+    /// Open a tool_use block keyed `key`; its arguments follow as
+    /// [`Blocks::tool_json`] pieces.
+    pub fn tool(&mut self, out: &mut String, key: u64, id: &str, name: &str) {
+        self.calls += 1;
+        self.open(out, Block::Tool(key), json!({"type": "tool_use", "id": id, "name": name, "input": {}}));
+    }
+
+    /// A piece of the open tool call's arguments (JSON text).
+    pub fn tool_json(&mut self, out: &mut String, partial: &str) {
+        self.delta(out, json!({"type": "input_json_delta", "partial_json": partial}));
+    }
+
+    /// The end: the open block closed, then `message_delta` with the stop
+    /// reason and the final usage, and `message_stop`.
+    pub fn end(&mut self, out: &mut String, finish: Finish, usage: Value) {
+        self.close(out);
+        let delta = json!({"stop_reason": finish.anthropic(), "stop_sequence": null});
+        out.push_str(&sse("message_delta", &json!({"type": "message_delta", "delta": delta, "usage": usage})));
+        out.push_str(&sse("message_stop", &json!({"type": "message_stop"})));
+    }
+}
+
+/// Turns the engine's output into Anthropic's stream events.
+pub struct Events {
+    blocks: Blocks,
+}
+
+impl Events {
+    pub fn new(id: String, model: String) -> Self {
+        Events { blocks: Blocks::new(id, model) }
     }
 
     /// The SSE text for one output event.
     pub fn on(&mut self, o: &Out) -> String {
         let mut out = String::new();
+        let b = &mut self.blocks;
         match o {
-            Out::Started(u) => {
-                self.usage = *u;
-                let message = json!({
-                    "id": self.id, "type": "message", "role": "assistant", "model": self.model,
-                    "content": [], "stop_reason": null, "stop_sequence": null,
-                    "usage": usage_json(u, 0),
-                });
-                out.push_str(&sse("message_start", &json!({"type": "message_start", "message": message})));
-            }
-            Out::Piece(Piece::Text(t)) | Out::Piece(Piece::Thinking(t)) => {
-                let thinking = matches!(o, Out::Piece(Piece::Thinking(_)));
-                let want = if thinking { Open::Thinking } else { Open::Text };
-                if self.open != want {
-                    self.close(&mut out);
-                    let block = if thinking { json!({"type": "thinking", "thinking": ""}) } else { json!({"type": "text", "text": ""}) };
-                    out.push_str(&sse("content_block_start", &json!({"type": "content_block_start", "index": self.index, "content_block": block})));
-                    self.open = want;
-                }
-                let delta = if thinking { json!({"type": "thinking_delta", "thinking": t}) } else { json!({"type": "text_delta", "text": t}) };
-                out.push_str(&sse("content_block_delta", &json!({"type": "content_block_delta", "index": self.index, "delta": delta})));
-            }
+            Out::Started(u) => b.start(&mut out, usage_json(u, 0)),
+            Out::Piece(Piece::Text(t)) => b.text(&mut out, t),
+            Out::Piece(Piece::Thinking(t)) => b.thinking(&mut out, t),
             Out::Piece(Piece::Call(c)) => {
-                self.close(&mut out);
-                self.calls += 1;
-                let block = json!({"type": "tool_use", "id": c.id, "name": c.name, "input": {}});
-                out.push_str(&sse("content_block_start", &json!({"type": "content_block_start", "index": self.index, "content_block": block})));
-                let args = c.arguments.to_string();
-                for frag in super::stream::argument_fragments(&args) {
-                    let delta = json!({"type": "input_json_delta", "partial_json": frag});
-                    out.push_str(&sse("content_block_delta", &json!({"type": "content_block_delta", "index": self.index, "delta": delta})));
+                // A parsed call comes whole: its block opens and closes here.
+                let key = b.calls() as u64;
+                b.tool(&mut out, key, &c.id, &c.name);
+                for frag in super::stream::argument_fragments(&c.arguments.to_string()) {
+                    b.tool_json(&mut out, frag);
                 }
-                out.push_str(&sse("content_block_stop", &json!({"type": "content_block_stop", "index": self.index})));
-                self.index += 1;
+                b.close(&mut out);
             }
             Out::Done { done, cut } => {
-                self.close(&mut out);
-                self.usage = done.usage;
-                self.output_tokens = done.generated_tokens;
-                let delta = json!({"stop_reason": stop_reason(done.finish, self.calls, *cut), "stop_sequence": null});
-                out.push_str(&sse(
-                    "message_delta",
-                    &json!({"type": "message_delta", "delta": delta, "usage": usage_json(&done.usage, done.generated_tokens)}),
-                ));
-                out.push_str(&sse("message_stop", &json!({"type": "message_stop"})));
+                let finish = Finish::new(done.finish, b.calls(), *cut);
+                b.end(&mut out, finish, usage_json(&done.usage, done.generated_tokens));
             }
-            Out::Error(e) => {
-                out.push_str(&sse("error", &json!({"type": "error", "error": {"type": "api_error", "message": e}})));
-            }
+            Out::Error(e) => out.push_str(&error_event(e)),
         }
         out
     }
@@ -364,7 +415,7 @@ pub fn message_json(id: &str, model: &str, outs: &[Out]) -> Result<Value, String
             Out::Done { done, cut } => {
                 return Ok(json!({
                     "id": id, "type": "message", "role": "assistant", "model": model, "content": content,
-                    "stop_reason": stop_reason(done.finish, calls, *cut), "stop_sequence": null,
+                    "stop_reason": Finish::new(done.finish, calls, *cut).anthropic(), "stop_sequence": null,
                     "usage": usage_json(&done.usage, done.generated_tokens),
                 }));
             }

@@ -1,5 +1,7 @@
 //! Prometheus metrics (the `prometheus-client` crate), served at `/metrics`.
 
+use std::sync::atomic::Ordering;
+
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -8,7 +10,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 use crate::cache::prefix::CacheStats;
-use crate::engine::worker::{Done, PromptUsage};
+use crate::engine::types::{Done, PromptUsage};
+use crate::engine::worker::Load;
 
 type Labels = Vec<(String, String)>;
 
@@ -17,6 +20,8 @@ pub struct Metrics {
     requests: Family<Labels, Counter>,
     errors: Family<Labels, Counter>,
     queue_depth: Gauge,
+    running: Gauge,
+    batch_rows: Gauge,
     prompt_tokens: Counter,
     cached_tokens: Counter,
     cache_creation_tokens: Counter,
@@ -42,6 +47,8 @@ impl Metrics {
             requests: Family::default(),
             errors: Family::default(),
             queue_depth: Gauge::default(),
+            running: Gauge::default(),
+            batch_rows: Gauge::default(),
             prompt_tokens: Counter::default(),
             cached_tokens: Counter::default(),
             cache_creation_tokens: Counter::default(),
@@ -59,6 +66,8 @@ impl Metrics {
         registry.register("requests", "HTTP requests by API, route and status", m.requests.clone());
         registry.register("errors", "Error responses by API and status", m.errors.clone());
         registry.register("queue_depth", "Requests waiting for the engine", m.queue_depth.clone());
+        registry.register("running", "Requests being computed at once", m.running.clone());
+        registry.register("decode_batch_rows", "Sequences in the last batched decode step", m.batch_rows.clone());
         registry.register("prompt_tokens", "Prompt tokens of finished requests", m.prompt_tokens.clone());
         registry.register("cached_tokens", "Prompt tokens served from the prompt cache", m.cached_tokens.clone());
         registry.register("cache_creation_tokens", "Prompt tokens computed and stored for reuse", m.cache_creation_tokens.clone());
@@ -93,8 +102,10 @@ impl Metrics {
     }
 
     /// The text exposition, with gauges read now.
-    pub fn render(&self, queue_depth: usize, cache: &CacheStats) -> String {
+    pub fn render(&self, queue_depth: usize, load: &Load, cache: &CacheStats) -> String {
         self.queue_depth.set(queue_depth as i64);
+        self.running.set(load.running.load(Ordering::SeqCst) as i64);
+        self.batch_rows.set(load.batch_rows.load(Ordering::SeqCst) as i64);
         self.cache_bytes.set(cache.bytes as i64);
         self.cache_entries.set(cache.entries as i64);
         self.cache_hits.set(cache.hits as i64);

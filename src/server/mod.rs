@@ -6,6 +6,7 @@
 pub mod anthropic;
 pub mod error;
 pub mod fields;
+pub mod finish;
 pub mod metrics;
 pub mod openai;
 pub mod proxy;
@@ -30,10 +31,11 @@ use tokio::net::TcpListener;
 
 use crate::engine::generate::GenerateOptions;
 use crate::engine::request::{ChatRequest, RequestError};
-use crate::engine::generate::FinishReason;
-use crate::engine::worker::{Done, Engine, Job, ModelInfo};
+use crate::engine::types::{Done, Job, ModelInfo};
+use crate::engine::worker::Engine;
 use crate::text::tools::{ToolFormat, ToolStream};
 use error::{Api, ApiError, Kind};
+use finish::Finish;
 use metrics::Metrics;
 use stream::{Generation, Out};
 use trace::{TraceConfig, Tracer};
@@ -222,7 +224,7 @@ pub struct Trace {
     /// The request body, kept only with `--trace-bodies` (the response text then too).
     request: Option<Value>,
     response: String,
-    done: Option<Done>,
+    done: Option<(Done, Finish)>,
     error: Option<String>,
 }
 
@@ -263,9 +265,9 @@ impl Trace {
                     }
                 }
             }
-            Out::Done { done, .. } => {
+            Out::Done { done, cut } => {
                 metrics.finished(&done.usage, done);
-                self.done = Some(done.clone());
+                self.done = Some((done.clone(), Finish::new(done.finish, self.calls, *cut)));
             }
             Out::Error(e) => self.error = Some(e.clone()),
         }
@@ -286,19 +288,14 @@ impl Trace {
             "queue_wait_s": self.started, "ttft_s": self.first, "total_s": self.t0.elapsed().as_secs_f64(),
             "tool_calls": self.calls, "error": self.error,
         });
-        if let Some(d) = &self.done {
+        if let Some((d, finish)) = &self.done {
             v["prompt_tokens"] = json!(d.usage.prompt);
             v["cache_read_tokens"] = json!(d.usage.cache_read);
             v["cache_creation_tokens"] = json!(d.usage.cache_creation);
             v["computed_tokens"] = json!(d.usage.prompt - d.usage.cache_read);
             v["generated_tokens"] = json!(d.generated_tokens);
             v["tokens_per_s"] = json!(if d.generation_secs > 0.0 { d.generated_tokens as f64 / d.generation_secs } else { 0.0 });
-            v["finish"] = json!(match d.finish {
-                FinishReason::Eos => "eos",
-                FinishReason::StopString => "stop_sequence",
-                FinishReason::Length => "length",
-                FinishReason::Cancelled => "cancelled",
-            });
+            v["finish"] = json!(finish.trace());
         }
         if let Some(r) = self.request {
             v["request_body"] = r;
@@ -316,10 +313,10 @@ async fn route(state: &Arc<State>, method: &Method, path: &str, req: Request<Inc
         (&Method::GET, "/v1/models") => Ok(json_response(200, &models(state))),
         (&Method::GET, "/health") => Ok(health(state)),
         (&Method::GET, "/metrics") => {
-            let text = state.metrics.render(state.engine.queue_depth(), &state.engine.cache_stats());
+            let text = state.metrics.render(state.engine.queue_depth(), &state.engine.load, &state.engine.cache_stats());
             Ok(full(200, "application/openmetrics-text; version=1.0.0; charset=utf-8", text))
         }
-        (&Method::GET, "/v1/cache/stats") => Ok(json_response(200, &json!(state.engine.cache_stats_settled(Duration::from_secs(2)).await))),
+        (&Method::GET, "/v1/cache/stats") => Ok(json_response(200, &json!(state.engine.cache_stats()))),
         (&Method::DELETE, "/v1/cache") => {
             let removed = state.engine.clear_cache().await?;
             Ok(json_response(200, &json!({"removed": removed, "stats": state.engine.cache_stats()})))
@@ -340,7 +337,7 @@ fn models(state: &State) -> Value {
 
 fn health(state: &State) -> Response<Body> {
     if state.engine.is_alive() {
-        json_response(200, &json!({"status": "ok", "model": state.engine.info.name, "queue_depth": state.engine.queue_depth(), "pid": std::process::id()}))
+        json_response(200, &json!({"status": "ok", "model": state.engine.info.name, "queue_depth": state.engine.queue_depth(), "running": state.engine.load.running.load(std::sync::atomic::Ordering::SeqCst), "pid": std::process::id()}))
     } else {
         json_response(503, &json!({"status": "error", "message": "the inference engine has stopped"}))
     }
@@ -385,7 +382,7 @@ async fn start(state: &State, request: &ChatRequest, id: &str) -> Result<Generat
         ..Default::default()
     };
     let thinking_open = prompt.text.trim_end().ends_with("<think>");
-    state.engine.submit(Job { prompt: prompt.ids, breakpoints: prompt.breakpoints, opts, events: tx })?;
+    state.engine.submit(Job { prompt: prompt.ids, opts, events: tx })?;
     let tools = ToolStream::new(state.tool_format, &request.tools, thinking_open, id);
     Ok(Generation::new(rx, tools))
 }

@@ -5,11 +5,11 @@ use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::fields::{body_object, item, Fields};
+use super::finish::Finish;
 use super::stream::Out;
-use crate::engine::generate::FinishReason;
 use crate::engine::request::{ChatMessage, ChatRequest, ToolCall};
 use crate::engine::sampler::SamplingParams;
-use crate::engine::worker::PromptUsage;
+use crate::engine::types::PromptUsage;
 use crate::text::tools::Piece;
 
 pub struct Parsed {
@@ -140,15 +140,6 @@ pub fn usage_json(u: &PromptUsage, completion: usize) -> Value {
     })
 }
 
-fn finish_reason(finish: FinishReason, calls: usize, cut: bool) -> &'static str {
-    match finish {
-        _ if cut => "length",
-        FinishReason::Length => "length",
-        _ if calls > 0 => "tool_calls",
-        _ => "stop",
-    }
-}
-
 /// Turns the engine's output into `chat.completion.chunk` SSE lines.
 pub struct Chunks {
     id: String,
@@ -202,7 +193,7 @@ impl Chunks {
                 s
             }
             Out::Done { done, cut } => {
-                let mut s = self.chunk(json!({}), Some(finish_reason(done.finish, self.calls, *cut)));
+                let mut s = self.chunk(json!({}), Some(Finish::new(done.finish, self.calls, *cut).openai()));
                 if self.include_usage {
                     s += &data(&json!({
                         "id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
@@ -243,7 +234,7 @@ pub fn completion_json(id: &str, model: &str, created: u64, outs: &[Out]) -> Res
                 }
                 return Ok(json!({
                     "id": id, "object": "chat.completion", "created": created, "model": model, "system_fingerprint": null,
-                    "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": finish_reason(done.finish, n, *cut)}],
+                    "choices": [{"index": 0, "message": message, "logprobs": null, "finish_reason": Finish::new(done.finish, n, *cut).openai()}],
                     "usage": usage_json(&done.usage, done.generated_tokens),
                 }));
             }

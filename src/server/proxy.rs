@@ -19,8 +19,9 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use super::anthropic::{self, sse};
+use super::anthropic::{self, error_event, Blocks};
 use super::error::{Api, ApiError, Kind};
+use super::finish::Finish;
 use super::{error_response, json_response, read_json, Body};
 use crate::engine::request::ChatRequest;
 
@@ -126,39 +127,21 @@ pub fn openai_body(req: &ChatRequest, model: &str, stream: bool) -> Value {
 /// Turns OpenAI stream chunks into Anthropic events: text and tool-use
 /// blocks with arguments as they arrive.
 pub struct Translate {
-    id: String,
-    model: String,
-    index: usize,
-    /// The open block: text, or the upstream's tool-call index.
-    open: Option<Open>,
-    calls: usize,
+    blocks: Blocks,
     usage: Value,
     finish: Option<String>,
 }
 
-#[derive(PartialEq)]
-enum Open {
-    Text,
-    Tool(u64),
-}
-
 impl Translate {
     pub fn new(id: String, model: String) -> Self {
-        Translate { id, model, index: 0, open: None, calls: 0, usage: json!({}), finish: None }
+        Translate { blocks: Blocks::new(id, model), usage: json!({}), finish: None }
     }
 
     pub fn start(&self) -> String {
-        let message = json!({"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-            "stop_reason": null, "stop_sequence": null,
-            "usage": {"input_tokens": 0, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0, "output_tokens": 0}});
-        sse("message_start", &json!({"type": "message_start", "message": message}))
-    }
-
-    fn close(&mut self, out: &mut String) {
-        if self.open.take().is_some() {
-            out.push_str(&sse("content_block_stop", &json!({"type": "content_block_stop", "index": self.index})));
-            self.index += 1;
-        }
+        let mut out = String::new();
+        // The upstream's usage comes with its last chunk: zeros until then.
+        self.blocks.start(&mut out, anthropic_usage(&Value::Null));
+        out
     }
 
     /// Events for one upstream chunk.
@@ -170,34 +153,17 @@ impl Translate {
         let Some(choice) = c["choices"].get(0) else { return out };
         let delta = &choice["delta"];
         if let Some(t) = delta["content"].as_str().filter(|t| !t.is_empty()) {
-            if self.open != Some(Open::Text) {
-                self.close(&mut out);
-                out.push_str(&sse(
-                    "content_block_start",
-                    &json!({"type": "content_block_start", "index": self.index, "content_block": {"type": "text", "text": ""}}),
-                ));
-                self.open = Some(Open::Text);
-            }
-            out.push_str(&sse("content_block_delta", &json!({"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": t}})));
+            self.blocks.text(&mut out, t);
         }
         for call in delta["tool_calls"].as_array().into_iter().flatten() {
+            // A call's later pieces name only its index.
             let k = call["index"].as_u64().unwrap_or(0);
-            if self.open != Some(Open::Tool(k)) {
-                self.close(&mut out);
-                self.calls += 1;
-                let id = call["id"].as_str().map(str::to_string).unwrap_or_else(|| format!("toolu_{}_{k}", self.id));
-                let name = call["function"]["name"].as_str().unwrap_or("");
-                out.push_str(&sse(
-                    "content_block_start",
-                    &json!({"type": "content_block_start", "index": self.index, "content_block": {"type": "tool_use", "id": id, "name": name, "input": {}}}),
-                ));
-                self.open = Some(Open::Tool(k));
+            if !self.blocks.in_tool(k) {
+                let id = call["id"].as_str().map(str::to_string).unwrap_or_else(|| format!("toolu_{}_{k}", self.blocks.id()));
+                self.blocks.tool(&mut out, k, &id, call["function"]["name"].as_str().unwrap_or(""));
             }
             if let Some(a) = call["function"]["arguments"].as_str().filter(|a| !a.is_empty()) {
-                out.push_str(&sse(
-                    "content_block_delta",
-                    &json!({"type": "content_block_delta", "index": self.index, "delta": {"type": "input_json_delta", "partial_json": a}}),
-                ));
+                self.blocks.tool_json(&mut out, a);
             }
         }
         if let Some(f) = choice["finish_reason"].as_str() {
@@ -209,11 +175,8 @@ impl Translate {
     /// The closing events.
     pub fn end(&mut self) -> String {
         let mut out = String::new();
-        self.close(&mut out);
-        let stop = stop_reason(self.finish.as_deref(), self.calls);
-        let usage = anthropic_usage(&self.usage);
-        out.push_str(&sse("message_delta", &json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": usage})));
-        out.push_str(&sse("message_stop", &json!({"type": "message_stop"})));
+        let finish = Finish::from_openai(self.finish.as_deref(), self.blocks.calls());
+        self.blocks.end(&mut out, finish, anthropic_usage(&self.usage));
         out
     }
 }
@@ -229,20 +192,9 @@ pub fn message_from_completion(id: &str, model: &str, c: &Value) -> Value {
         let args = call["function"]["arguments"].as_str().and_then(|a| serde_json::from_str::<Value>(a).ok()).unwrap_or_else(|| json!({}));
         content.push(json!({"type": "tool_use", "id": call["id"], "name": call["function"]["name"], "input": args}));
     }
-    let stop = stop_reason(c["choices"][0]["finish_reason"].as_str(), 0);
+    let stop = Finish::from_openai(c["choices"][0]["finish_reason"].as_str(), 0).anthropic();
     json!({"id": id, "type": "message", "role": "assistant", "model": model, "content": content, "stop_reason": stop, "stop_sequence": null,
         "usage": anthropic_usage(&c["usage"])})
-}
-
-/// Anthropic's stop reason for an OpenAI finish reason (`calls`: tool calls
-/// seen in a stream, for upstreams that end one with "stop").
-fn stop_reason(finish: Option<&str>, calls: usize) -> &'static str {
-    match finish {
-        Some("length") => "max_tokens",
-        Some("tool_calls") => "tool_use",
-        _ if calls > 0 => "tool_use",
-        _ => "end_turn",
-    }
 }
 
 /// Anthropic usage for OpenAI usage: the upstream's cached tokens as cache reads.
@@ -291,11 +243,11 @@ async fn messages(state: &Arc<ProxyState>, body: Value) -> Result<Response<Body>
                 Ok(Some(Ok(f))) => f,
                 Ok(None) => break,
                 Ok(Some(Err(e))) => {
-                    let _ = send(sse("error", &json!({"type": "error", "error": {"type": "api_error", "message": format!("upstream stream failed: {e}")}}))).await;
+                    let _ = send(error_event(&format!("upstream stream failed: {e}"))).await;
                     return;
                 }
                 Err(_) => {
-                    let _ = send(sse("error", &json!({"type": "error", "error": {"type": "api_error", "message": format!("upstream sent nothing for {idle:?}")}}))).await;
+                    let _ = send(error_event(&format!("upstream sent nothing for {idle:?}"))).await;
                     return;
                 }
             };
@@ -420,6 +372,45 @@ mod tests {
         assert_eq!(serde_json::from_str::<Value>(&args).unwrap(), json!({"city": "Paris"}));
         assert_eq!(ev[8]["delta"]["stop_reason"], "tool_use");
         assert_eq!(ev[8]["usage"], json!({"input_tokens": 20, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 80, "output_tokens": 9}));
+    }
+
+    /// One writer for both: the same answer from the engine and from an
+    /// upstream gives the same bytes.
+    #[test]
+    fn the_proxy_writes_the_engines_events() {
+        use crate::engine::generate::FinishReason;
+        use crate::engine::types::ToolCall;
+        use crate::engine::types::{Done, PromptUsage};
+        use crate::server::stream::Out;
+        use crate::text::tools::Piece;
+
+        let usage = PromptUsage { prompt: 100, cache_read: 80, cache_creation: 0, input: 20 };
+        let done = Done { finish: FinishReason::Eos, usage, generated_tokens: 9, ttft_secs: 0.0, prompt_secs: 0.0, generation_secs: 0.0 };
+        let call = ToolCall { id: "call_a".into(), name: "get_weather".into(), arguments: json!({"city": "Paris"}) };
+        let mut engine = anthropic::Events::new("msg_1".into(), "m".into());
+        let local: String = [
+            Out::Started(PromptUsage::default()),
+            Out::Piece(Piece::Text("Let me check.".into())),
+            Out::Piece(Piece::Call(call)),
+            Out::Done { done, cut: false },
+        ]
+        .iter()
+        .map(|o| engine.on(o))
+        .collect();
+
+        let mut t = Translate::new("msg_1".into(), "m".into());
+        let mut proxied = t.start();
+        for c in [
+            json!({"choices": [{"index": 0, "delta": {"content": "Let me check."}}]}),
+            json!({"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "id": "call_a", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}}]}}]}),
+            json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+            json!({"choices": [], "usage": {"prompt_tokens": 100, "completion_tokens": 9, "prompt_tokens_details": {"cached_tokens": 80}}}),
+        ] {
+            proxied += &t.chunk(&c);
+        }
+        proxied += &t.end();
+        assert_eq!(proxied, local);
+        assert!(local.contains(r#""stop_reason":"tool_use""#), "{local}");
     }
 
     #[test]

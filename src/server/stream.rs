@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::engine::worker::{Done, Event, PromptUsage};
+use crate::engine::types::{Done, Event, PromptUsage};
 use crate::text::tools::{Piece, ToolStream};
 
 #[derive(Debug, Clone)]

@@ -43,6 +43,7 @@ fn a_panicking_request_gets_a_500_and_the_engine_goes_on() {
         cache_dir: None,
         queue: 8,
         prefill_chunk: 512,
+        parallel: 4,
         context_override: None,
     })
     .unwrap();

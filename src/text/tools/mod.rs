@@ -11,7 +11,7 @@ pub mod qwen3_coder;
 
 use serde_json::Value;
 
-use crate::engine::request::ToolCall;
+use crate::engine::types::ToolCall;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ToolFormat {

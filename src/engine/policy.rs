@@ -1,0 +1,307 @@
+//! The prompt cache's policy: which snapshot serves a prompt (and whether it
+//! is taken over or copied), what is kept when a request ends, and when
+//! snapshots go to disk. The index itself is [`PrefixCache`]; the files are
+//! [`Store`]'s.
+
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::cache::kv::{new_cache, LayerKv};
+use crate::cache::prefix::{CacheStats, Cached, EntryId, PrefixCache};
+use crate::cache::store::{self, Store};
+
+/// A request takes over (rather than copies) a snapshot whose prompt it
+/// continues but for at most this many final tokens (the boundary before
+/// the answer re-tokenizes), and whose answer part it does not share is at
+/// most [`TAKE_OVER_TAIL`] tokens long; see [`CachePolicy::lookup`].
+pub const TAKE_OVER_SLACK: usize = 8;
+pub const TAKE_OVER_TAIL: usize = 4096;
+
+/// A KV snapshot in the prefix cache: in memory, on disk, or both.
+#[derive(Clone)]
+pub(super) struct Snapshot {
+    layers: Option<Rc<Vec<LayerKv>>>,
+    file: Option<PathBuf>,
+    /// How many of its tokens were the request's prompt (the rest is the
+    /// answer); 0 when unknown (read from disk).
+    prompt_len: usize,
+}
+
+impl Cached for Snapshot {
+    fn bytes(&self) -> usize {
+        self.layers.as_ref().map_or(0, |l| l.iter().map(LayerKv::nbytes).sum())
+    }
+    fn demote(&self) -> Option<Self> {
+        self.file.as_ref().map(|f| Snapshot { layers: None, file: Some(f.clone()), prompt_len: self.prompt_len })
+    }
+}
+
+/// The weight, config and tokenizer files a model's KV state depends on.
+fn model_files(path: &Path) -> Vec<PathBuf> {
+    if path.is_file() {
+        return vec![path.to_path_buf()];
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.ends_with(".safetensors") || name == "config.json" || name == "tokenizer.json" || name == "tokenizer_config.json"
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// What [`CachePolicy::lookup`] found.
+pub(super) struct Lookup {
+    /// The KV state to compute the rest of the prompt on.
+    pub live: Vec<LayerKv>,
+    /// Prompt tokens it already holds.
+    pub read: usize,
+    /// What the request holds until it ends (dropped if it fails).
+    pub held: Held,
+}
+
+/// Cache state a running request holds.
+#[derive(Default)]
+pub(super) struct Held {
+    /// A shared entry in use: pinned (never evicted) until the request ends.
+    pub pinned: Option<EntryId>,
+    /// The file of an entry taken out of the index, deleted once a newer snapshot is on disk.
+    pub taken_file: Option<PathBuf>,
+}
+
+pub(super) struct CachePolicy {
+    pub cache: PrefixCache<Snapshot>,
+    pub store: Option<Store>,
+    stats: Arc<Mutex<CacheStats>>,
+    layers: usize,
+    /// Entries kept in memory and not yet written to disk (newest last).
+    unsaved: Vec<EntryId>,
+    /// Files of entries taken out of the index; deleted once a newer snapshot is on disk.
+    obsolete: Vec<PathBuf>,
+}
+
+impl CachePolicy {
+    /// An empty cache of `budget` bytes; with `dir`, snapshots of the model
+    /// at `model_path` persist there and those already there are indexed.
+    pub fn open(budget: usize, dir: Option<&Path>, model_path: &Path, template: Option<&str>, layers: usize, stats: Arc<Mutex<CacheStats>>) -> Self {
+        let mut cache = PrefixCache::new(budget);
+        let store = dir.and_then(|dir| {
+            let fp = store::fingerprint(&model_files(model_path), template);
+            Store::open(dir, fp).map_err(|e| tracing::warn!("prompt cache kept in memory only: {e}")).ok()
+        });
+        if let Some(s) = &store {
+            let (found, warnings) = store::scan(&s.dir, &s.fingerprint);
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            let n = found.len();
+            for f in found {
+                cache.insert(&f.tokens, Snapshot { layers: None, file: Some(f.path), prompt_len: 0 });
+            }
+            // Files made redundant by longer ones stay on disk but are not indexed.
+            cache.take_removed();
+            tracing::info!("prompt cache: {n} snapshots found in {}", s.dir.display());
+        }
+        let p = CachePolicy { cache, store, stats, layers, unsaved: vec![], obsolete: vec![] };
+        p.publish();
+        p
+    }
+
+    /// Make the numbers `/v1/cache/stats` and metrics read current.
+    pub fn publish(&self) {
+        *self.stats.lock() = self.cache.stats();
+    }
+
+    pub fn budget(&self) -> usize {
+        self.cache.budget()
+    }
+
+    /// Has snapshots not yet written to disk.
+    pub fn has_unsaved(&self) -> bool {
+        !self.unsaved.is_empty()
+    }
+
+    pub fn clear(&mut self) -> usize {
+        let n = self.cache.clear();
+        self.forget_removed();
+        self.publish();
+        n
+    }
+
+    /// After a failure: the entries a failed request held are dropped (a
+    /// pinned one may be what broke it); the index is checked and cleared if
+    /// broken.
+    pub fn drop_held(&mut self, held: Held) {
+        if let Some(id) = held.pinned {
+            self.cache.release(id);
+            self.cache.remove(id);
+        }
+        if let Some(f) = held.taken_file {
+            let _ = std::fs::remove_file(f);
+        }
+        if let Err(e) = self.cache.check() {
+            tracing::error!("the prompt cache's index is inconsistent after the failure ({e}); clearing it");
+            self.cache.clear();
+        }
+        self.forget_removed();
+        self.publish();
+    }
+
+    /// A request ended: unpin what it used; the file of a snapshot it took
+    /// over goes once a newer snapshot is on disk.
+    pub fn release(&mut self, held: Held) {
+        self.obsolete.extend(held.taken_file);
+        if let Some(id) = held.pinned {
+            self.cache.release(id);
+            self.forget_removed();
+        }
+    }
+
+    /// Delete the files of snapshots the cache dropped.
+    fn forget_removed(&mut self) {
+        for s in self.cache.take_removed() {
+            if let Some(f) = s.file {
+                let _ = std::fs::remove_file(f);
+            }
+        }
+    }
+
+    /// Store a snapshot of `live` (holding `tokens`, the first `prompt_len`
+    /// of them a prompt), on disk too when a cache folder is set; true if it
+    /// was kept.
+    pub fn keep(&mut self, tokens: &[u32], prompt_len: usize, live: &[LayerKv]) -> bool {
+        let arrays: Vec<&mlx_rs::Array> = live.iter().flat_map(LayerKv::arrays).collect();
+        if let Err(e) = mlx_rs::transforms::eval(arrays) {
+            tracing::warn!("snapshot not kept: {e}");
+            return false;
+        }
+        let layers: Vec<LayerKv> = live.iter().map(LayerKv::snapshot).collect();
+        let bytes: usize = layers.iter().map(LayerKv::nbytes).sum();
+        if bytes > self.cache.budget() {
+            return false;
+        }
+        let id = self.cache.insert(tokens, Snapshot { layers: Some(Rc::new(layers)), file: None, prompt_len });
+        self.forget_removed();
+        if let (Some(id), Some(_)) = (id, &self.store) {
+            self.unsaved.push(id);
+        }
+        self.publish();
+        id.is_some()
+    }
+
+    /// Write the newest snapshot not yet on disk (called when idle); then
+    /// delete the files it supersedes. False when there was nothing to write.
+    pub fn persist_one(&mut self) -> bool {
+        let Some(store) = &self.store else { return false };
+        while let Some(id) = self.unsaved.pop() {
+            let (Some(tokens), Some(snap)) = (self.cache.tokens_of(id), self.cache.value(id).cloned()) else { continue };
+            let Some(layers) = &snap.layers else { continue };
+            match store.save(&tokens, layers) {
+                Ok(path) => {
+                    for old in self.obsolete.drain(..) {
+                        if old != path {
+                            let _ = std::fs::remove_file(old);
+                        }
+                    }
+                    self.cache.replace(id, Snapshot { layers: snap.layers.clone(), file: Some(path), prompt_len: snap.prompt_len });
+                    self.forget_removed();
+                }
+                Err(e) => tracing::warn!("snapshot not written to disk: {e}"),
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Write everything still unsaved (at shutdown).
+    pub fn flush(&mut self) {
+        while self.persist_one() {}
+        if let Some(store) = &self.store {
+            store.flush();
+        }
+    }
+
+    /// The deepest usable snapshot for `prompt` as a live cache (see [`Lookup`]) and how many
+    /// tokens it serves. A snapshot the prompt extends, or whose prompt it
+    /// extends (the next turn of its conversation), is taken out of the index (this
+    /// request's own snapshot will replace it), so the live state owns its
+    /// buffers and MLX writes them in place; one that must be trimmed by
+    /// more stays (it is another conversation's) and is copied on write.
+    /// A snapshot that cannot be read from disk is dropped.
+    pub fn lookup(&mut self, prompt: &[u32]) -> Lookup {
+        let out = self.lookup_inner(prompt);
+        self.publish();
+        out
+    }
+
+    fn lookup_inner(&mut self, prompt: &[u32]) -> Lookup {
+        loop {
+            let Some(hit) = self.cache.fetch_nearest(prompt, prompt.len() - 1) else {
+                return Lookup { live: new_cache(self.layers), read: 0, held: Held::default() };
+            };
+            let layers = match (&hit.value.layers, &hit.value.file, &self.store) {
+                (Some(l), _, _) => l.clone(),
+                (None, Some(f), Some(store)) => match store::load(f, self.layers, hit.entry_len, &store.fingerprint) {
+                    Ok(l) => {
+                        let l = Rc::new(l);
+                        if hit.usable < hit.entry_len {
+                            self.cache.replace(hit.id, Snapshot { layers: Some(l.clone()), file: Some(f.clone()), prompt_len: hit.value.prompt_len });
+                        }
+                        l
+                    }
+                    Err(e) => {
+                        tracing::warn!("ignoring a cached snapshot: {e}");
+                        self.cache.release(hit.id);
+                        self.cache.remove(hit.id);
+                        self.forget_removed();
+                        continue;
+                    }
+                },
+                _ => {
+                    self.cache.release(hit.id);
+                    self.cache.remove(hit.id);
+                    continue;
+                }
+            };
+            let file = hit.value.file.clone();
+            // The next turn of the snapshot's conversation is taken over too:
+            // it continues the snapshot's prompt and differs only in the
+            // answer (the template re-renders it, and its first tokens
+            // re-tokenize differently). Keeping the old one would cost a full
+            // copy of the cache on the first write and one more snapshot in
+            // memory every turn, for an answer that costs little to
+            // recompute if that exact request ever comes again. Another
+            // conversation sharing only a prefix is copied.
+            let p = hit.value.prompt_len;
+            let owned = hit.usable == hit.entry_len
+                || (p > 0 && hit.usable + TAKE_OVER_SLACK >= p && hit.entry_len.saturating_sub(hit.usable) <= TAKE_OVER_TAIL);
+            let (id, usable) = (hit.id, hit.usable);
+            drop(hit);
+            let mut held = Held { pinned: Some(id), taken_file: None };
+            if owned {
+                // Out of the index; its file stays until this request's snapshot is written.
+                self.cache.remove(id);
+                self.cache.take_removed();
+                held = Held { pinned: None, taken_file: file };
+            }
+            let layers = match Rc::try_unwrap(layers) {
+                Ok(l) => l,
+                Err(shared) => shared.iter().map(LayerKv::snapshot).collect(),
+            };
+            // Only the tokens the index matched are this prompt's; the rest is another conversation's.
+            let mut live = layers;
+            for l in &mut live {
+                let _ = l.trim_to(usable as i32);
+            }
+            debug_assert!(live.iter().all(|l| l.offset() as usize == usable));
+            return Lookup { live, read: usable, held };
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! The step scheduler: every running request is a [`Sequence`], and each
+//! step runs one batched decode step over every sequence that is decoding,
+//! then one prefill chunk for one sequence that is still computing its
+//! prompt. So a long cold prompt never holds the others back for more than
+//! one chunk, and a side call (a short prompt) overtakes it.
+//!
+//! Policy:
+//! - **Admission.** Up to `parallel` sequences run at once; the rest wait,
+//!   shortest prompt first (ties: oldest). A waiting request whose prompt
+//!   shares a long prefix with one being computed right now waits for that
+//!   prefix to be done and kept as a snapshot instead of computing it too.
+//! - **Which prefill.** The sequence with the fewest prompt tokens left.
+//! - **Chunk size.** Chosen from the last measured prefill speed so that a
+//!   chunk takes about [`CHUNK_SECS_DECODING`] while others decode (their
+//!   next token waits for it) and [`CHUNK_SECS_ALONE`] otherwise (a request
+//!   that arrives waits for it), up to the configured maximum. On the CPU a
+//!   chunk of at most 32 tokens runs on kvserve's kernels and a larger one on
+//!   dequantize + BLAS, which round differently; so that a prompt computes
+//!   the same whatever runs beside it, a chunk is never that small unless it
+//!   is all the prompt has left, and never leaves that little behind
+//!   ([`chunk_len`]).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+
+use super::generate::prefill;
+use super::policy::CachePolicy;
+use super::sequence::Sequence;
+use super::types::{Event, FinishReason, Job, ModelInfo, PromptUsage};
+use super::worker::EngineConfig;
+use crate::cache::kv::{new_cache, LayerKv, STEP};
+use crate::cache::prefix::CacheStats;
+use crate::model::source::{self, LoadedModel};
+use crate::model::layers::CPU_KERNEL_MAX_ROWS;
+use crate::model::Transformer;
+
+/// Seconds a prefill chunk may take while other sequences decode.
+pub const CHUNK_SECS_DECODING: f64 = 0.25;
+/// Seconds a prefill chunk may take while nothing decodes.
+pub const CHUNK_SECS_ALONE: f64 = 1.0;
+/// The smallest chunk but a prompt's whole rest: one more than the rows the
+/// CPU kernels take (see [`chunk_len`]).
+pub const MIN_CHUNK: usize = CPU_KERNEL_MAX_ROWS as usize + 1;
+/// A waiting request waits for a running one's prefix only when that saves
+/// at least this many tokens over what the cache already serves.
+pub const MIN_SHARED_PREFIX: usize = 256;
+
+pub(super) struct Scheduler {
+    model: Transformer,
+    pub info: Arc<ModelInfo>,
+    pub policy: CachePolicy,
+    max_chunk: usize,
+    parallel: usize,
+    /// Arrived and not yet running (counted in `queued`).
+    waiting: VecDeque<(u64, Job, Instant)>,
+    running: Vec<Sequence>,
+    next_id: u64,
+    queued: Arc<AtomicUsize>,
+    /// Prompt tokens per second of the last prefill chunk.
+    prefill_tps: Option<f64>,
+    /// Test hook: the next job panics at its first text.
+    pub inject_panic: Arc<AtomicBool>,
+    /// Published after every step.
+    load: Arc<Load>,
+}
+
+/// What the engine is doing, published for `/health`, metrics and tests.
+#[derive(Default)]
+pub struct Load {
+    /// Requests being computed (prefill or decode).
+    pub running: AtomicUsize,
+    /// Steps run since start.
+    pub steps: AtomicU64,
+    /// Rows in the last decode step.
+    pub batch_rows: AtomicUsize,
+}
+
+/// What a step's failure takes down.
+enum StepError {
+    /// These sequences (by id) failed with this message.
+    Failed(Vec<u64>, String),
+}
+
+impl Scheduler {
+    pub fn new(cfg: &EngineConfig, stats: Arc<Mutex<CacheStats>>, queued: Arc<AtomicUsize>, load: Arc<Load>) -> Result<(Scheduler, Arc<ModelInfo>), String> {
+        let LoadedModel { model, tokenizer, template, eos_ids, path, name } = source::load(&cfg.model).map_err(|e| e.to_string())?;
+        // Warm up (first-use costs out of the first request) and measure the
+        // KV bytes per token.
+        let mut kv = new_cache(model.num_layers());
+        prefill(&model, &mut kv, &[tokenizer.eos_ids.first().copied().unwrap_or(0)], 1).map_err(|e| e.to_string())?;
+        let kv_bytes_per_token = kv.iter().map(LayerKv::nbytes).sum::<usize>() / STEP as usize;
+        let trained = model.config.context_length.max(1) as usize;
+        let context = cfg.context_override.unwrap_or(trained);
+        if context > trained {
+            tracing::warn!("context set to {context} tokens; the model was trained on {trained}: answers past that may be poor");
+        }
+        let policy = CachePolicy::open(cfg.cache_bytes, cfg.cache_dir.as_deref(), &path, tokenizer.chat_template.as_deref(), model.num_layers(), stats);
+        let info = Arc::new(ModelInfo { name, path, tokenizer, template, eos_ids, context, kv_bytes_per_token });
+        let s = Scheduler {
+            model,
+            info: info.clone(),
+            policy,
+            max_chunk: cfg.prefill_chunk.max(MIN_CHUNK),
+            parallel: cfg.parallel.max(1),
+            waiting: VecDeque::new(),
+            running: vec![],
+            next_id: 0,
+            queued,
+            prefill_tps: None,
+            inject_panic: Arc::new(AtomicBool::new(false)),
+            load,
+        };
+        Ok((s, info))
+    }
+
+    /// Nothing running or waiting.
+    pub fn idle(&self) -> bool {
+        self.running.is_empty() && self.waiting.is_empty()
+    }
+
+    pub fn submit(&mut self, job: Job) {
+        self.waiting.push_back((self.next_id, job, Instant::now()));
+        self.next_id += 1;
+    }
+
+    /// One step: clients gone leave, waiting requests are admitted, one
+    /// decode step for every decoding sequence, one prefill chunk, and the
+    /// sequences that ended are kept and answered. An `Err` is the text of
+    /// a failure MLX itself may have caused (the caller checks MLX).
+    pub fn step(&mut self) -> Result<(), String> {
+        for s in &mut self.running {
+            if s.finish.is_none() && s.departed() {
+                s.finish = Some(FinishReason::Cancelled);
+            }
+        }
+        let before = self.waiting.len();
+        self.waiting.retain(|(_, j, _)| !j.events.is_closed());
+        self.unqueue(before - self.waiting.len());
+        self.admit();
+        let mut failure = None;
+        if self.running.iter().any(Sequence::decoding) {
+            if let Err(StepError::Failed(ids, why)) = self.decode_step() {
+                self.fail(&ids, &why);
+                failure = Some(why);
+            }
+        }
+        if let Err(StepError::Failed(ids, why)) = self.prefill_step() {
+            self.fail(&ids, &why);
+            failure = Some(why);
+        }
+        self.finish_ended();
+        self.load.running.store(self.running.len(), Ordering::SeqCst);
+        self.load.steps.fetch_add(1, Ordering::SeqCst);
+        failure.map_or(Ok(()), Err)
+    }
+
+    fn unqueue(&self, n: usize) {
+        if n > 0 {
+            let _ = self.queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| Some(q.saturating_sub(n)));
+        }
+    }
+
+    /// Start waiting requests while there is room: shortest prompt first,
+    /// except one that waits for a running sequence's shared prefix.
+    fn admit(&mut self) {
+        while self.running.len() < self.parallel {
+            let mut order: Vec<usize> = (0..self.waiting.len()).collect();
+            order.sort_by_key(|&i| (self.waiting[i].1.prompt.len(), self.waiting[i].0));
+            let Some(i) = order.into_iter().find(|&i| !self.waits_for_shared_prefix(i)) else { return };
+            let (id, job, start) = self.waiting.remove(i).expect("index from the list");
+            self.unqueue(1);
+            self.start(id, job, start);
+        }
+    }
+
+    /// Whether waiting request `i` should wait for a running sequence that
+    /// is computing a long prefix of its prompt. When that sequence is
+    /// already past the shared part, the part is kept as a snapshot now
+    /// (the request then reads it) and this returns false.
+    fn waits_for_shared_prefix(&mut self, i: usize) -> bool {
+        let prompt = &self.waiting[i].1.prompt;
+        let n = prompt.len();
+        if n < 2 {
+            return false;
+        }
+        let cached = self.policy.cache.usable(prompt, n - 1);
+        let best = self
+            .running
+            .iter()
+            .filter(|s| s.finish.is_none())
+            .map(|s| (s.id, common_prefix(prompt, s.prompt()).min(n - 1)))
+            .filter(|&(_, c)| c >= cached + MIN_SHARED_PREFIX)
+            .max_by_key(|&(_, c)| c);
+        let Some((sid, c)) = best else { return false };
+        let s = self.running.iter_mut().find(|s| s.id == sid).expect("found above");
+        if s.pos() < c {
+            s.share_at = Some(s.share_at.map_or(c, |a| a.min(c)));
+            return true;
+        }
+        // Past it: keep the shared part now (the buffers are shared until
+        // the running sequence's next write copies them).
+        let mut part: Vec<LayerKv> = s.live.iter().map(LayerKv::snapshot).collect();
+        for l in &mut part {
+            let _ = l.trim_to(c as i32);
+        }
+        let tokens = prompt[..c].to_vec();
+        if self.policy.keep(&tokens, c, &part) {
+            tracing::info!("a request reads {c} tokens of prompt another one just computed");
+        }
+        false
+    }
+
+    /// Look up the cache and make the job a running sequence.
+    fn start(&mut self, id: u64, job: Job, start: Instant) {
+        let n = job.prompt.len();
+        if n == 0 {
+            let _ = job.events.send(Event::Error("the prompt is empty".into()));
+            return;
+        }
+        let lookup = self.policy.lookup(&job.prompt);
+        let read = lookup.read;
+        tracing::debug!("lookup: {read} tokens from cache in {:.0} ms", start.elapsed().as_secs_f64() * 1e3);
+        let planned_tokens = (n + job.opts.max_tokens).div_ceil(STEP as usize) * STEP as usize;
+        let fits = planned_tokens * self.info.kv_bytes_per_token <= self.policy.budget();
+        let creation = if fits { n - read } else { 0 };
+        let usage = PromptUsage { prompt: n, cache_read: read, cache_creation: creation, input: n - read - creation };
+        let mut s = Sequence::new(id, job, start, lookup.live, read, usage, lookup.held);
+        s.panic_at_text = self.inject_panic.swap(false, Ordering::SeqCst);
+        if s.job.events.send(Event::Started(usage)).is_err() {
+            // Gone already: what was read goes back to the cache.
+            s.finish = Some(FinishReason::Cancelled);
+        } else {
+            // Room for the whole prompt at once (one copy instead of one per chunk).
+            let cfg = &self.model.config;
+            for l in s.live.iter_mut() {
+                if let Err(e) = l.reserve(n as i32, cfg.num_kv_heads, cfg.head_dim) {
+                    s.failed = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        self.running.push(s);
+    }
+
+    /// One decode step over every decoding sequence, in one batch.
+    fn decode_step(&mut self) -> Result<(), StepError> {
+        let mut rows: Vec<&mut Sequence> = self.running.iter_mut().filter(|s| s.decoding()).collect();
+        let ids: Vec<u64> = rows.iter().map(|s| s.id).collect();
+        let fail = |e: String| StepError::Failed(ids.clone(), e);
+        let tokens: Vec<u32> = rows.iter_mut().map(|s| s.next_input()).collect();
+        self.load.batch_rows.store(rows.len(), Ordering::SeqCst);
+        let logits = {
+            let mut caches: Vec<&mut [LayerKv]> = rows.iter_mut().map(|s| s.live.as_mut_slice()).collect();
+            self.model.decode_batch(&tokens, &mut caches).map_err(|e| fail(e.to_string()))?
+        };
+        let logits = logits.as_type::<f32>().map_err(|e| fail(e.to_string()))?;
+        logits.eval().map_err(|e| fail(e.to_string()))?;
+        let values = logits.try_as_slice::<f32>().map_err(|e| fail(e.to_string()))?;
+        let vocab = values.len() / rows.len().max(1);
+        for (s, row) in rows.iter_mut().zip(values.chunks_exact(vocab)) {
+            let mut row = row.to_vec();
+            if let Err(e) = s.accept(&mut row, &self.info.tokenizer) {
+                s.failed = Some(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// One chunk of prompt for the sequence with the fewest tokens left.
+    fn prefill_step(&mut self) -> Result<(), StepError> {
+        let decoding = self.running.iter().any(Sequence::decoding);
+        let Some(s) = self.running.iter_mut().filter(|s| s.finish.is_none() && s.failed.is_none() && s.to_prefill() > 0).min_by_key(|s| (s.to_prefill(), s.id))
+        else {
+            return Ok(());
+        };
+        let secs = if decoding { CHUNK_SECS_DECODING } else { CHUNK_SECS_ALONE };
+        let target = match self.prefill_tps {
+            Some(tps) => (tps * secs) as usize,
+            None => self.max_chunk,
+        };
+        let pos = s.pos();
+        let mut chunk = chunk_len(target.min(self.max_chunk), s.to_prefill());
+        // Stop where a waiting request's shared prefix ends, to keep it
+        // there (unless that would make a chunk of the other kind).
+        if let Some(at) = s.share_at.take() {
+            if at > pos && chunk_len(at - pos, s.to_prefill()) == at - pos {
+                chunk = chunk.min(at - pos);
+            }
+        }
+        let t = Instant::now();
+        let part = s.prompt()[pos..pos + chunk].to_vec();
+        prefill(&self.model, &mut s.live, &part, chunk).map_err(|e| StepError::Failed(vec![s.id], e.to_string()))?;
+        let secs = t.elapsed().as_secs_f64();
+        self.prefill_tps = Some(chunk as f64 / secs.max(1e-6));
+        tracing::debug!("prefill chunk of {chunk} tokens at {pos} in {:.0} ms ({} decoding)", secs * 1e3, decoding);
+        Ok(())
+    }
+
+    /// Sequences that failed in a step: what they read goes back to the
+    /// cache (only that is known to be good) and they get the error.
+    fn fail(&mut self, ids: &[u64], why: &str) {
+        for s in self.running.iter_mut().filter(|s| ids.contains(&s.id)) {
+            s.failed = Some(why.to_string());
+        }
+    }
+
+    /// After a panic in a step: every running sequence is dropped with an
+    /// error, and the cache entries they held with them (one of them may be
+    /// what broke).
+    pub fn drop_running(&mut self, why: &str) {
+        self.load.running.store(0, Ordering::SeqCst);
+        for s in std::mem::take(&mut self.running) {
+            let _ = s.job.events.send(Event::Error(format!(
+                "internal error: the engine failed on this request ({why}); the request was dropped and the server goes on"
+            )));
+            self.policy.drop_held(s.held);
+        }
+    }
+
+    /// Keep the snapshot of each sequence that ended and answer it.
+    fn finish_ended(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            if s.finish.is_none() && s.failed.is_none() {
+                i += 1;
+                continue;
+            }
+            let mut s = self.running.swap_remove(i);
+            self.end(&mut s);
+        }
+        // Oldest first in the next step's choices, whatever the removals did.
+        self.running.sort_by_key(|s| s.id);
+    }
+
+    fn end(&mut self, s: &mut Sequence) {
+        let n = s.prompt().len();
+        let t_keep = Instant::now();
+        // One snapshot per request, whatever happened: every token boundary
+        // in it is served by trimming it. After an error only what was read
+        // is known to be good.
+        let tokens = match &s.failed {
+            None => s.held_tokens(),
+            Some(_) => {
+                for l in &mut s.live {
+                    let _ = l.trim_to(s.read as i32);
+                }
+                s.prompt()[..s.read].to_vec()
+            }
+        };
+        let pos = s.pos();
+        let bytes: usize = s.live.iter().map(LayerKv::nbytes).sum();
+        let stored = pos >= n && bytes <= self.policy.budget();
+        if !tokens.is_empty() {
+            self.policy.keep(&tokens, n.min(tokens.len()), &s.live);
+        }
+        s.live.clear();
+        self.policy.release(std::mem::take(&mut s.held));
+        self.policy.publish();
+        match s.failed.take() {
+            Some(e) => {
+                let _ = s.job.events.send(Event::Error(e));
+            }
+            None => {
+                let done = s.done(stored);
+                tracing::info!(
+                    "prompt {} tokens ({} from cache, {} computed) in {:.2}s; first token at {:.2}s; {} tokens at {:.1} tok/s; {} running",
+                    n,
+                    s.read,
+                    n - s.read,
+                    done.prompt_secs,
+                    done.ttft_secs,
+                    done.generated_tokens,
+                    done.generated_tokens as f64 / done.generation_secs.max(1e-9),
+                    self.running.len(),
+                );
+                let _ = s.job.events.send(Event::Done(done));
+            }
+        }
+        tracing::info!(
+            "snapshot of {pos} tokens kept in {:.0} ms; {} snapshots, {:.0} MB; MLX holds {:.0} MB in arrays, {:.0} MB in its buffer cache",
+            t_keep.elapsed().as_secs_f64() * 1e3,
+            self.policy.cache.len(),
+            self.policy.cache.bytes() as f64 / 1e6,
+            crate::mlx::active_memory().unwrap_or(0) as f64 / 1e6,
+            crate::mlx::cache_memory().unwrap_or(0) as f64 / 1e6,
+        );
+    }
+}
+
+/// The next chunk of a prompt with `left` tokens to compute, about `target`
+/// long: the whole rest when it is at most [`MIN_CHUNK`] past the target
+/// (so no chunk of a prompt is a small one but a small whole rest), else
+/// at least [`MIN_CHUNK`]. A prompt with more than `CPU_KERNEL_MAX_ROWS`
+/// tokens left thus computes all of them in chunks of more than that, on
+/// the same path whatever the chunk sizes.
+fn chunk_len(target: usize, left: usize) -> usize {
+    let c = target.max(MIN_CHUNK);
+    if left <= c + MIN_CHUNK - 1 {
+        left
+    } else {
+        c
+    }
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_are_never_small_unless_they_are_the_whole_rest() {
+        assert_eq!(chunk_len(512, 2000), 512);
+        assert_eq!(chunk_len(512, 540), 540, "a 28-token rest joins the chunk");
+        assert_eq!(chunk_len(512, 545), 512, "a 33-token rest is a chunk of its own");
+        assert_eq!(chunk_len(10, 2000), MIN_CHUNK, "the target is raised to the smallest chunk");
+        assert_eq!(chunk_len(40, 20), 20, "a small whole rest");
+        // Every way of cutting a prompt keeps all its chunks on one side of the kernels' limit.
+        for left in 1..300 {
+            for target in [1, 16, 33, 40, 64, 100] {
+                let mut rest = left;
+                let mut sizes = vec![];
+                while rest > 0 {
+                    let c = chunk_len(target, rest);
+                    assert!(c >= 1 && c <= rest);
+                    sizes.push(c);
+                    rest -= c;
+                }
+                let small = |c: &usize| *c <= CPU_KERNEL_MAX_ROWS as usize;
+                assert!(sizes.iter().all(small) || !sizes.iter().any(small), "{left} tokens, target {target}: {sizes:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn common_prefix_counts_leading_equal_tokens() {
+        assert_eq!(common_prefix(&[1, 2, 3], &[1, 2, 4]), 2);
+        assert_eq!(common_prefix(&[1, 2], &[1, 2, 3]), 2);
+        assert_eq!(common_prefix(&[5], &[1]), 0);
+    }
+}
