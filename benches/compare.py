@@ -49,6 +49,23 @@ Workloads:
      mlx-lm runs one repetition of the sizes up to --mlx-long-max (its cold
      3.3K-token prompt took 6.4 min here, the 12K one would take several
      times that);
+  S  side call: client A sends a cold Claude Code-shaped request (a
+     ~--side-tokens system prompt, 6500 by default, after a billing line,
+     tools, max_tokens 16, streamed) and --side-delay seconds (1.0) after it
+     was sent, while A's prompt computes, client B sends a side call shaped
+     like Claude Code's quota check: /v1/messages, max_tokens 1, one user
+     message "quota", no system prompt, no tools, not streamed (mlx-lm: the
+     same on its OpenAI endpoint, only with --mlx-st). Measures B's time from
+     sending to the whole response and A's TTFT and total. Each repetition
+     is a new conversation for A (its system prompt's first line differs,
+     so nothing is cached);
+  T  throughput with --streams streams (4): workload 4's request (--decode-tokens
+     from a short prompt, greedy), first alone, then --streams copies at once.
+     One stream: generated tokens over its time from sending to the end; N
+     streams: the sum of their generated tokens over the wall time from
+     sending the first to the end of the last (aggregate tok/s); and the
+     ratio of the two. One short request first warms the server up and is
+     not counted (mlx-lm only with --mlx-st);
   R  kvserve only: a new session's turn 1 after a restart with --cache-dir.
 Session workloads repeat with a new conversation (same system prompt) each
 repetition; the first repetition's turn 1 is the cold one. TTFT is the time
@@ -64,7 +81,7 @@ falls several-fold when another process competes). --quiet-wait S waits up to
 S seconds for a quiet CPU before each server starts.
 
 Writes results/compare.json after every step, then results/compare.md (with
-a three-server headline table from workloads 4 and 6) and one PNG per
+a three-server headline table from workloads 4, 6, S and T) and one PNG per
 workload. --render JSON redraws the table and charts only.
 """
 
@@ -359,10 +376,15 @@ def session_workload(server, system, billing, reps, turns, tag):
             for r in range(reps)]
 
 
-def decode(server, reps, tokens):
+def decode_body(server, tokens):
+    """Workload 4's request (OpenAI endpoint, greedy), also workload T's."""
     msgs = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
-    body = {"model": server.model, "max_tokens": tokens, "stream": True, "messages": msgs, "temperature": 0.0,
+    return {"model": server.model, "max_tokens": tokens, "stream": True, "messages": msgs, "temperature": 0.0,
             "stream_options": {"include_usage": True}}
+
+
+def decode(server, reps, tokens):
+    body = decode_body(server, tokens)
     rows = []
     for _ in range(reps):
         ttft, total, _, u, last = stream(server.port, "/v1/chat/completions", body)
@@ -428,6 +450,109 @@ def concurrent(server, system, clients, turns, cap=None):
     if errors and not capped:
         raise SystemExit("; ".join(errors))
     return {"wall": wall, "capped": capped, "cap": cap, "sessions": out}, peak
+
+
+def post(port, path, body, timeout=7200):
+    """POSTs a request that is not streamed; returns (seconds from sending to the whole response, its JSON)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    t0 = time.time()
+    c.request("POST", path, json.dumps(body), {"content-type": "application/json"})
+    r = c.getresponse()
+    data = r.read()
+    total = time.time() - t0
+    if r.status != 200:
+        raise RuntimeError(f"{path}: HTTP {r.status} {data[:300]!r}")
+    return total, json.loads(data)
+
+
+def side_call(server, size, reps, delay):
+    """Workload S: per repetition, client A's cold Claude Code-shaped request
+    (a new system prompt of about `size` tokens, max_tokens 16, streamed) and,
+    `delay` seconds after A's was sent, client B's 1-token quota-check-shaped
+    side call (not streamed). Returns one row per repetition."""
+    rows = []
+    for r in range(reps):
+        system = f"Side-call test, conversation {r + 1}: a cold prompt of about {size} tokens.\n" + system_text(size)
+        a = Session(server.model, system, True, f"s{r}", f"Conversation {r + 1}: ")
+        q = a.variant + QUESTIONS[0]
+        got, errors, sent = {}, [], threading.Event()
+
+        def run_a():
+            try:
+                got["t0"] = time.time()
+                sent.set()
+                got["row"] = ask(server, a.anthropic(q, 0), a.openai(q, 0))[1]
+            except Exception as e:  # reported after the run
+                errors.append(f"client A: {e}")
+                sent.set()
+
+        thread = threading.Thread(target=run_a)
+        thread.start()
+        sent.wait()
+        time.sleep(max(0.0, got.get("t0", time.time()) + delay - time.time()))
+        side_at = time.time() - got.get("t0", time.time())
+        msgs = [{"role": "user", "content": "quota"}]
+        try:
+            if server.name in ANTHROPIC:
+                total, m = post(server.port, "/v1/messages", {"model": server.model, "max_tokens": 1, "messages": msgs})
+                u = m.get("usage") or {}
+                prompt = u.get("input_tokens", 0) + u.get("cache_read_input_tokens", 0) + u.get("cache_creation_input_tokens", 0)
+                out = u.get("output_tokens", 0)
+            else:
+                total, m = post(server.port, "/v1/chat/completions", {"model": server.model, "max_tokens": 1, "messages": msgs})
+                u = m.get("usage") or {}
+                prompt, out = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
+        except (OSError, http.client.HTTPException, RuntimeError, ValueError) as e:
+            errors.append(f"client B (side call): {e}")
+        thread.join()
+        if errors:
+            raise SystemExit(f"workload S on {server.name}: " + "; ".join(errors))
+        ra = got["row"]
+        rows.append({"side_at": side_at, "side_total": total, "side_prompt": prompt, "side_generated": out,
+                     "a_ttft": ra["ttft"], "a_total": ra["total"], "a_prompt": ra["prompt"], "a_cached": ra["cached"],
+                     "a_generated": ra["generated"]})
+        print(f"  {server.name} side call {r + 1}: sent {side_at:.2f}s after A, took {total:.2f}s; "
+              f"A: TTFT {ra['ttft']:.2f}s, total {ra['total']:.2f}s (prompt {ra['prompt']}, cached {ra['cached']})"
+              + ("" if ra["ttft"] > side_at else "; note: A's first token came before the side call was sent"), flush=True)
+    return rows
+
+
+def streams(server, reps, tokens, n):
+    """Workload T: workload 4's request alone, then `n` copies at once, `reps`
+    times, after one uncounted short request. Returns one row per repetition."""
+    body = decode_body(server, tokens)
+    stream(server.port, "/v1/chat/completions", dict(body, max_tokens=8))  # warm-up, not counted
+    rows = []
+    for r in range(reps):
+        ttft, total, _, u, last = stream(server.port, "/v1/chat/completions", body)
+        g = u.get("completion_tokens", 0)
+        one = {"ttft": ttft, "total": total, "generated": g, "tps": g / total if total else None,
+               "decode_tps": decode_tps(g, ttft, last)}
+        out, errors = [None] * n, []
+
+        def run(i):
+            try:
+                ttft, total, _, u, last = stream(server.port, "/v1/chat/completions", body)
+                g = u.get("completion_tokens", 0)
+                out[i] = {"ttft": ttft, "total": total, "generated": g, "decode_tps": decode_tps(g, ttft, last)}
+            except Exception as e:  # reported after the run
+                errors.append(f"stream {i}: {e}")
+
+        t0 = time.time()
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.time() - t0
+        if errors:
+            raise SystemExit(f"workload T on {server.name}: " + "; ".join(errors))
+        total_gen = sum(o["generated"] for o in out)
+        many = {"wall": wall, "generated": total_gen, "tps": total_gen / wall if wall else None, "streams": out}
+        rows.append({"one": one, "many": many})
+        print(f"  {server.name} {r + 1}: 1 stream {g} tokens at {fmt(one['tps'])} tok/s; {n} streams {total_gen} tokens in "
+              f"{wall:.2f}s, {fmt(many['tps'])} tok/s aggregate ({ratio(many['tps'], one['tps'])})", flush=True)
+    return rows
 
 
 def llama_command(binary, gguf, context):
@@ -497,7 +622,7 @@ def main():
     ap.add_argument("--mlx-w3", action="store_true", help="also run workload 3 on mlx-lm (~17 min a turn here)")
     ap.add_argument("--mlx-w5-cap", type=float, default=600, help="seconds workload 5 may run on mlx-lm")
     ap.add_argument("--clients", type=int, default=4)
-    ap.add_argument("--decode-tokens", type=int, default=256, help="workload 4")
+    ap.add_argument("--decode-tokens", type=int, default=256, help="workloads 4 and T")
     ap.add_argument("--long-tokens", default="2950,10700",
                     help="workload 6: system prompt sizes as system_text() counts them (27 tokens a line; "
                          "with SmolLM2's tokenizer the defaults make prompts of about 3.3K and 12K tokens)")
@@ -505,7 +630,11 @@ def main():
     ap.add_argument("--long-reps", type=int, default=2, help="workload 6: conversations per size (each one cold)")
     ap.add_argument("--mlx-long-max", type=int, default=4000,
                     help="workload 6 runs on mlx-lm (one conversation) only for sizes up to this (its cold 3.3K prompt takes ~6.5 min here)")
-    ap.add_argument("--workloads", default="4,6,2,3,5,1,R", help="which, in this order (servers alternate within each)")
+    ap.add_argument("--side-tokens", type=int, default=6500, help="workload S: client A's system prompt (as system_text() counts)")
+    ap.add_argument("--side-delay", type=float, default=1.0, help="workload S: seconds from sending A's request to sending the side call")
+    ap.add_argument("--streams", type=int, default=4, help="workload T: streams at once")
+    ap.add_argument("--mlx-st", action="store_true", help="also run workloads S and T on mlx-lm (it computes one request at a time)")
+    ap.add_argument("--workloads", default="4,6,2,3,5,S,T,1,R", help="which, in this order (servers alternate within each)")
     ap.add_argument("--context", type=int, default=32768,
                     help="prompt limit: kvserve --context, llama.cpp's KV pool and slot limit (0: each server's default)")
     ap.add_argument("--llama-server", metavar="PATH", help="llama.cpp's llama-server binary (make llama-server); without it llama.cpp is not run")
@@ -624,6 +753,16 @@ def main():
                     runs.append(run)
                     peaks.append(peak)
                 record(w, name, runs, max(p for p in peaks if p is not None))
+        elif w in ("S", "T"):
+            for name in servers:
+                if name == "mlx-lm+BLAS" or name == "mlx-lm" and not args.mlx_st:
+                    continue
+                s = start(name)
+                if w == "S":
+                    data = side_call(s, args.side_tokens, args.reps, args.side_delay)
+                else:
+                    data = streams(s, args.reps, args.decode_tokens, args.streams)
+                record(w, name, data, s.stop())
         elif w == "R":
             if "1" not in res["w"]:
                 raise SystemExit("workload R reads workload 1's cache directory: list 1 before R")
@@ -675,6 +814,21 @@ def lead(unit, other, kv):
     if unit == "MB":
         return f"uses {kv / other:.2f}x the memory" if other and kv else "–"
     return f"{kv / other:.1f}x" if other and kv else "–"
+
+
+def side_stats(rows):
+    """Workload S, one server: medians and maxima over its repetitions."""
+    side = [r["side_total"] for r in rows]
+    ttft = [r["a_ttft"] for r in rows]
+    return {"n": len(rows), "side": med(side), "side_max": max(side, default=None), "a_ttft": med(ttft),
+            "a_ttft_max": max(ttft, default=None), "a_total": med([r["a_total"] for r in rows]),
+            "a_prompt": med([r["a_prompt"] for r in rows]), "prefilling": sum(r["a_ttft"] > r["side_at"] for r in rows)}
+
+
+def stream_stats(rows):
+    """Workload T, one server: medians over its repetitions."""
+    return {"n": len(rows), "one": med([r["one"]["tps"] for r in rows]), "many": med([r["many"]["tps"] for r in rows]),
+            "generated": med([r["one"]["generated"] for r in rows])}
 
 
 def session_stats(runs):
@@ -852,6 +1006,48 @@ def render(res, out):
             summary.append(("W5 all turns, median TTFT", n, med(o), med(kv_all), "s", note))
             summary.append(("W5 peak memory", n, W["5"][n]["peak_mb"], W["5"]["kvserve"]["peak_mb"], "MB", ""))
         chart_concurrent(res, names, per, out)
+    if "S" in W:
+        names = [n for n in SERVERS if n in W["S"]]
+        st = {n: side_stats(W["S"][n]["data"]) for n in names}
+        L += [f"## Workload S: a 1-token side call while another client's cold prompt computes", "",
+              f"Client A sends a cold Claude Code-shaped request (a ~{res['args'].get('side_tokens')}-token system prompt, tools, "
+              f"max_tokens 16, streamed); {res['args'].get('side_delay', 1.0):.1f} s later client B sends a quota-check-shaped side call "
+              f"(max_tokens 1, one user message \"quota\", not streamed). Side call: B's time from sending to the whole response. "
+              f"Medians and maxima over repetitions (n, each a new conversation for A).", "",
+              "| server | side call, s: median / max (n) | A's TTFT, s: median / max | A's total, s (median) | A's prompt tokens | "
+              "A still computing its prompt when B was sent | peak memory |",
+              "|---|---|---|---|---|---|---|"]
+        for n in names:
+            x = st[n]
+            L.append(f"| {n} | {fmt(x['side'])} / {fmt(x['side_max'])} ({x['n']}) | {fmt(x['a_ttft'])} / {fmt(x['a_ttft_max'])} | "
+                     f"{fmt(x['a_total'])} | {fmt(x['a_prompt'], digits=0)} | {x['prefilling']} of {x['n']} | {fmt(W['S'][n]['peak_mb'], ' MB', 0)} |")
+        L.append("")
+        for n in names[1:]:
+            summary.append(("WS side call during a cold prompt, median", n, st[n]["side"], st["kvserve"]["side"], "s", ""))
+            summary.append(("WS side call during a cold prompt, max", n, st[n]["side_max"], st["kvserve"]["side_max"], "s", ""))
+            summary.append(("WS cold prompt TTFT beside the side call", n, st[n]["a_ttft"], st["kvserve"]["a_ttft"], "s",
+                            f"{fmt(st['kvserve']['a_prompt'], digits=0)} tokens"))
+        chart_side(res, names, st, out)
+    if "T" in W:
+        names = [n for n in SERVERS if n in W["T"]]
+        st = {n: stream_stats(W["T"][n]["data"]) for n in names}
+        k = res["args"].get("streams", 4)
+        L += [f"## Workload T: decode throughput, 1 stream and {k} streams at once", "",
+              f"Workload 4's request ({res['args']['decode_tokens']} tokens from a short prompt, greedy). 1 stream: its generated tokens "
+              f"over its time from sending to the end. {k} streams: the sum of their generated tokens over the wall time of all {k} "
+              f"(aggregate). Medians over repetitions (n).", "",
+              f"| server | 1 stream, tok/s | {k} streams, aggregate tok/s | {k} streams / 1 | tokens per stream | samples ({k} streams) | peak memory |",
+              "|---|---|---|---|---|---|---|"]
+        for n in names:
+            x = st[n]
+            L.append(f"| {n} | {fmt(x['one'])} | {fmt(x['many'])} | {ratio(x['many'], x['one'])} | {fmt(x['generated'], digits=0)} | "
+                     f"{', '.join(fmt(r['many']['tps']) for r in W['T'][n]['data'])} | {fmt(W['T'][n]['peak_mb'], ' MB', 0)} |")
+        L.append("")
+        for n in names[1:]:
+            summary.append(("WT 1 stream", n, st[n]["one"], st["kvserve"]["one"], "tok/s", ""))
+            summary.append((f"WT {k} streams, aggregate", n, st[n]["many"], st["kvserve"]["many"], "tok/s", ""))
+            summary.append(("WT peak memory", n, W["T"][n]["peak_mb"], W["T"]["kvserve"]["peak_mb"], "MB", ""))
+        chart_streams(res, names, st, out)
     noisy = [n for n in res.get("noise", []) if n.get("cores") is not None and n["cores"] >= 0.2]
     if noisy:
         L += ["## Disturbed runs", "",
@@ -865,7 +1061,7 @@ def render(res, out):
             rows.append(f"| {what} | {n} | {fmt(other, ' ' + unit, 2 if unit != 'MB' else 0)} | {fmt(kv, ' ' + unit, 2 if unit != 'MB' else 0)} | "
                         f"{lead(unit, other, kv)} | {note} |")
         L = L[:4] + head + rows + [""] + L[4:]
-    if long or "4" in W:
+    if long or any(w in W for w in ("4", "S", "T")):
         L = L[:4] + headline(res, long) + L[4:]
     if noisy:
         L = L[:4] + [f"**{len(noisy)} server run(s) shared the CPU with other processes: see Disturbed runs at the end.**", ""] + L[4:]
@@ -875,10 +1071,10 @@ def render(res, out):
 
 
 def headline(res, long):
-    """The side-by-side table (kvserve, llama.cpp, mlx-lm): workload 4's decode and workload 6's measures."""
+    """The side-by-side table (kvserve, llama.cpp, mlx-lm): workload 4's decode, workload 6's measures and workloads S and T."""
     W = res["w"]
-    names = [n for n in ("kvserve", "llama.cpp", "mlx-lm") if n in W.get("4", {}) or n in long]
-    L = ["## Headline: " + ", ".join(names), "", "Medians; '–': not run (mlx-lm's long cold prompts are opt-in, see --mlx-long-max).", "",
+    names = [n for n in ("kvserve", "llama.cpp", "mlx-lm") if n in W.get("4", {}) or n in long or n in W.get("S", {}) or n in W.get("T", {})]
+    L = ["## Headline: " + ", ".join(names), "", "Medians; '–': not run (mlx-lm's long cold prompts are opt-in, see --mlx-long-max; its side call and streams, --mlx-st).", "",
          "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
 
     def row(label, get, unit, digits=2):
@@ -893,6 +1089,15 @@ def headline(res, long):
 
     if "4" in W:
         row(f"decode, short context ({res['args']['decode_tokens']} tokens)", lambda n: med([r["decode_tps"] for r in W["4"][n]["data"]]), "tok/s")
+    if "T" in W:
+        k = res["args"].get("streams", 4)
+        row(f"decode, 1 stream, from sending ({res['args']['decode_tokens']} tokens)", lambda n: stream_stats(W["T"][n]["data"])["one"], "tok/s")
+        row(f"decode, {k} streams at once, aggregate", lambda n: stream_stats(W["T"][n]["data"])["many"], "tok/s")
+        row(f"decode, {k} streams / 1 stream", lambda n: (lambda x: x["many"] / x["one"])(stream_stats(W["T"][n]["data"])), "times", 1)
+    if "S" in W:
+        side = f"~{res['args'].get('side_tokens', 0) / 1000:.1f}K-token"
+        row(f"1-token side call during another client's cold {side} prompt, median", lambda n: side_stats(W["S"][n]["data"])["side"], "s")
+        row(f"1-token side call during another client's cold {side} prompt, max", lambda n: side_stats(W["S"][n]["data"])["side_max"], "s")
     sizes = sorted({int(k) for n in long for k in long[n]})
 
     def tokens(k):
@@ -1016,6 +1221,42 @@ def chart_concurrent(res, names, per, out):
     a.legend(fontsize=8)
     memory_bars(b, res, "5", names)
     finish(plt, fig, res, out, "workload5.png")
+
+
+def chart_side(res, names, st, out):
+    plt = plt_module()
+    if not plt:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.8 / len(names)
+    labels = ["side call, median", "side call, max", "A's TTFT, median"]
+    for i, n in enumerate(names):
+        ys = [st[n]["side"] or 0, st[n]["side_max"] or 0, st[n]["a_ttft"] or 0]
+        a.bar([x + i * width for x in range(len(labels))], ys, width, label=n, color=COLORS[n])
+    a.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(labels))], labels)
+    a.set_ylabel("seconds")
+    a.set_title(f"Workload S: 1-token side call during a cold ~{res['args'].get('side_tokens')}-token prompt", fontsize=9)
+    a.legend(fontsize=8)
+    memory_bars(b, res, "S", names)
+    finish(plt, fig, res, out, "workloadS.png")
+
+
+def chart_streams(res, names, st, out):
+    plt = plt_module()
+    if not plt:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [2, 1]})
+    k = res["args"].get("streams", 4)
+    width = 0.8 / len(names)
+    labels = ["1 stream", f"{k} streams, aggregate"]
+    for i, n in enumerate(names):
+        a.bar([x + i * width for x in range(len(labels))], [st[n]["one"] or 0, st[n]["many"] or 0], width, label=n, color=COLORS[n])
+    a.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(labels))], labels)
+    a.set_ylabel("generated tokens/s")
+    a.set_title(f"Workload T: decode {res['args']['decode_tokens']} tokens, 1 and {k} streams", fontsize=9)
+    a.legend(fontsize=8)
+    memory_bars(b, res, "T", names)
+    finish(plt, fig, res, out, "workloadT.png")
 
 
 if __name__ == "__main__":

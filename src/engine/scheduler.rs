@@ -40,8 +40,14 @@ use crate::model::Transformer;
 
 /// Seconds a prefill chunk may take while other sequences decode.
 pub const CHUNK_SECS_DECODING: f64 = 0.25;
-/// Seconds a prefill chunk may take while nothing decodes.
-pub const CHUNK_SECS_ALONE: f64 = 1.0;
+/// Seconds a prefill chunk may take while nothing decodes: a request that
+/// arrives meanwhile (a side call) waits for the chunk under way. From
+/// `KVSERVE_PROFILE=chunks cargo bench --bench decode_profile` here: at 3.3K
+/// cached tokens 128/256/512-token chunks take 1.07/1.64/3.28 s (119/156/156
+/// tok/s), so 1.5 s costs prefill little and keeps a side call under 2 s.
+pub const CHUNK_SECS_ALONE: f64 = 1.5;
+/// The first chunk, before any was measured.
+pub const FIRST_CHUNK: usize = 128;
 /// The smallest chunk but a prompt's whole rest: one more than the rows the
 /// CPU kernels take (see [`chunk_len`]).
 pub const MIN_CHUNK: usize = CPU_KERNEL_MAX_ROWS as usize + 1;
@@ -280,7 +286,7 @@ impl Scheduler {
         let secs = if decoding { CHUNK_SECS_DECODING } else { CHUNK_SECS_ALONE };
         let target = match self.prefill_tps {
             Some(tps) => (tps * secs) as usize,
-            None => self.max_chunk,
+            None => FIRST_CHUNK,
         };
         let pos = s.pos();
         let mut chunk = chunk_len(target.min(self.max_chunk), s.to_prefill());

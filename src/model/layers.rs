@@ -486,11 +486,12 @@ impl Attention {
     /// Decode rows (`x`: the normed hidden states, `[rows, hidden]`, row
     /// `i` the next token of the sequence whose cache is `kvs[i]`) entirely
     /// in memory: projections of all rows at once by kvserve's kernels,
-    /// then per row the norms and rotary embedding here (at that row's own
-    /// position), attention over its own f16 cache by
-    /// [`kernels::attn::decode_attention`] (the cache as MLX holds it, read
-    /// in place), and the row's key and value appended to its cache (an MLX
-    /// write, left lazy: the caller evaluates every layer's at once).
+    /// then the norms and rotary embedding here (each row at its own
+    /// position), attention of every row over its own f16 cache in one
+    /// [`kernels::attn::decode_attention_rows`] (the caches as MLX holds
+    /// them, read in place), and each row's key and value appended to its
+    /// cache (an MLX write, left lazy: the caller evaluates every layer's at
+    /// once).
     /// Returns the output projection, `[rows, hidden]`.
     fn decode_host(&self, x: &[f32], kvs: &mut [&mut LayerKv]) -> std::result::Result<Vec<f32>, MlxError> {
         let (h, kvh, d, rows) = (self.n_heads as usize, self.n_kv_heads as usize, self.head_dim as usize, kvs.len());
@@ -510,44 +511,50 @@ impl Attention {
                 }
             }
         }
-        let mut out = vec![0f32; rows * h * d];
-        for (i, kv) in kvs.iter_mut().enumerate() {
-            let (q, k, v) = (&mut q[i * h * d..(i + 1) * h * d], &mut k[i * kvh * d..(i + 1) * kvh * d], &v[i * kvh * d..(i + 1) * kvh * d]);
-            self.attend_row(q, k, v, kv, &mut out[i * h * d..(i + 1) * h * d])?;
-        }
-        proj(&self.o_proj, &out, "o_proj")
-    }
-
-    /// One row's rotary embedding, attention over its cache and cache write
-    /// (see [`decode_host`](Self::decode_host)).
-    fn attend_row(&self, q: &mut [f32], k: &mut [f32], v: &[f32], kv: &mut LayerKv, out: &mut [f32]) -> std::result::Result<(), MlxError> {
-        let (h, kvh, d) = (self.n_heads as usize, self.n_kv_heads as usize, self.head_dim as usize);
-        let pos = kv.offset();
-        self.rope.apply_host(q, d, pos);
-        self.rope.apply_host(k, d, pos);
+        // Each row at its own position: rotary embedding, then its key and
+        // value as the cache stores them.
         let f16 = |x: &[f32]| -> Vec<half::f16> { x.iter().map(|&v| half::f16::from_f32(v)).collect() };
-        let (k16, v16) = (f16(k), f16(v));
+        let mut new_kv = Vec::with_capacity(rows);
+        for (i, kv) in kvs.iter().enumerate() {
+            let pos = kv.offset();
+            self.rope.apply_host(&mut q[i * h * d..(i + 1) * h * d], d, pos);
+            self.rope.apply_host(&mut k[i * kvh * d..(i + 1) * kvh * d], d, pos);
+            new_kv.push((f16(&k[i * kvh * d..(i + 1) * kvh * d]), f16(&v[i * kvh * d..(i + 1) * kvh * d])));
+        }
+        let mut out = vec![0f32; rows * h * d];
         {
-            let bufs = match kv.buffers() {
-                Some((kb, vb)) => {
-                    let s = kb.shape();
-                    if s.len() != 4 || s[0] != 1 || s[1] as usize != kvh || s[3] as usize != d || vb.shape() != s {
-                        return Err(host_error(format!("a KV buffer of shape {s:?} for {kvh} heads of {d}")));
+            // Every row's cache as MLX holds it, read in place.
+            let mut bufs = Vec::with_capacity(rows);
+            for kv in kvs.iter() {
+                let pos = kv.offset() as usize;
+                bufs.push(match kv.buffers() {
+                    Some((kb, vb)) => {
+                        let s = kb.shape();
+                        if s.len() != 4 || s[0] != 1 || s[1] as usize != kvh || s[3] as usize != d || vb.shape() != s {
+                            return Err(host_error(format!("a KV buffer of shape {s:?} for {kvh} heads of {d}")));
+                        }
+                        (f16_bits(kb)?, f16_bits(vb)?, s[2] as usize, pos)
                     }
-                    Some((f16_bits(kb)?, f16_bits(vb)?, s[2] as usize))
-                }
-                None => None,
-            };
-            let (kd, vd, cap): (&[u16], &[u16], usize) = bufs.unwrap_or((&[], &[], 0));
-            let len = if cap == 0 { 0 } else { pos as usize };
-            let keys = kernels::attn::KvBuffer { data: kd, heads: kvh, capacity: cap, len, dim: d };
-            let values = kernels::attn::KvBuffer { data: vd, ..keys };
-            kernels::attn::decode_attention(q, h, &keys, &values, bytemuck::cast_slice(&k16), bytemuck::cast_slice(&v16), self.scale, out)
-                .map_err(|e| host_error(e.to_string()))?;
+                    None => (&[][..], &[][..], 0, 0),
+                });
+            }
+            let mut attn_rows: Vec<kernels::attn::Row> = bufs
+                .iter()
+                .zip(&new_kv)
+                .zip(q.chunks_exact(h * d).zip(out.chunks_exact_mut(h * d)))
+                .map(|((&(kd, vd, cap, len), (k16, v16)), (q, out))| {
+                    let keys = kernels::attn::KvBuffer { data: kd, heads: kvh, capacity: cap, len, dim: d };
+                    let values = kernels::attn::KvBuffer { data: vd, ..keys };
+                    kernels::attn::Row { q, keys, values, new_k: bytemuck::cast_slice(k16), new_v: bytemuck::cast_slice(v16), out }
+                })
+                .collect();
+            kernels::attn::decode_attention_rows(h, self.scale, &mut attn_rows).map_err(|e| host_error(e.to_string()))?;
         }
         let shape = [1, kvh as i32, 1, d as i32];
-        kv.append(Array::from_slice(&k16, &shape), Array::from_slice(&v16, &shape))?;
-        Ok(())
+        for (kv, (k16, v16)) in kvs.iter_mut().zip(&new_kv) {
+            kv.append(Array::from_slice(k16, &shape), Array::from_slice(v16, &shape))?;
+        }
+        proj(&self.o_proj, &out, "o_proj")
     }
 
     /// Attention for one decode row per sequence (`x`: `[rows, 1, hidden]`,

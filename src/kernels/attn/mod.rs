@@ -169,6 +169,26 @@ fn validate(q: &[f32], heads: usize, k: &KvBuffer, v: &KvBuffer, new_k: &[u16], 
     Ok(())
 }
 
+/// One decode row's attention (see [`decode_attention`]): its query, its
+/// own cache, its own new key and value, and where its output goes.
+pub struct Row<'a> {
+    pub q: &'a [f32],
+    pub keys: KvBuffer<'a>,
+    pub values: KvBuffer<'a>,
+    pub new_k: &'a [u16],
+    pub new_v: &'a [u16],
+    pub out: &'a mut [f32],
+}
+
+/// [`decode_attention`] for several rows, each over its own cache (the
+/// sequences of a batched decode step), in one hand-out to the thread
+/// pool: each row's result is the same as alone (the same blocks, merged
+/// the same way), and short caches that one row would not split across
+/// threads are split across rows.
+pub fn decode_attention_rows(heads: usize, scale: f32, rows: &mut [Row]) -> Result<(), AttnError> {
+    rows_with(prims(), heads, scale, rows)
+}
+
 #[allow(clippy::too_many_arguments)]
 fn decode_attention_with(
     p: Prims,
@@ -181,41 +201,60 @@ fn decode_attention_with(
     scale: f32,
     out: &mut [f32],
 ) -> Result<(), AttnError> {
-    validate(q, heads, keys, values, new_k, new_v, out)?;
-    let (kvh, d, t) = (keys.heads, keys.dim, keys.len);
-    let g = heads / kvh;
-    // Blocks per KV head; the last also takes the row's own token.
-    let blocks = t.div_ceil(BLOCK).max(1);
-    let partials: Vec<Mutex<Option<Partial>>> = (0..kvh * blocks).map(|_| Mutex::new(None)).collect();
+    rows_with(p, heads, scale, &mut [Row { q, keys: *keys, values: *values, new_k, new_v, out }])
+}
+
+fn rows_with(p: Prims, heads: usize, scale: f32, rows: &mut [Row]) -> Result<(), AttnError> {
+    for r in rows.iter() {
+        validate(r.q, heads, &r.keys, &r.values, r.new_k, r.new_v, r.out)?;
+    }
+    // Row i's blocks are work items first[i] .. first[i + 1], KV head major;
+    // each KV head's last block also takes the row's own token.
+    let blocks: Vec<usize> = rows.iter().map(|r| r.keys.len.div_ceil(BLOCK).max(1)).collect();
+    let mut first = vec![0usize];
+    for (r, b) in rows.iter().zip(&blocks) {
+        first.push(first.last().copied().unwrap_or(0) + r.keys.heads * b);
+    }
+    let chunks = *first.last().unwrap_or(&0);
+    let partials: Vec<Mutex<Option<Partial>>> = (0..chunks).map(|_| Mutex::new(None)).collect();
     let run = |c: usize| {
-        let (h, b) = (c / blocks, c % blocks);
+        let i = first.partition_point(|&f| f <= c) - 1;
+        let (r, nb) = (&rows[i], blocks[i]);
+        let (kvh, d, t) = (r.keys.heads, r.keys.dim, r.keys.len);
+        let g = heads / kvh;
+        let (h, b) = ((c - first[i]) / nb, (c - first[i]) % nb);
         let (j0, j1) = (b * BLOCK, ((b + 1) * BLOCK).min(t));
-        let qg = &q[h * g * d..(h + 1) * g * d];
-        let own = (b + 1 == blocks).then(|| (&new_k[h * d..(h + 1) * d], &new_v[h * d..(h + 1) * d]));
-        *partials[c].lock() = Some(block(p, qg, g, d, scale, keys.rows(h, j0, j1), values.rows(h, j0, j1), own));
+        let qg = &r.q[h * g * d..(h + 1) * g * d];
+        let own = (b + 1 == nb).then(|| (&r.new_k[h * d..(h + 1) * d], &r.new_v[h * d..(h + 1) * d]));
+        *partials[c].lock() = Some(block(p, qg, g, d, scale, r.keys.rows(h, j0, j1), r.values.rows(h, j0, j1), own));
     };
-    let chunks = kvh * blocks;
-    let parallel = chunks > 1 && t * kvh >= PARALLEL_MIN && Pool::global(super::qmv::MAX_THREADS).threads() > 1;
-    if !(parallel && Pool::global(super::qmv::MAX_THREADS).run(chunks, &run)) {
+    let work: usize = rows.iter().map(|r| r.keys.len * r.keys.heads).sum();
+    let pool = Pool::global(super::qmv::MAX_THREADS);
+    let parallel = chunks > 1 && work >= PARALLEL_MIN && pool.threads() > 1;
+    if !(parallel && pool.run(chunks, &run)) {
         (0..chunks).for_each(run);
     }
-    // Merge each head group's blocks.
-    for h in 0..kvh {
-        let parts: Vec<Partial> = (0..blocks).filter_map(|b| partials[h * blocks + b].lock().take()).collect();
-        for r in 0..g {
-            let m = parts.iter().map(|pt| pt.max[r]).fold(f32::NEG_INFINITY, f32::max);
-            let o = &mut out[(h * g + r) * d..(h * g + r + 1) * d];
-            o.fill(0.0);
-            let mut total = 0f32;
-            for pt in &parts {
-                let w = crate::kernels::exp_nonpositive(pt.max[r] - m);
-                total += w * pt.sum[r];
-                for (x, a) in o.iter_mut().zip(&pt.acc[r * d..(r + 1) * d]) {
-                    *x += w * a;
+    // Merge each row's head groups' blocks.
+    for (i, r) in rows.iter_mut().enumerate() {
+        let (kvh, d, nb) = (r.keys.heads, r.keys.dim, blocks[i]);
+        let g = heads / kvh;
+        for h in 0..kvh {
+            let parts: Vec<Partial> = (0..nb).filter_map(|b| partials[first[i] + h * nb + b].lock().take()).collect();
+            for q in 0..g {
+                let m = parts.iter().map(|pt| pt.max[q]).fold(f32::NEG_INFINITY, f32::max);
+                let o = &mut r.out[(h * g + q) * d..(h * g + q + 1) * d];
+                o.fill(0.0);
+                let mut total = 0f32;
+                for pt in &parts {
+                    let w = crate::kernels::exp_nonpositive(pt.max[q] - m);
+                    total += w * pt.sum[q];
+                    for (x, a) in o.iter_mut().zip(&pt.acc[q * d..(q + 1) * d]) {
+                        *x += w * a;
+                    }
                 }
+                let inv = 1.0 / total;
+                o.iter_mut().for_each(|x| *x *= inv);
             }
-            let inv = 1.0 / total;
-            o.iter_mut().for_each(|x| *x *= inv);
         }
     }
     Ok(())

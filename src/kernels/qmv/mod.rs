@@ -17,19 +17,30 @@ mod scalar;
 
 /// For the SIMD files: calls `$kernel::<$bits, M>` with the const `M` equal to `job.m`.
 macro_rules! by_m {
-    ($kernel:ident, $bits:literal, $job:expr, $r0:expr, $out:expr) => {
-        match $job.m {
-            1 => $kernel::<$bits, 1>($job, $r0, $out),
-            2 => $kernel::<$bits, 2>($job, $r0, $out),
-            3 => $kernel::<$bits, 3>($job, $r0, $out),
-            4 => $kernel::<$bits, 4>($job, $r0, $out),
-            5 => $kernel::<$bits, 5>($job, $r0, $out),
-            6 => $kernel::<$bits, 6>($job, $r0, $out),
-            7 => $kernel::<$bits, 7>($job, $r0, $out),
-            8 => $kernel::<$bits, 8>($job, $r0, $out),
+    ($kernel:ident, $bits:literal, $job:expr, $r0:expr, $out:expr) => {{
+        let job: &Job = $job;
+        match job.m {
+            1 => $kernel::<$bits, 1>(job, $r0, $out),
+            2 => $kernel::<$bits, 2>(job, $r0, $out),
+            3 => $kernel::<$bits, 3>(job, $r0, $out),
+            4 => $kernel::<$bits, 4>(job, $r0, $out),
+            // Four rows, then the rest: every row's sums are computed the
+            // same way whatever M is, with the accumulators in registers.
+            m @ 5..=8 => {
+                let cols = job.w.cols;
+                let (head, tail) = $out.split_at_mut(4);
+                $kernel::<$bits, 4>(&Job { w: job.w, x: &job.x[..4 * cols], m: 4 }, $r0, head);
+                let rest = Job { w: job.w, x: &job.x[4 * cols..], m: m - 4 };
+                match m - 4 {
+                    1 => $kernel::<$bits, 1>(&rest, $r0, tail),
+                    2 => $kernel::<$bits, 2>(&rest, $r0, tail),
+                    3 => $kernel::<$bits, 3>(&rest, $r0, tail),
+                    _ => $kernel::<$bits, 4>(&rest, $r0, tail),
+                }
+            }
             m => unreachable!("m = {m} passed validation"),
         }
-    };
+    }};
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -205,6 +205,35 @@ fn simd_paths_match_scalar() {
     assert!(worst < 1e-12, "normalized squared error {worst:e}");
 }
 
+/// Each activation row's products are bit for bit the same whatever rows
+/// share the call: a sequence decoded beside others in one batch (the
+/// scheduler's batched step) gets exactly what it gets alone.
+#[test]
+fn each_row_is_the_same_alone_or_beside_others() {
+    let mut rng = Rng(7);
+    for (bits, g, rows, cols) in shapes() {
+        let owned = Owned::random(&mut rng, rows, cols, g, bits);
+        let w = owned.view();
+        let x: Vec<f32> = (0..MAX_M * cols).map(|_| rng.f32()).collect();
+        let alone: Vec<Vec<f32>> = x
+            .chunks_exact(cols)
+            .map(|row| {
+                let mut y = vec![f32::NAN; rows];
+                qmv(&w, row, 1, &mut y).unwrap();
+                y
+            })
+            .collect();
+        for m in 2..=MAX_M {
+            let mut y = vec![f32::NAN; m * rows];
+            qmv(&w, &x[..m * cols], m, &mut y).unwrap();
+            for (j, (got, want)) in y.chunks_exact(rows).zip(&alone).enumerate() {
+                let same = got.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{bits}-bit g{g} {rows}x{cols}: row {j} of {m} differs from the row alone");
+            }
+        }
+    }
+}
+
 /// 16-bit scales and biases: widened exactly, so the same values stored as
 /// f32 give the same products on every path.
 #[test]

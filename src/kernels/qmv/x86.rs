@@ -120,10 +120,11 @@ unsafe fn block_avx512<const BITS: usize>(
 }
 
 /// Columns in pairs of 32-column blocks (a pair may span two groups when
-/// g = 32). Up to M = 2, four accumulators per activation row, so the FMA
-/// chains (4-cycle latency) do not limit the one-row case; above that, two
-/// per row (the rows themselves give the parallelism, and 4 x 8 would not
-/// fit the 32 registers).
+/// g = 32). Four accumulators per activation row, so the FMA chains
+/// (4-cycle latency) do not limit the one-row case; the same four for
+/// every M (`by_m!` runs more than four rows as two calls), so each row's
+/// sums are the same bits whatever rows share the call (a sequence decoded
+/// in a batch gets exactly what it gets alone).
 ///
 /// # Safety
 /// AVX-512F must be available, and `check(job, r0, out)` must hold with `job.m == M`.
@@ -164,13 +165,12 @@ unsafe fn kernel_avx512<const BITS: usize, const M: usize>(job: &Job, r0: usize,
             let (lut1, sv1, bv1) = if g == 32 { consts(k + 1) } else { (lut0, sv0, bv0) };
             let (w0, w1) = block_avx512::<BITS>(row, 32 * k, lut0, sv0, bv0);
             let (w2, w3) = block_avx512::<BITS>(row, 32 * k + 32, lut1, sv1, bv1);
-            let (a, b) = if M <= 2 { (2, 3) } else { (0, 1) };
             for j in 0..M {
                 let xj = x.add(j * cols + 32 * k);
                 acc[0][j] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xj), acc[0][j]);
                 acc[1][j] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xj.add(16)), acc[1][j]);
-                acc[a][j] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xj.add(32)), acc[a][j]);
-                acc[b][j] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xj.add(48)), acc[b][j]);
+                acc[2][j] = _mm512_fmadd_ps(w2, _mm512_loadu_ps(xj.add(32)), acc[2][j]);
+                acc[3][j] = _mm512_fmadd_ps(w3, _mm512_loadu_ps(xj.add(48)), acc[3][j]);
             }
             k += 2;
         }
@@ -238,13 +238,10 @@ unsafe fn kernel_avx2<const BITS: usize, const M: usize>(job: &Job, r0: usize, o
     let packed = w.packed.as_ptr() as *const u8;
     let x = job.x.as_ptr();
     let (mut sbuf, mut bbuf) = (vec![0.0f32; groups], vec![0.0f32; groups]);
-    let (a1, a2, a3) = if M <= 2 {
-        (1, 2, 3)
-    } else if M <= 4 {
-        (1, 0, 1)
-    } else {
-        (0, 0, 0)
-    };
+    // Four accumulators per row for every M, as in `kernel_avx512` (rows
+    // identical whatever shares the call; past M = 3 some live in memory:
+    // AVX2 has 16 registers).
+    let (a1, a2, a3) = (1, 2, 3);
     for i in 0..out[0].len() {
         let r = r0 + i;
         let s = widen_avx2(&w.scales, r, groups, &mut sbuf);
