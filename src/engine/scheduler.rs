@@ -53,7 +53,7 @@ pub const FIRST_CHUNK: usize = 128;
 pub const MIN_CHUNK: usize = CPU_KERNEL_MAX_ROWS as usize + 1;
 /// A waiting request waits for a running one's prefix only when that saves
 /// at least this many tokens over what the cache already serves.
-pub const MIN_SHARED_PREFIX: usize = 256;
+pub const MIN_SHARED_PREFIX: usize = 32;
 
 pub(super) struct Scheduler {
     model: Transformer,
