@@ -110,11 +110,26 @@ fn chunk_table(model: &kvserve::model::Transformer, prompt: &[u32]) {
     // A warm turn: a few new tokens computed on top of a long cached prefix.
     println!("\nnew tokens on top of a cached prefix (random f16 keys/values), best of 3:");
     println!("| cached tokens | new tokens | ms |\n|---|---|---|");
-    for ctx in [3300, 12_000] {
-        for n in [16usize, 32, 33, 64, 128, 256, 512] {
+    // KVSERVE_PROFILE_CHUNK=N: only N new tokens on 12K, 6 times (for a profiler).
+    let only: Option<usize> = std::env::var("KVSERVE_PROFILE_CHUNK").ok().and_then(|v| v.parse().ok());
+    let (contexts, sizes): (&[i32], Vec<usize>) = match only {
+        Some(n) => (&[12_000], vec![n; 2]),
+        None => (&[3300, 12_000], vec![16, 32, 33, 64, 128, 256, 512]),
+    };
+    let cfg = &model.config;
+    for &ctx in contexts {
+        let base = random_cache(model, ctx);
+        for n in sizes.iter().copied() {
             let mut best = f64::MAX;
-            for _ in 0..3 {
-                let mut cache = random_cache(model, ctx);
+            for _ in 0..if only.is_some() { 6 } else { 3 } {
+                // A copy of the cached prefix, with room for the new tokens
+                // made before the clock starts (as the engine reserves a
+                // prompt's room when it takes the request).
+                let mut cache: Vec<LayerKv> = base.iter().map(LayerKv::snapshot).collect();
+                for l in &mut cache {
+                    l.reserve(ctx + n as i32, cfg.num_kv_heads, cfg.head_dim).unwrap();
+                }
+                mlx_rs::transforms::eval(cache.iter().flat_map(LayerKv::arrays)).unwrap();
                 let ids: Vec<u32> = prompt.iter().copied().cycle().take(n).collect();
                 let t = Instant::now();
                 prefill(model, &mut cache, &ids, 512).unwrap().eval().unwrap();

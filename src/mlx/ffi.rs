@@ -121,6 +121,48 @@ pub(super) unsafe fn with_f32_data_mut<R>(a: &mlx_rs::Array, f: impl FnOnce(&mut
     Ok(f(data))
 }
 
+/// Frees the `Vec<f32>` behind an array made by [`array_from_vec`].
+extern "C" fn drop_f32_vec(payload: *mut c_void) {
+    // SAFETY: `payload` is the `Box<Vec<f32>>` leaked by `array_from_vec`;
+    // MLX calls this once, when the array's buffer is released.
+    drop(unsafe { Box::from_raw(payload as *mut Vec<f32>) });
+}
+
+/// An f32 array of `shape` over `data` without copying it: MLX reads the
+/// vector's buffer in place and frees the vector when the array's buffer
+/// is released (for a dequantized weight matrix, a copy would cost as much
+/// as making it).
+#[track_caller]
+pub(super) fn array_from_vec(data: Vec<f32>, shape: &[i32]) -> Result<mlx_rs::Array, MlxError> {
+    let n: i64 = shape.iter().map(|&d| d as i64).product();
+    if shape.iter().any(|&d| d < 0) || n != data.len() as i64 {
+        return Err(MlxError { message: format!("{} values for shape {shape:?}", data.len()), location: Location::caller() });
+    }
+    let mut boxed = Box::new(data);
+    let ptr = boxed.as_mut_ptr() as *mut c_void;
+    let payload = Box::into_raw(boxed) as *mut c_void;
+    // SAFETY: `ptr` is the vector's buffer of `n` f32 values, alive until MLX
+    // calls `drop_f32_vec(payload)`; the vector is not touched meanwhile (it
+    // is owned by the leaked box). `shape` outlives the call.
+    let raw = unsafe {
+        mlx_sys::mlx_array_new_data_managed_payload(
+            ptr,
+            shape.as_ptr(),
+            shape.len() as c_int,
+            mlx_sys::mlx_dtype__MLX_FLOAT32,
+            payload,
+            Some(drop_f32_vec),
+        )
+    };
+    if raw.ctx.is_null() {
+        // SAFETY: MLX did not take the payload.
+        drop(unsafe { Box::from_raw(payload as *mut Vec<f32>) });
+        return Err(MlxError { message: "MLX could not make an array over the buffer".into(), location: Location::caller() });
+    }
+    // SAFETY: a fresh mlx_array the Array now owns (and frees).
+    Ok(unsafe { mlx_rs::Array::from_ptr(raw) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

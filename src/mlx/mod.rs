@@ -65,6 +65,12 @@ pub fn matmul_in_place<R>(a: &Array, b: &Array, f: impl FnOnce(&mut [f32]) -> R)
     Ok((product, r))
 }
 
+/// An f32 array of `shape` over `data`, not copied (MLX frees it with the array).
+#[track_caller]
+pub fn array_from_vec(data: Vec<f32>, shape: &[i32]) -> Result<Array> {
+    ffi::array_from_vec(data, shape)
+}
+
 /// Bytes MLX holds in live arrays.
 pub fn active_memory() -> Result<usize> {
     Ok(mlx_rs::memory::active_memory()?)

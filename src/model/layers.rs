@@ -230,9 +230,25 @@ fn quantized_forward(q: &QuantizedMatrix, x: &Array, on_cpu: bool) -> std::resul
         }
     }
     if on_cpu && rows(x) >= CPU_DEQUANT_MIN_ROWS {
-        return Ok(x.matmul(q.dequantize()?.t())?);
+        return Ok(x.matmul(dense_host(q)?.t())?);
     }
     q.matmul(x)
+}
+
+/// The dense matrix `q` stands for, for a BLAS product: dequantized by
+/// kvserve's kernel into memory MLX then reads in place (MLX's CPU
+/// `dequantize` is several times slower); MLX's own where the kernel does
+/// not apply. The same values either way (`q * scale + bias` in f32).
+fn dense_host(q: &QuantizedMatrix) -> std::result::Result<Array, MlxError> {
+    if cpu_kernels_enabled() {
+        if let Some(w) = quant_matrix(q) {
+            let mut out = vec![0f32; w.rows * w.cols];
+            if kernels::dequantize(&w, &mut out).is_ok() {
+                return crate::mlx::array_from_vec(out, &[w.rows as i32, w.cols as i32]);
+            }
+        }
+    }
+    q.dequantize()
 }
 
 /// The CPU kernels are on unless `KVSERVE_KERNELS=mlx` (MLX's own, to compare).

@@ -252,6 +252,40 @@ pub fn qmv(w: &QuantMatrix, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), Ke
     Ok(())
 }
 
+/// The dense `[rows, cols]` f32 matrix `w` stands for (`q * scale + bias`),
+/// into `out`, rows split across the thread pool: for the CPU prefill's
+/// BLAS products, where MLX's own CPU `dequantize` (built of generic copy
+/// and shift ops, on one thread) took about a quarter of a second per
+/// prompt chunk for SmolLM2's matrices here.
+pub fn dequantize(w: &QuantMatrix, out: &mut [f32]) -> Result<(), KernelError> {
+    validate(w, &vec![0.0; w.cols], 1, &vec![0.0; w.rows])?;
+    let n = w.rows.checked_mul(w.cols).ok_or(KernelError::Overflow { rows: w.rows, cols: w.cols })?;
+    if out.len() != n {
+        return Err(KernelError::Length { what: "out", expected: n, got: out.len(), rows: w.rows, cols: w.cols, m: 1 });
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let simd = selected().isa != Isa::Scalar;
+    let rows_fn = |r0: usize, part: &mut [f32]| {
+        #[cfg(target_arch = "x86_64")]
+        if simd && x86::dequant_rows_avx2(w, r0, part).is_some() {
+            return;
+        }
+        let _ = simd;
+        scalar::dequant_rows(w, r0, part);
+    };
+    // Pieces of at least 16 rows, several per thread.
+    let pool = Pool::global(MAX_THREADS);
+    let chunk = w.rows.div_ceil((4 * pool.threads()).clamp(1, w.rows.div_ceil(16)));
+    let parts: Vec<Mutex<&mut [f32]>> = out.chunks_mut(chunk * w.cols).map(Mutex::new).collect();
+    let run = |p: usize| rows_fn(p * chunk, &mut parts[p].lock().unwrap_or_else(|e| e.into_inner()));
+    if !(parts.len() > 1 && pool.threads() > 1 && pool.run(parts.len(), &run)) {
+        (0..parts.len()).for_each(run);
+    }
+    Ok(())
+}
+
 /// [`qmv`] on the scalar reference, single-threaded.
 pub fn qmv_scalar(w: &QuantMatrix, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), KernelError> {
     qmv_with(Isa::Scalar, 1, w, x, m, y)

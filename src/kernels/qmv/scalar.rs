@@ -31,3 +31,15 @@ pub(crate) fn rows(job: &Job, r0: usize, out: &mut [&mut [f32]]) {
         }
     }
 }
+
+/// Rows `r0 .. r0 + out.len() / cols` of the dense matrix, in natural order.
+pub(crate) fn dequant_rows(w: &QuantMatrix, r0: usize, out: &mut [f32]) {
+    let (cols, g) = (w.cols, w.group_size);
+    let groups = cols / g;
+    for (i, row) in out.chunks_exact_mut(cols).enumerate() {
+        let r = r0 + i;
+        for (c, o) in row.iter_mut().enumerate() {
+            *o = q_at(w, r, c) as f32 * w.scales.get(r * groups + c / g) + w.biases.get(r * groups + c / g);
+        }
+    }
+}

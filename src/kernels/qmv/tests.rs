@@ -205,6 +205,29 @@ fn simd_paths_match_scalar() {
     assert!(worst < 1e-12, "normalized squared error {worst:e}");
 }
 
+/// The whole-matrix dequantization (for BLAS prefill) gives the reference's
+/// values on every shape (FMA against a separate multiply and add: within
+/// one rounding), and refuses a wrong output length.
+#[test]
+fn dequantize_matches_the_reference() {
+    let mut rng = Rng(11);
+    for (bits, g, rows, cols) in shapes() {
+        let owned = Owned::random(&mut rng, rows, cols, g, bits);
+        let w = owned.view();
+        let mut want = vec![0f32; rows * cols];
+        super::scalar::dequant_rows(&w, 0, &mut want);
+        let mut got = vec![f32::NAN; rows * cols];
+        super::dequantize(&w, &mut got).unwrap();
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            // Values are below 2 in size: one rounding of the terms is under 1e-6.
+            assert!((a - b).abs() <= 1e-6, "{bits}-bit g{g} {rows}x{cols} [{i}]: {a} vs {b}");
+        }
+        let dense = dense_f64(&w);
+        assert!(want.iter().zip(&dense).all(|(a, b)| (*a as f64 - b).abs() <= 1e-6), "{bits}-bit g{g} {rows}x{cols}: reference");
+        assert!(super::dequantize(&w, &mut got[1..]).is_err());
+    }
+}
+
 /// Each activation row's products are bit for bit the same whatever rows
 /// share the call: a sequence decoded beside others in one batch (the
 /// scheduler's batched step) gets exactly what it gets alone.

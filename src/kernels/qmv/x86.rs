@@ -268,3 +268,59 @@ unsafe fn kernel_avx2<const BITS: usize, const M: usize>(job: &Job, r0: usize, o
         }
     }
 }
+
+/// Rows `r0 .. r0 + out.len() / cols` of the dense matrix (`q * scale +
+/// bias`, one FMA as the products' kernels compute it), in natural order:
+/// each packed word is broadcast and shifted lane by lane to its values.
+/// `None` when this CPU lacks AVX2, FMA and F16C.
+pub(super) fn dequant_rows_avx2(w: &super::QuantMatrix, r0: usize, out: &mut [f32]) -> Option<()> {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")) {
+        return None;
+    }
+    let (cols, g, bits) = (w.cols, w.group_size, w.bits as usize);
+    assert!(matches!(bits, 4 | 8) && cols % g == 0 && g % 32 == 0 && out.len() % cols == 0);
+    let rows = out.len() / cols;
+    assert!(r0 + rows <= w.rows && w.packed.len() == w.rows * cols * bits / 32);
+    assert!(w.scales.len() == w.rows * (cols / g) && w.biases.len() == w.rows * (cols / g));
+    // SAFETY: AVX2, FMA and F16C were detected above; the asserts bound
+    // every read of `packed` (row r < rows holds cols * bits / 32 words)
+    // and every write of `out` (rows * cols values).
+    unsafe { dequant_avx2(w, r0, rows, out) };
+    Some(())
+}
+
+/// # Safety
+/// AVX2, FMA and F16C; the shapes `dequant_rows_avx2` asserts.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dequant_avx2(w: &super::QuantMatrix, r0: usize, rows: usize, out: &mut [f32]) {
+    let (cols, g, bits) = (w.cols, w.group_size, w.bits as usize);
+    let groups = cols / g;
+    let words = cols * bits / 32;
+    let (mut sbuf, mut bbuf) = (vec![0.0f32; groups], vec![0.0f32; groups]);
+    let (shifts, mask) = if bits == 4 {
+        (_mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28), _mm256_set1_epi32(0xF))
+    } else {
+        (_mm256_setr_epi32(0, 8, 16, 24, 0, 8, 16, 24), _mm256_set1_epi32(0xFF))
+    };
+    for i in 0..rows {
+        let r = r0 + i;
+        let s = widen_avx2(&w.scales, r, groups, &mut sbuf);
+        let b = widen_avx2(&w.biases, r, groups, &mut bbuf);
+        let packed = w.packed.as_ptr().add(r * words);
+        let dst = out.as_mut_ptr().add(i * cols);
+        // 8 values per step: one word of 4-bit values, two of 8-bit.
+        let mut c = 0;
+        while c < cols {
+            let (sv, bv) = (_mm256_set1_ps(s[c / g]), _mm256_set1_ps(b[c / g]));
+            let v = if bits == 4 {
+                _mm256_set1_epi32(*packed.add(c / 8) as i32)
+            } else {
+                let (lo, hi) = (*packed.add(c / 4) as i32, *packed.add(c / 4 + 1) as i32);
+                _mm256_setr_epi32(lo, lo, lo, lo, hi, hi, hi, hi)
+            };
+            let q = _mm256_and_si256(_mm256_srlv_epi32(v, shifts), mask);
+            _mm256_storeu_ps(dst.add(c), _mm256_fmadd_ps(_mm256_cvtepi32_ps(q), sv, bv));
+            c += 8;
+        }
+    }
+}
