@@ -43,9 +43,10 @@ pub const CHUNK_SECS_DECODING: f64 = 0.25;
 /// Seconds a prefill chunk may take while nothing decodes: a request that
 /// arrives meanwhile (a side call) waits for the chunk under way. From
 /// `KVSERVE_PROFILE=chunks cargo bench --bench decode_profile` here: at 3.3K
-/// cached tokens 128/256/512-token chunks take 1.07/1.64/3.28 s (119/156/156
-/// tok/s), so 1.5 s costs prefill little and keeps a side call under 2 s.
-pub const CHUNK_SECS_ALONE: f64 = 1.5;
+/// cached tokens 128/256/512-token chunks take 0.80/1.26/2.94 s (160/203/174
+/// tok/s), at 12K 1.9/3.4/7.1 s (67/74/72 tok/s); so 1.2 s costs a cold
+/// prompt little and keeps a side call's wait well under 2 s.
+pub const CHUNK_SECS_ALONE: f64 = 1.2;
 /// The first chunk, before any was measured.
 pub const FIRST_CHUNK: usize = 128;
 /// The smallest chunk but a prompt's whole rest: one more than the rows the
