@@ -82,6 +82,7 @@ pub fn run(model: &str) -> bool {
         queue: 4,
         prefill_chunk: 512,
         parallel: 4,
+        kv_bits: None,
         context_override: None,
     };
     let engine = match Engine::start(cfg) {

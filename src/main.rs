@@ -162,6 +162,11 @@ struct ServeArgs {
     /// Requests computed at once (their decode steps batched); more wait in the queue.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=64))]
     parallel: u16,
+    /// Keep prompt-cache snapshots quantized to 8 (or 4) bits, as mlx-lm's
+    /// quantized KV cache: about half (a quarter) of f16's memory, unpacked
+    /// to f16 when a request reads one.
+    #[arg(long, value_parser = parse_kv_bits)]
+    kv_bits: Option<u8>,
     /// Requests that may wait for the engine beyond those running; more get 429 / 529.
     #[arg(long, default_value_t = 32)]
     queue: usize,
@@ -185,6 +190,14 @@ struct ServeArgs {
     /// Also trace request bodies and response text (API keys are redacted).
     #[arg(long)]
     trace_bodies: bool,
+}
+
+fn parse_kv_bits(s: &str) -> Result<u8, String> {
+    match s.trim() {
+        "8" => Ok(8),
+        "4" => Ok(4),
+        other => Err(format!("'{other}': --kv-bits takes 8 or 4")),
+    }
 }
 
 /// "4G", "512M", "64K" or a plain number of bytes.
@@ -258,6 +271,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         queue: args.queue,
         prefill_chunk: args.prefill_chunk,
         parallel: args.parallel as usize,
+        kv_bits: args.kv_bits,
         context_override: args.context,
     };
     let t0 = std::time::Instant::now();

@@ -16,6 +16,10 @@ use kvserve::engine::worker::{Engine, EngineConfig};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
 fn engine(parallel: usize) -> Engine {
+    engine_with(parallel, None)
+}
+
+fn engine_with(parallel: usize, kv_bits: Option<u8>) -> Engine {
     Engine::start(EngineConfig {
         model: common::smollm2_dir().to_string_lossy().into_owned(),
         cache_bytes: 1 << 30,
@@ -23,6 +27,7 @@ fn engine(parallel: usize) -> Engine {
         queue: 64,
         prefill_chunk: 512,
         parallel,
+        kv_bits,
         context_override: None,
     })
     .expect("the engine starts (run `make model` first)")
@@ -177,4 +182,28 @@ fn a_client_that_leaves_is_out_of_the_batch_within_a_step_and_the_others_are_und
         text += &rest.text;
         assert_eq!((&text, rest.tokens, rest.finish), (&want.text, want.tokens, want.finish), "a request beside the one that left");
     }
+}
+
+/// `--kv-bits 8`: snapshots are kept packed and unpacked when a request
+/// reads one; the next turn of a conversation reads its prefix from it and
+/// answers as with f16 snapshots, and the cache holds about half the bytes.
+#[test]
+fn packed_snapshots_serve_the_next_turn() {
+    let story = "The lighthouse keeper climbed the stairs every evening and lit the lamp. ".repeat(12);
+    let turns = [format!("{story}\nWhat did the keeper do?"), format!("{story}\nWhat did the keeper do? Answer in one word.")];
+    let run = |kv_bits: Option<u8>| {
+        let e = engine_with(2, kv_bits);
+        let answers: Vec<(Answer, PromptUsage)> = turns.iter().map(|q| collect(&mut submit(&e, &prompt(&e, q), 24, true))).collect();
+        (answers, e.cache_stats())
+    };
+    let (f16, f16_stats) = run(None);
+    let (packed, packed_stats) = run(Some(8));
+    assert!(packed[1].1.cache_read > 100, "the second turn read its prefix: {:?}", packed[1].1);
+    assert_eq!(packed[1].1, f16[1].1, "the same usage numbers");
+    for (p, f) in packed.iter().zip(&f16) {
+        assert_eq!(p.0, f.0, "the same answers from packed snapshots");
+    }
+    let ratio = packed_stats.bytes as f64 / f16_stats.bytes as f64;
+    eprintln!("--kv-bits 8: {} bytes cached against {} with f16 ({ratio:.2})", packed_stats.bytes, f16_stats.bytes);
+    assert!(ratio > 0.2 && ratio < 0.6, "{ratio}");
 }

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::cache::kv::{new_cache, LayerKv};
+use crate::cache::kv::{new_cache, LayerKv, PackedKv};
+use crate::mlx::MlxError;
 use crate::cache::prefix::{CacheStats, Cached, EntryId, PrefixCache};
 use crate::cache::store::{self, Store};
 
@@ -20,10 +21,41 @@ use crate::cache::store::{self, Store};
 pub const TAKE_OVER_SLACK: usize = 8;
 pub const TAKE_OVER_TAIL: usize = 4096;
 
+/// A snapshot's state in memory: as computed (f16), or packed (`--kv-bits`).
+pub(super) enum Kept {
+    Full(Vec<LayerKv>),
+    Packed(Vec<Option<PackedKv>>),
+}
+
+impl Kept {
+    fn nbytes(&self) -> usize {
+        match self {
+            Kept::Full(l) => l.iter().map(LayerKv::nbytes).sum(),
+            Kept::Packed(p) => p.iter().flatten().map(PackedKv::nbytes).sum(),
+        }
+    }
+
+    /// As layers to compute on or to save (packed ones unpacked, lazily;
+    /// full ones as references, copied on write).
+    fn layers(&self) -> Result<Vec<LayerKv>, MlxError> {
+        match self {
+            Kept::Full(l) => Ok(l.iter().map(LayerKv::snapshot).collect()),
+            Kept::Packed(p) => p.iter().map(|l| l.as_ref().map_or(Ok(LayerKv::new()), PackedKv::unpack)).collect(),
+        }
+    }
+
+    fn into_layers(self) -> Result<Vec<LayerKv>, MlxError> {
+        match self {
+            Kept::Full(l) => Ok(l),
+            packed => packed.layers(),
+        }
+    }
+}
+
 /// A KV snapshot in the prefix cache: in memory, on disk, or both.
 #[derive(Clone)]
 pub(super) struct Snapshot {
-    layers: Option<Rc<Vec<LayerKv>>>,
+    layers: Option<Rc<Kept>>,
     file: Option<PathBuf>,
     /// How many of its tokens were the request's prompt (the rest is the
     /// answer); 0 when unknown (read from disk).
@@ -32,7 +64,7 @@ pub(super) struct Snapshot {
 
 impl Cached for Snapshot {
     fn bytes(&self) -> usize {
-        self.layers.as_ref().map_or(0, |l| l.iter().map(LayerKv::nbytes).sum())
+        self.layers.as_ref().map_or(0, |k| k.nbytes())
     }
     fn demote(&self) -> Option<Self> {
         self.file.as_ref().map(|f| Snapshot { layers: None, file: Some(f.clone()), prompt_len: self.prompt_len })
@@ -81,6 +113,8 @@ pub(super) struct CachePolicy {
     pub store: Option<Store>,
     stats: Arc<Mutex<CacheStats>>,
     layers: usize,
+    /// Keep snapshots quantized to this many bits (`--kv-bits`).
+    kv_bits: Option<i32>,
     /// Entries kept in memory and not yet written to disk (newest last).
     unsaved: Vec<EntryId>,
     /// Files of entries taken out of the index; deleted once a newer snapshot is on disk.
@@ -90,7 +124,16 @@ pub(super) struct CachePolicy {
 impl CachePolicy {
     /// An empty cache of `budget` bytes; with `dir`, snapshots of the model
     /// at `model_path` persist there and those already there are indexed.
-    pub fn open(budget: usize, dir: Option<&Path>, model_path: &Path, template: Option<&str>, layers: usize, stats: Arc<Mutex<CacheStats>>) -> Self {
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        budget: usize,
+        dir: Option<&Path>,
+        model_path: &Path,
+        template: Option<&str>,
+        layers: usize,
+        kv_bits: Option<i32>,
+        stats: Arc<Mutex<CacheStats>>,
+    ) -> Self {
         let mut cache = PrefixCache::new(budget);
         let store = dir.and_then(|dir| {
             let fp = store::fingerprint(&model_files(model_path), template);
@@ -109,7 +152,7 @@ impl CachePolicy {
             cache.take_removed();
             tracing::info!("prompt cache: {n} snapshots found in {}", s.dir.display());
         }
-        let p = CachePolicy { cache, store, stats, layers, unsaved: vec![], obsolete: vec![] };
+        let p = CachePolicy { cache, store, stats, layers, kv_bits, unsaved: vec![], obsolete: vec![] };
         p.publish();
         p
     }
@@ -177,17 +220,27 @@ impl CachePolicy {
     /// of them a prompt), on disk too when a cache folder is set; true if it
     /// was kept.
     pub fn keep(&mut self, tokens: &[u32], prompt_len: usize, live: &[LayerKv]) -> bool {
-        let arrays: Vec<&mlx_rs::Array> = live.iter().flat_map(LayerKv::arrays).collect();
-        if let Err(e) = mlx_rs::transforms::eval(arrays) {
-            tracing::warn!("snapshot not kept: {e}");
+        let kept = match self.kv_bits {
+            None => mlx_rs::transforms::eval(live.iter().flat_map(LayerKv::arrays))
+                .map_err(MlxError::from)
+                .map(|()| Kept::Full(live.iter().map(LayerKv::snapshot).collect())),
+            Some(bits) => live
+                .iter()
+                .map(|l| PackedKv::pack(l, bits))
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|p| Ok(mlx_rs::transforms::eval(p.iter().flatten().flat_map(PackedKv::arrays)).map(|()| Kept::Packed(p))?)),
+        };
+        let kept = match kept {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!("snapshot not kept: {e}");
+                return false;
+            }
+        };
+        if kept.nbytes() > self.cache.budget() {
             return false;
         }
-        let layers: Vec<LayerKv> = live.iter().map(LayerKv::snapshot).collect();
-        let bytes: usize = layers.iter().map(LayerKv::nbytes).sum();
-        if bytes > self.cache.budget() {
-            return false;
-        }
-        let id = self.cache.insert(tokens, Snapshot { layers: Some(Rc::new(layers)), file: None, prompt_len });
+        let id = self.cache.insert(tokens, Snapshot { layers: Some(Rc::new(kept)), file: None, prompt_len });
         self.forget_removed();
         if let (Some(id), Some(_)) = (id, &self.store) {
             self.unsaved.push(id);
@@ -202,8 +255,15 @@ impl CachePolicy {
         let Some(store) = &self.store else { return false };
         while let Some(id) = self.unsaved.pop() {
             let (Some(tokens), Some(snap)) = (self.cache.tokens_of(id), self.cache.value(id).cloned()) else { continue };
-            let Some(layers) = &snap.layers else { continue };
-            match store.save(&tokens, layers) {
+            let Some(kept) = &snap.layers else { continue };
+            let layers = match kept.layers() {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!("snapshot not written to disk: {e}");
+                    return true;
+                }
+            };
+            match store.save(&tokens, &layers) {
                 Ok(path) => {
                     for old in self.obsolete.drain(..) {
                         if old != path {
@@ -250,7 +310,7 @@ impl CachePolicy {
                 (Some(l), _, _) => l.clone(),
                 (None, Some(f), Some(store)) => match store::load(f, self.layers, hit.entry_len, &store.fingerprint) {
                     Ok(l) => {
-                        let l = Rc::new(l);
+                        let l = Rc::new(Kept::Full(l));
                         if hit.usable < hit.entry_len {
                             self.cache.replace(hit.id, Snapshot { layers: Some(l.clone()), file: Some(f.clone()), prompt_len: hit.value.prompt_len });
                         }
@@ -292,8 +352,19 @@ impl CachePolicy {
                 held = Held { pinned: None, taken_file: file };
             }
             let layers = match Rc::try_unwrap(layers) {
+                Ok(kept) => kept.into_layers(),
+                Err(shared) => shared.layers(),
+            };
+            let layers = match layers {
                 Ok(l) => l,
-                Err(shared) => shared.iter().map(LayerKv::snapshot).collect(),
+                Err(e) => {
+                    // A packed snapshot MLX could not unpack: computed afresh.
+                    tracing::warn!("ignoring a cached snapshot: {e}");
+                    if let Some(id) = held.pinned {
+                        self.cache.release(id);
+                    }
+                    return Lookup { live: new_cache(self.layers), read: 0, held: Held { pinned: None, taken_file: held.taken_file } };
+                }
             };
             // Only the tokens the index matched are this prompt's; the rest is another conversation's.
             let mut live = layers;

@@ -105,7 +105,8 @@ impl Scheduler {
         if context > trained {
             tracing::warn!("context set to {context} tokens; the model was trained on {trained}: answers past that may be poor");
         }
-        let policy = CachePolicy::open(cfg.cache_bytes, cfg.cache_dir.as_deref(), &path, tokenizer.chat_template.as_deref(), model.num_layers(), stats);
+        let kv_bits = cfg.kv_bits.map(i32::from);
+        let policy = CachePolicy::open(cfg.cache_bytes, cfg.cache_dir.as_deref(), &path, tokenizer.chat_template.as_deref(), model.num_layers(), kv_bits, stats);
         let info = Arc::new(ModelInfo { name, path, tokenizer, template, eos_ids, context, kv_bytes_per_token });
         let s = Scheduler {
             model,

@@ -40,6 +40,8 @@ pub struct EngineConfig {
     pub prefill_chunk: usize,
     /// Requests computed at once (the rest wait in the queue).
     pub parallel: usize,
+    /// Keep snapshots quantized to this many bits (4 or 8; none: f16).
+    pub kv_bits: Option<u8>,
     /// Use this context length instead of the model's own (beyond what the
     /// model was trained on, quality drops; said at start-up).
     pub context_override: Option<usize>,
@@ -368,6 +370,7 @@ mod tests {
             queue: 4,
             prefill_chunk: 512,
             parallel: 4,
+            kv_bits: None,
             context_override: None,
         })
         .unwrap();

@@ -44,6 +44,7 @@ fn a_panicking_request_gets_a_500_and_the_engine_goes_on() {
         queue: 8,
         prefill_chunk: 512,
         parallel: 4,
+        kv_bits: None,
         context_override: None,
     })
     .unwrap();
