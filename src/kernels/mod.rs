@@ -11,7 +11,7 @@ mod pool;
 pub mod qmv;
 
 pub use qmv::{
-    available_isas, dequantize, qmv, qmv_scalar, qmv_with, selected_isa, Isa, KernelError, QuantMatrix, Scales, MAX_M,
+    available_isas, dequantize, qmv, widen_f16, qmv_scalar, qmv_with, selected_isa, Isa, KernelError, QuantMatrix, Scales, MAX_M,
     PARALLEL_MIN_WORK,
 };
 

@@ -228,6 +228,21 @@ fn dequantize_matches_the_reference() {
     }
 }
 
+/// Widening f16 bits to f32 (the prefill attention's read of the cache):
+/// exact on every value, over a length that is not a multiple of the
+/// pieces or the vectors.
+#[test]
+fn widen_f16_is_exact() {
+    let src: Vec<u16> = (0..200_003u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 16) as u16).collect();
+    let mut got = vec![0f32; src.len()];
+    super::widen_f16(&src, &mut got).unwrap();
+    for (h, g) in src.iter().zip(&got) {
+        let want = half::f16::from_bits(*h).to_f32();
+        assert!(want.to_bits() == g.to_bits() || (want.is_nan() && g.is_nan()), "{h:#06x}: {g} vs {want}");
+    }
+    assert!(super::widen_f16(&src, &mut got[1..]).is_err());
+}
+
 /// Each activation row's products are bit for bit the same whatever rows
 /// share the call: a sequence decoded beside others in one batch (the
 /// scheduler's batched step) gets exactly what it gets alone.

@@ -324,3 +324,32 @@ unsafe fn dequant_avx2(w: &super::QuantMatrix, r0: usize, rows: usize, out: &mut
         }
     }
 }
+
+/// `dst[i] = src[i]` widened from f16 bits, 8 at a time; `None` without
+/// AVX2 and F16C.
+pub(super) fn widen_f16_avx2(src: &[u16], dst: &mut [f32]) -> Option<()> {
+    if !(is_x86_feature_detected!("avx2") && is_x86_feature_detected!("f16c")) {
+        return None;
+    }
+    assert_eq!(src.len(), dst.len());
+    // SAFETY: AVX2 and F16C detected above; `widen_all` reads and writes
+    // within the equal lengths just checked.
+    unsafe { widen_all(src, dst) };
+    Some(())
+}
+
+/// # Safety
+/// AVX2 and F16C; `src.len() == dst.len()`.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn widen_all(src: &[u16], dst: &mut [f32]) {
+    let n = src.len();
+    let mut i = 0;
+    while i + 8 <= n {
+        let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+        _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        i += 8;
+    }
+    for k in i..n {
+        dst[k] = f16_to_f32(src[k]);
+    }
+}
