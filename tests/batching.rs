@@ -20,11 +20,15 @@ fn engine(parallel: usize) -> Engine {
 }
 
 fn engine_with(parallel: usize, kv_bits: Option<u8>) -> Engine {
+    engine_queue(parallel, 64, kv_bits)
+}
+
+fn engine_queue(parallel: usize, queue: usize, kv_bits: Option<u8>) -> Engine {
     Engine::start(EngineConfig {
         model: common::smollm2_dir().to_string_lossy().into_owned(),
         cache_bytes: 1 << 30,
         cache_dir: None,
-        queue: 64,
+        queue,
         prefill_chunk: 512,
         parallel,
         kv_bits,
@@ -206,4 +210,27 @@ fn packed_snapshots_serve_the_next_turn() {
     let ratio = packed_stats.bytes as f64 / f16_stats.bytes as f64;
     eprintln!("--kv-bits 8: {} bytes cached against {} with f16 ({ratio:.2})", packed_stats.bytes, f16_stats.bytes);
     assert!(ratio > 0.2 && ratio < 0.6, "{ratio}");
+}
+
+/// `--queue` counts requests waiting beyond the free places: with 4 places
+/// and a queue of 1, three more requests join a running one at once, a
+/// fourth waits, and only a fifth is refused.
+#[test]
+fn the_queue_counts_what_waits_beyond_the_free_places() {
+    let e = engine_queue(4, 1, None);
+    let p = prompt(&e, "Write a long story about a ship.");
+    let mut first = start_long(&e, std::slice::from_ref(&p), 200);
+    let t = Instant::now();
+    while e.load.running.load(Ordering::SeqCst) != 1 {
+        assert!(t.elapsed() < Duration::from_secs(2));
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let (tx, _rx) = unbounded_channel();
+    let job = |tx: &tokio::sync::mpsc::UnboundedSender<Event>| Job { prompt: p.clone(), opts: GenerateOptions { max_tokens: 200, ..Default::default() }, events: tx.clone() };
+    for i in 0..4 {
+        assert!(e.submit(job(&tx)).is_ok(), "request {i} beside the running one was refused");
+    }
+    let refused = e.submit(job(&tx));
+    assert!(matches!(refused, Err(kvserve::engine::worker::SubmitError::Full(1))), "{:?}", refused.err());
+    drop(first.remove(0));
 }

@@ -117,8 +117,10 @@ pub(super) struct CachePolicy {
     kv_bits: Option<i32>,
     /// Entries kept in memory and not yet written to disk (newest last).
     unsaved: Vec<EntryId>,
-    /// Files of entries taken out of the index; deleted once a newer snapshot is on disk.
-    obsolete: Vec<PathBuf>,
+    /// Files of entries taken out of the index, each with the entry that
+    /// replaces it (if one was kept): deleted once that one is on disk (or,
+    /// without one, once any newer snapshot is).
+    obsolete: Vec<(Option<EntryId>, PathBuf)>,
 }
 
 impl CachePolicy {
@@ -198,9 +200,9 @@ impl CachePolicy {
     }
 
     /// A request ended: unpin what it used; the file of a snapshot it took
-    /// over goes once a newer snapshot is on disk.
-    pub fn release(&mut self, held: Held) {
-        self.obsolete.extend(held.taken_file);
+    /// over goes once `replaced_by` (its own snapshot, if kept) is on disk.
+    pub fn release(&mut self, held: Held, replaced_by: Option<EntryId>) {
+        self.obsolete.extend(held.taken_file.map(|f| (replaced_by, f)));
         if let Some(id) = held.pinned {
             self.cache.release(id);
             self.forget_removed();
@@ -217,28 +219,35 @@ impl CachePolicy {
     }
 
     /// Store a snapshot of `live` (holding `tokens`, the first `prompt_len`
-    /// of them a prompt), on disk too when a cache folder is set; true if it
-    /// was kept.
-    pub fn keep(&mut self, tokens: &[u32], prompt_len: usize, live: &[LayerKv]) -> bool {
-        let kept = match self.kv_bits {
-            None => mlx_rs::transforms::eval(live.iter().flat_map(LayerKv::arrays))
+    /// of them a prompt), on disk too when a cache folder is set; its entry
+    /// if it was kept. With `--kv-bits` it is kept packed, unless a layer
+    /// cannot be (a head dimension that is not a multiple of 32): then as is.
+    pub fn keep(&mut self, tokens: &[u32], prompt_len: usize, live: &[LayerKv]) -> Option<EntryId> {
+        let full = || {
+            mlx_rs::transforms::eval(live.iter().flat_map(LayerKv::arrays))
                 .map_err(MlxError::from)
-                .map(|()| Kept::Full(live.iter().map(LayerKv::snapshot).collect())),
-            Some(bits) => live
-                .iter()
-                .map(|l| PackedKv::pack(l, bits))
-                .collect::<Result<Vec<_>, _>>()
-                .and_then(|p| Ok(mlx_rs::transforms::eval(p.iter().flatten().flat_map(PackedKv::arrays)).map(|()| Kept::Packed(p))?)),
+                .map(|()| Kept::Full(live.iter().map(LayerKv::snapshot).collect()))
+        };
+        let kept = match self.kv_bits {
+            None => full(),
+            Some(bits) => match live.iter().map(|l| PackedKv::pack(l, bits)).collect::<Result<Vec<_>, _>>() {
+                // Every layer that holds tokens packed.
+                Ok(p) if p.iter().zip(live).all(|(p, l)| p.is_some() || l.offset() == 0) => {
+                    mlx_rs::transforms::eval(p.iter().flatten().flat_map(PackedKv::arrays)).map_err(MlxError::from).map(|()| Kept::Packed(p))
+                }
+                Ok(_) => full(),
+                Err(e) => Err(e),
+            },
         };
         let kept = match kept {
             Ok(k) => k,
             Err(e) => {
                 tracing::warn!("snapshot not kept: {e}");
-                return false;
+                return None;
             }
         };
         if kept.nbytes() > self.cache.budget() {
-            return false;
+            return None;
         }
         let id = self.cache.insert(tokens, Snapshot { layers: Some(Rc::new(kept)), file: None, prompt_len });
         self.forget_removed();
@@ -246,7 +255,7 @@ impl CachePolicy {
             self.unsaved.push(id);
         }
         self.publish();
-        id.is_some()
+        id
     }
 
     /// Write the newest snapshot not yet on disk (called when idle); then
@@ -265,11 +274,13 @@ impl CachePolicy {
             };
             match store.save(&tokens, &layers) {
                 Ok(path) => {
-                    for old in self.obsolete.drain(..) {
-                        if old != path {
+                    self.obsolete.retain(|(by, old)| {
+                        let gone = by.is_none_or(|by| by == id);
+                        if gone && *old != path {
                             let _ = std::fs::remove_file(old);
                         }
-                    }
+                        !gone
+                    });
                     self.cache.replace(id, Snapshot { layers: snap.layers.clone(), file: Some(path), prompt_len: snap.prompt_len });
                     self.forget_removed();
                 }
@@ -371,7 +382,14 @@ impl CachePolicy {
             for l in &mut live {
                 let _ = l.trim_to(usable as i32);
             }
-            debug_assert!(live.iter().all(|l| l.offset() as usize == usable));
+            if !live.iter().all(|l| l.offset() as usize == usable) {
+                // A snapshot that does not hold what the index says: a miss.
+                tracing::warn!("ignoring a cached snapshot that holds fewer tokens than indexed");
+                if let Some(id) = held.pinned {
+                    self.cache.release(id);
+                }
+                return Lookup { live: new_cache(self.layers), read: 0, held: Held { pinned: None, taken_file: held.taken_file } };
+            }
             return Lookup { live, read: usable, held };
         }
     }

@@ -23,7 +23,7 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
@@ -52,6 +52,10 @@ pub const FIRST_CHUNK: usize = 128;
 /// The smallest chunk but a prompt's whole rest: one more than the rows the
 /// CPU kernels take (see [`chunk_len`]).
 pub const MIN_CHUNK: usize = CPU_KERNEL_MAX_ROWS as usize + 1;
+/// A request waiting to start, or a prompt waiting for its next chunk,
+/// longer than this goes first, whatever its length: shorter ones never
+/// hold it back for good.
+pub const MAX_WAIT: Duration = Duration::from_secs(5);
 /// A waiting request waits for a running one's prefix only when that saves
 /// at least this many tokens over what the cache already serves.
 pub const MIN_SHARED_PREFIX: usize = 32;
@@ -176,12 +180,17 @@ impl Scheduler {
     /// except one that waits for a running sequence's shared prefix.
     fn admit(&mut self) {
         while self.running.len() < self.parallel {
+            // Shortest prompt first, but one that waited past MAX_WAIT first of all (oldest first).
             let mut order: Vec<usize> = (0..self.waiting.len()).collect();
-            order.sort_by_key(|&i| (self.waiting[i].1.prompt.len(), self.waiting[i].0));
+            let waited = |i: usize| self.waiting[i].2.elapsed() > MAX_WAIT;
+            order.sort_by_cached_key(|&i| (!waited(i), if waited(i) { 0 } else { self.waiting[i].1.prompt.len() }, self.waiting[i].0));
             let Some(i) = order.into_iter().find(|&i| !self.waits_for_shared_prefix(i)) else { return };
             let (id, job, start) = self.waiting.remove(i).expect("index from the list");
-            self.unqueue(1);
             self.start(id, job, start);
+            // Running before it leaves the queue's count, so `Engine::submit`
+            // never sees it in neither (it may briefly see it in both).
+            self.load.running.store(self.running.len(), Ordering::SeqCst);
+            self.unqueue(1);
         }
     }
 
@@ -209,14 +218,23 @@ impl Scheduler {
             s.share_at = Some(s.share_at.map_or(c, |a| a.min(c)));
             return true;
         }
-        // Past it: keep the shared part now (the buffers are shared until
-        // the running sequence's next write copies them).
-        let mut part: Vec<LayerKv> = s.live.iter().map(LayerKv::snapshot).collect();
-        for l in &mut part {
-            let _ = l.trim_to(c as i32);
-        }
+        // Past it: keep a copy of the shared part now (just those tokens:
+        // not the running sequence's whole buffers, which it goes on writing).
+        let part: Result<Vec<LayerKv>, _> = s
+            .live
+            .iter()
+            .map(|l| {
+                let mut t = l.snapshot();
+                t.trim_to(c as i32)?;
+                match t.state() {
+                    Some((k, v)) => LayerKv::from_state(k, v),
+                    None => Ok(LayerKv::new()),
+                }
+            })
+            .collect();
+        let Ok(part) = part else { return false };
         let tokens = prompt[..c].to_vec();
-        if self.policy.keep(&tokens, c, &part) {
+        if self.policy.keep(&tokens, c, &part).is_some() {
             tracing::info!("a request reads {c} tokens of prompt another one just computed");
         }
         false
@@ -241,6 +259,8 @@ impl Scheduler {
         if s.job.events.send(Event::Started(usage)).is_err() {
             // Gone already: what was read goes back to the cache.
             s.finish = Some(FinishReason::Cancelled);
+        } else if s.job.opts.max_tokens == 0 {
+            s.finish = Some(FinishReason::Length);
         } else {
             // Room for the whole prompt at once (one copy instead of one per chunk).
             let cfg = &self.model.config;
@@ -281,10 +301,20 @@ impl Scheduler {
     /// One chunk of prompt for the sequence with the fewest tokens left.
     fn prefill_step(&mut self) -> Result<(), StepError> {
         let decoding = self.running.iter().any(Sequence::decoding);
-        let Some(s) = self.running.iter_mut().filter(|s| s.finish.is_none() && s.failed.is_none() && s.to_prefill() > 0).min_by_key(|s| (s.to_prefill(), s.id))
+        // The fewest tokens left first, but a prompt that got no chunk for
+        // MAX_WAIT first of all.
+        let Some(s) = self
+            .running
+            .iter_mut()
+            .filter(|s| s.finish.is_none() && s.failed.is_none() && s.to_prefill() > 0)
+            .min_by_key(|s| {
+                let starved = s.last_chunk.elapsed() > MAX_WAIT;
+                (!starved, if starved { 0 } else { s.to_prefill() }, s.id)
+            })
         else {
             return Ok(());
         };
+        s.last_chunk = Instant::now();
         let secs = if decoding { CHUNK_SECS_DECODING } else { CHUNK_SECS_ALONE };
         let target = match self.prefill_tps {
             Some(tps) => (tps * secs) as usize,
@@ -363,11 +393,9 @@ impl Scheduler {
         let pos = s.pos();
         let bytes: usize = s.live.iter().map(LayerKv::nbytes).sum();
         let stored = pos >= n && bytes <= self.policy.budget();
-        if !tokens.is_empty() {
-            self.policy.keep(&tokens, n.min(tokens.len()), &s.live);
-        }
+        let kept = if tokens.is_empty() { None } else { self.policy.keep(&tokens, n.min(tokens.len()), &s.live) };
         s.live.clear();
-        self.policy.release(std::mem::take(&mut s.held));
+        self.policy.release(std::mem::take(&mut s.held), kept);
         self.policy.publish();
         match s.failed.take() {
             Some(e) => {

@@ -18,8 +18,11 @@ pub(super) struct Sequence {
     /// Order of arrival (ties in the scheduler's choices go to the oldest).
     pub id: u64,
     pub job: Job,
-    /// When the engine took the request (time to first token counts from here).
+    /// When the request reached the engine (time to first token counts from
+    /// here, time waiting for a free place included).
     pub start: Instant,
+    /// When it last got a prefill chunk (or started).
+    pub last_chunk: Instant,
     /// The KV state: `pos()` tokens of `prompt`, then of the answer.
     pub live: Vec<LayerKv>,
     /// Prompt tokens served from the cache.
@@ -61,6 +64,7 @@ impl Sequence {
             id,
             job,
             start,
+            last_chunk: Instant::now(),
             live,
             read,
             usage,

@@ -128,6 +128,7 @@ pub struct Engine {
     alive: Arc<AtomicBool>,
     stats: Arc<Mutex<CacheStats>>,
     queue: usize,
+    parallel: usize,
     /// What the engine is doing (published after every step).
     pub load: Arc<Load>,
     /// Test hook: the next job panics at its first text.
@@ -174,7 +175,7 @@ fn run(rx: mpsc::Receiver<Msg>, mut s: Scheduler) {
     loop {
         if s.idle() {
             if let Some(done) = shutdown.take() {
-                s.policy.flush();
+                let _ = guarded(&mut s, "writing the snapshots", |s| s.policy.flush());
                 let _ = done.send(());
                 return;
             }
@@ -188,7 +189,7 @@ fn run(rx: mpsc::Receiver<Msg>, mut s: Scheduler) {
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    s.policy.flush();
+                    let _ = guarded(&mut s, "writing the snapshots", |s| s.policy.flush());
                     return;
                 }
             }
@@ -257,6 +258,7 @@ impl Engine {
             alive,
             stats,
             queue: cfg.queue.max(1),
+            parallel: cfg.parallel.max(1),
             load,
             #[cfg(test)]
             inject_panic,
@@ -269,13 +271,16 @@ impl Engine {
         self.inject_panic.store(true, Ordering::SeqCst);
     }
 
-    /// Queue a job; refused at once when `queue` requests already wait to
-    /// run or the engine is gone.
+    /// Queue a job; refused at once when `queue` requests already wait
+    /// beyond the places free to run (`parallel` less those running), or
+    /// the engine is gone.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         if !self.is_alive() {
             return Err(SubmitError::Dead);
         }
-        if self.queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| (q < self.queue).then_some(q + 1)).is_err() {
+        let free = self.parallel.saturating_sub(self.load.running.load(Ordering::SeqCst));
+        let limit = self.queue + free;
+        if self.queued.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |q| (q < limit).then_some(q + 1)).is_err() {
             return Err(SubmitError::Full(self.queue));
         }
         self.tx.send(Msg::Generate(job)).map_err(|_| {
