@@ -605,16 +605,7 @@ impl Attention {
             return self.forward(x, kv);
         }
         let b = x.shape()[0];
-        let heads = |proj: &Linear, n: i32, norm: &Option<RmsNorm>| -> std::result::Result<Array, MlxError> {
-            let mut t = proj.forward(x)?.reshape(&[b, 1, n, self.head_dim])?;
-            if let Some(norm) = norm {
-                t = norm.forward(&t)?;
-            }
-            Ok(t.transpose_axes(&[0, 2, 1, 3])?)
-        };
-        let q = heads(&self.q_proj, self.n_heads, &self.q_norm)?;
-        let k = heads(&self.k_proj, self.n_kv_heads, &self.k_norm)?;
-        let v = heads(&self.v_proj, self.n_kv_heads, &None)?;
+        let (q, k, v) = self.project(x)?;
         let mut outs = Vec::with_capacity(kvs.len());
         for (i, kv) in kvs.iter_mut().enumerate() {
             let i = i as i32;
@@ -630,7 +621,9 @@ impl Attention {
         self.o_proj.forward(&o)
     }
 
-    pub fn forward(&self, x: &Array, kv: &mut LayerKv) -> std::result::Result<Array, MlxError> {
+    /// Queries, keys and values of `x` (`[b, l, hidden]`), each
+    /// `[b, heads, l, head_dim]` with its norm applied (no rotary embedding yet).
+    fn project(&self, x: &Array) -> std::result::Result<(Array, Array, Array), MlxError> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
         let heads = |proj: &Linear, n: i32, norm: &Option<RmsNorm>| -> std::result::Result<Array, MlxError> {
             let mut t = proj.forward(x)?.reshape(&[b, l, n, self.head_dim])?;
@@ -639,9 +632,12 @@ impl Attention {
             }
             Ok(t.transpose_axes(&[0, 2, 1, 3])?)
         };
-        let q = heads(&self.q_proj, self.n_heads, &self.q_norm)?;
-        let k = heads(&self.k_proj, self.n_kv_heads, &self.k_norm)?;
-        let v = heads(&self.v_proj, self.n_kv_heads, &None)?;
+        Ok((heads(&self.q_proj, self.n_heads, &self.q_norm)?, heads(&self.k_proj, self.n_kv_heads, &self.k_norm)?, heads(&self.v_proj, self.n_kv_heads, &None)?))
+    }
+
+    pub fn forward(&self, x: &Array, kv: &mut LayerKv) -> std::result::Result<Array, MlxError> {
+        let (b, l) = (x.shape()[0], x.shape()[1]);
+        let (q, k, v) = self.project(x)?;
         let offset = kv.offset();
         let q = self.rope.forward(&q, offset)?;
         let k = self.rope.forward(&k, offset)?;
