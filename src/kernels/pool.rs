@@ -90,6 +90,17 @@ impl Pool {
         self.workers + 1
     }
 
+    /// `f(i, &mut parts[i])` for every part: on the pool when there are
+    /// several parts and workers, else (or when another caller holds the
+    /// pool) one after another on this thread.
+    pub(crate) fn each<T: Send>(&self, parts: Vec<T>, f: &(dyn Fn(usize, &mut T) + Sync)) {
+        let parts: Vec<std::sync::Mutex<T>> = parts.into_iter().map(std::sync::Mutex::new).collect();
+        let run = |p: usize| f(p, &mut parts[p].lock().unwrap_or_else(|e| e.into_inner()));
+        if !(parts.len() > 1 && self.threads() > 1 && self.run(parts.len(), &run)) {
+            (0..parts.len()).for_each(run);
+        }
+    }
+
     /// Runs `f(0) .. f(chunks - 1)`, each once, on this thread and whichever
     /// workers join, and returns when all are done. Returns false without
     /// running anything if another caller is using the pool.

@@ -258,11 +258,9 @@ pub fn qmv(w: &QuantMatrix, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), Ke
 /// and shift ops, on one thread) took about a quarter of a second per
 /// prompt chunk for SmolLM2's matrices here.
 pub fn dequantize(w: &QuantMatrix, out: &mut [f32]) -> Result<(), KernelError> {
-    validate(w, &vec![0.0; w.cols], 1, &vec![0.0; w.rows])?;
-    let n = w.rows.checked_mul(w.cols).ok_or(KernelError::Overflow { rows: w.rows, cols: w.cols })?;
-    if out.len() != n {
-        return Err(KernelError::Length { what: "out", expected: n, got: out.len(), rows: w.rows, cols: w.cols, m: 1 });
-    }
+    validate_format(w)?;
+    let n = validate_lengths(w, 1)?;
+    length("out", n, out.len(), w, 1)?;
     if n == 0 {
         return Ok(());
     }
@@ -278,11 +276,7 @@ pub fn dequantize(w: &QuantMatrix, out: &mut [f32]) -> Result<(), KernelError> {
     // Pieces of at least 16 rows, several per thread.
     let pool = Pool::global(MAX_THREADS);
     let chunk = w.rows.div_ceil((4 * pool.threads()).clamp(1, w.rows.div_ceil(16)));
-    let parts: Vec<Mutex<&mut [f32]>> = out.chunks_mut(chunk * w.cols).map(Mutex::new).collect();
-    let run = |p: usize| rows_fn(p * chunk, &mut parts[p].lock().unwrap_or_else(|e| e.into_inner()));
-    if !(parts.len() > 1 && pool.threads() > 1 && pool.run(parts.len(), &run)) {
-        (0..parts.len()).for_each(run);
-    }
+    pool.each(out.chunks_mut(chunk * w.cols).collect(), &|p, part| rows_fn(p * chunk, part));
     Ok(())
 }
 
@@ -304,16 +298,7 @@ pub fn widen_f16(src: &[u16], dst: &mut [f32]) -> Result<(), KernelError> {
         d.iter_mut().zip(s).for_each(|(d, &h)| *d = f16_to_f32(h));
     };
     const PIECE: usize = 1 << 16;
-    let pool = Pool::global(MAX_THREADS);
-    let parts: Vec<Mutex<(&[u16], &mut [f32])>> = src.chunks(PIECE).zip(dst.chunks_mut(PIECE)).map(Mutex::new).collect();
-    let run = |p: usize| {
-        let mut g = parts[p].lock().unwrap_or_else(|e| e.into_inner());
-        let (s, d) = &mut *g;
-        piece(s, d);
-    };
-    if !(parts.len() > 1 && pool.threads() > 1 && pool.run(parts.len(), &run)) {
-        (0..parts.len()).for_each(run);
-    }
+    Pool::global(MAX_THREADS).each(src.chunks(PIECE).zip(dst.chunks_mut(PIECE)).collect(), &|_, (s, d)| piece(s, d));
     Ok(())
 }
 
@@ -349,33 +334,49 @@ fn auto_threads(w: &QuantMatrix, m: usize) -> usize {
 
 /// Checks every shape so that the kernels may index without bounds checks.
 fn validate(w: &QuantMatrix, x: &[f32], m: usize, y: &[f32]) -> Result<(), KernelError> {
-    let (rows, cols, g) = (w.rows, w.cols, w.group_size);
+    let (rows, cols) = (w.rows, w.cols);
+    validate_format(w)?;
+    if !(1..=MAX_M).contains(&m) {
+        return Err(KernelError::Batch(m));
+    }
+    validate_lengths(w, m)?;
+    let overflow = KernelError::Overflow { rows, cols };
+    let x_len = m.checked_mul(cols).ok_or(overflow.clone())?;
+    let y_len = m.checked_mul(rows).ok_or(overflow)?;
+    length("x", x_len, x.len(), w, m)?;
+    length("y", y_len, y.len(), w, m)
+}
+
+/// The bit width and group size the kernels take, and whole groups per row.
+fn validate_format(w: &QuantMatrix) -> Result<(), KernelError> {
+    let (cols, g) = (w.cols, w.group_size);
     if !matches!(w.bits, 4 | 8) || !matches!(g, 32 | 64 | 128) {
         return Err(KernelError::Unsupported { bits: w.bits, group_size: g });
     }
     if cols % g != 0 {
         return Err(KernelError::Columns { cols, group_size: g });
     }
-    if !(1..=MAX_M).contains(&m) {
-        return Err(KernelError::Batch(m));
-    }
-    let overflow = KernelError::Overflow { rows, cols };
+    Ok(())
+}
+
+/// The matrix's packed values, scales and biases against its rows and
+/// columns (`m`: the activation rows, for the error); its element count.
+fn validate_lengths(w: &QuantMatrix, m: usize) -> Result<usize, KernelError> {
+    let (rows, cols, g) = (w.rows, w.cols, w.group_size);
     // Bounds on rows * cols keep every product below (and the kernels' pointer offsets) in range.
-    let elems = rows.checked_mul(cols).filter(|&n| n <= isize::MAX as usize / 8).ok_or(overflow.clone())?;
-    let x_len = m.checked_mul(cols).ok_or(overflow.clone())?;
-    let y_len = m.checked_mul(rows).ok_or(overflow)?;
-    let check = |what, expected: usize, got: usize| {
-        if expected == got {
-            Ok(())
-        } else {
-            Err(KernelError::Length { what, expected, got, rows, cols, m })
-        }
-    };
-    check("packed", elems / 32 * w.bits as usize, w.packed.len())?;
-    check("scales", elems / g, w.scales.len())?;
-    check("biases", elems / g, w.biases.len())?;
-    check("x", x_len, x.len())?;
-    check("y", y_len, y.len())
+    let elems = rows.checked_mul(cols).filter(|&n| n <= isize::MAX as usize / 8).ok_or(KernelError::Overflow { rows, cols })?;
+    length("packed", elems / 32 * w.bits as usize, w.packed.len(), w, m)?;
+    length("scales", elems / g, w.scales.len(), w, m)?;
+    length("biases", elems / g, w.biases.len(), w, m)?;
+    Ok(elems)
+}
+
+fn length(what: &'static str, expected: usize, got: usize, w: &QuantMatrix, m: usize) -> Result<(), KernelError> {
+    if expected == got {
+        Ok(())
+    } else {
+        Err(KernelError::Length { what, expected, got, rows: w.rows, cols: w.cols, m })
+    }
 }
 
 /// For the SIMD files: the invariants their unchecked reads and writes rest on (cheap:
