@@ -366,31 +366,28 @@ impl CachePolicy {
                 Ok(kept) => kept.into_layers(),
                 Err(shared) => shared.layers(),
             };
-            let layers = match layers {
-                Ok(l) => l,
-                Err(e) => {
-                    // A packed snapshot MLX could not unpack: computed afresh.
-                    tracing::warn!("ignoring a cached snapshot: {e}");
+            // Only the tokens the index matched are this prompt's; the rest is another conversation's.
+            let live = layers.map_err(|e| e.to_string()).and_then(|mut live| {
+                for l in &mut live {
+                    let _ = l.trim_to(usable as i32);
+                }
+                match live.iter().all(|l| l.offset() as usize == usable) {
+                    true => Ok(live),
+                    false => Err("it holds fewer tokens than indexed".to_string()),
+                }
+            });
+            return match live {
+                Ok(live) => Lookup { live, read: usable, held },
+                Err(why) => {
+                    // A packed snapshot MLX could not unpack, or one that
+                    // does not hold what the index says: a miss.
+                    tracing::warn!("ignoring a cached snapshot: {why}");
                     if let Some(id) = held.pinned {
                         self.cache.release(id);
                     }
-                    return Lookup { live: new_cache(self.layers), read: 0, held: Held { pinned: None, taken_file: held.taken_file } };
+                    Lookup { live: new_cache(self.layers), read: 0, held: Held { pinned: None, taken_file: held.taken_file } }
                 }
             };
-            // Only the tokens the index matched are this prompt's; the rest is another conversation's.
-            let mut live = layers;
-            for l in &mut live {
-                let _ = l.trim_to(usable as i32);
-            }
-            if !live.iter().all(|l| l.offset() as usize == usable) {
-                // A snapshot that does not hold what the index says: a miss.
-                tracing::warn!("ignoring a cached snapshot that holds fewer tokens than indexed");
-                if let Some(id) = held.pinned {
-                    self.cache.release(id);
-                }
-                return Lookup { live: new_cache(self.layers), read: 0, held: Held { pinned: None, taken_file: held.taken_file } };
-            }
-            return Lookup { live, read: usable, held };
         }
     }
 }

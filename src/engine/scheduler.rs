@@ -90,11 +90,8 @@ pub struct Load {
     pub batch_rows: AtomicUsize,
 }
 
-/// What a step's failure takes down.
-enum StepError {
-    /// These sequences (by id) failed with this message.
-    Failed(Vec<u64>, String),
-}
+/// A step's failure: these sequences (by id) failed with this message.
+struct StepError(Vec<u64>, String);
 
 impl Scheduler {
     pub fn new(cfg: &EngineConfig, stats: Arc<Mutex<CacheStats>>, queued: Arc<AtomicUsize>, load: Arc<Load>) -> Result<(Scheduler, Arc<ModelInfo>), String> {
@@ -155,12 +152,12 @@ impl Scheduler {
         self.admit();
         let mut failure = None;
         if self.running.iter().any(Sequence::decoding) {
-            if let Err(StepError::Failed(ids, why)) = self.decode_step() {
+            if let Err(StepError(ids, why)) = self.decode_step() {
                 self.fail(&ids, &why);
                 failure = Some(why);
             }
         }
-        if let Err(StepError::Failed(ids, why)) = self.prefill_step() {
+        if let Err(StepError(ids, why)) = self.prefill_step() {
             self.fail(&ids, &why);
             failure = Some(why);
         }
@@ -278,7 +275,7 @@ impl Scheduler {
     fn decode_step(&mut self) -> Result<(), StepError> {
         let mut rows: Vec<&mut Sequence> = self.running.iter_mut().filter(|s| s.decoding()).collect();
         let ids: Vec<u64> = rows.iter().map(|s| s.id).collect();
-        let fail = |e: String| StepError::Failed(ids.clone(), e);
+        let fail = |e: String| StepError(ids.clone(), e);
         let tokens: Vec<u32> = rows.iter_mut().map(|s| s.next_input()).collect();
         self.load.batch_rows.store(rows.len(), Ordering::SeqCst);
         let logits = {
@@ -331,7 +328,7 @@ impl Scheduler {
         }
         let t = Instant::now();
         let part = s.prompt()[pos..pos + chunk].to_vec();
-        prefill(&self.model, &mut s.live, &part, chunk).map_err(|e| StepError::Failed(vec![s.id], e.to_string()))?;
+        prefill(&self.model, &mut s.live, &part, chunk).map_err(|e| StepError(vec![s.id], e.to_string()))?;
         let secs = t.elapsed().as_secs_f64();
         self.prefill_tps = Some(chunk as f64 / secs.max(1e-6));
         tracing::debug!("prefill chunk of {chunk} tokens at {pos} in {:.0} ms ({} decoding)", secs * 1e3, decoding);
