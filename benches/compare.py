@@ -1223,41 +1223,35 @@ def chart_concurrent(res, names, per, out):
     finish(plt, fig, res, out, "workload5.png")
 
 
-def chart_side(res, names, st, out):
+def chart_bars(res, names, w, labels, values, ylabel, title, out, file):
+    """Grouped bars, one group per label and one bar per server, beside
+    workload w's peak memory."""
     plt = plt_module()
     if not plt:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [2, 1]})
     width = 0.8 / len(names)
-    labels = ["side call, median", "side call, max", "A's TTFT, median"]
     for i, n in enumerate(names):
-        ys = [st[n]["side"] or 0, st[n]["side_max"] or 0, st[n]["a_ttft"] or 0]
-        a.bar([x + i * width for x in range(len(labels))], ys, width, label=n, color=COLORS[n])
+        a.bar([x + i * width for x in range(len(labels))], [v or 0 for v in values[n]], width, label=n, color=COLORS[n])
     a.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(labels))], labels)
-    a.set_ylabel("seconds")
-    a.set_title(f"Workload S: 1-token side call during a cold ~{res['args'].get('side_tokens')}-token prompt", fontsize=9)
+    a.set_ylabel(ylabel)
+    a.set_title(title, fontsize=9)
     a.legend(fontsize=8)
-    memory_bars(b, res, "S", names)
-    finish(plt, fig, res, out, "workloadS.png")
+    memory_bars(b, res, w, names)
+    finish(plt, fig, res, out, file)
+
+
+def chart_side(res, names, st, out):
+    chart_bars(res, names, "S", ["side call, median", "side call, max", "A's TTFT, median"],
+               {n: [st[n]["side"], st[n]["side_max"], st[n]["a_ttft"]] for n in names}, "seconds",
+               f"Workload S: 1-token side call during a cold ~{res['args'].get('side_tokens')}-token prompt", out, "workloadS.png")
 
 
 def chart_streams(res, names, st, out):
-    plt = plt_module()
-    if not plt:
-        return
-    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 4), gridspec_kw={"width_ratios": [2, 1]})
     k = res["args"].get("streams", 4)
-    width = 0.8 / len(names)
-    labels = ["1 stream", f"{k} streams, aggregate"]
-    for i, n in enumerate(names):
-        a.bar([x + i * width for x in range(len(labels))], [st[n]["one"] or 0, st[n]["many"] or 0], width, label=n, color=COLORS[n])
-    a.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(labels))], labels)
-    a.set_ylabel("generated tokens/s")
-    a.set_title(f"Workload T: decode {res['args']['decode_tokens']} tokens, 1 and {k} streams", fontsize=9)
-    a.legend(fontsize=8)
-    memory_bars(b, res, "T", names)
-    finish(plt, fig, res, out, "workloadT.png")
-
+    chart_bars(res, names, "T", ["1 stream", f"{k} streams, aggregate"],
+               {n: [st[n]["one"], st[n]["many"]] for n in names}, "generated tokens/s",
+               f"Workload T: decode {res['args']['decode_tokens']} tokens, 1 and {k} streams", out, "workloadT.png")
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
