@@ -176,6 +176,11 @@ fn run(rx: mpsc::Receiver<Msg>, mut s: Scheduler) {
         if s.idle() {
             if let Some(done) = shutdown.take() {
                 let _ = guarded(&mut s, "writing the snapshots", |s| s.policy.flush());
+                // Free every MLX array (the model, the cache) before the
+                // caller may return from main: MLX's allocator is a static
+                // that exit tears down, and freeing into it while it is torn
+                // down corrupted the heap (1 shutdown in ~15).
+                drop(s);
                 let _ = done.send(());
                 return;
             }
