@@ -15,7 +15,7 @@ DEFAULT_MODEL := models/SmolLM2-135M-Instruct
 MODEL ?= $(DEFAULT_MODEL)
 KVSERVE := target/release/kvserve
 
-.PHONY: all setup vendor venv fixtures model build test run generate claude claude-code bench bench-compare llama-server clean distclean
+.PHONY: all setup vendor venv fixtures model build test run generate claude claude-code browser bench bench-compare llama-server clean distclean
 
 all: build
 
@@ -62,12 +62,21 @@ $(FIXTURES)/tiny/.complete: tests/reference/make_tiny.py tests/reference/kv16.py
 build: setup vendor
 	$(CARGO) build $(CARGO_FLAGS)
 
-test: setup vendor fixtures model claude-code
+test: setup vendor fixtures model claude-code browser
 	$(CARGO) test $(CARGO_FLAGS)
 
 # The server (OpenAI + Anthropic APIs) for MODEL; ARGS adds flags (--port, --cache-dir, ...).
 run: build $(if $(filter $(DEFAULT_MODEL),$(MODEL)),model)
 	$(KVSERVE) serve --model $(MODEL) $(ARGS)
+
+# The dashboard's browser test: Debian's Chromium (only if missing) and
+# playwright-core (npm) to drive it, installed into tools/browser.
+PLAYWRIGHT := tools/browser/node_modules/playwright-core/package.json
+browser: $(PLAYWRIGHT)
+	@bash scripts/setup.sh chromium
+$(PLAYWRIGHT):
+	@command -v npm >/dev/null || bash scripts/setup.sh
+	npm install --silent --no-audit --no-fund --prefix tools/browser playwright-core@1.65.1
 
 # Claude Code (npm @anthropic-ai/claude-code), installed into tools/claude-code.
 CLAUDE_CODE := tools/claude-code/node_modules/.bin/claude

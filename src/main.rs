@@ -102,8 +102,9 @@ enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
-        /// Also draw time to first token per request (coloured by the share
-        /// read from the cache) into this PNG file.
+        /// Also draw a chart into this file (.svg or .png): time to first
+        /// token per request, cold and warm, and each prompt's tokens read
+        /// from the cache and computed.
         #[arg(long)]
         plot: Option<PathBuf>,
     },
@@ -386,7 +387,7 @@ fn main() -> Result<()> {
             };
             let summary = report::summarize(&records, since);
             if let Some(p) = &plot {
-                let n = report::plot(&records, since, p).map_err(anyhow::Error::msg)?;
+                let n = report::plot::plot(&records, since, p).map_err(anyhow::Error::msg)?;
                 eprintln!("wrote {} ({n} requests)", p.display());
             }
             if json {

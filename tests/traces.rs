@@ -56,12 +56,13 @@ fn traces_carry_cache_numbers_and_never_the_key() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve")).args(["report", "--json", "--trace-dir"]).arg(&traces).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let rep: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(rep["requests"], 3);
-    assert_eq!(rep["errors"], 1);
+    assert_eq!((rep["requests"].as_u64(), rep["answered"].as_u64(), rep["failed"].as_u64()), (Some(4), Some(3), Some(1)), "{rep}");
+    assert_eq!(rep["failures"], json!([{"status": 400, "reason": "invalid_request_error (body)", "count": 1}]), "{rep}");
     assert!((rep["cache_hit_rate_requests"].as_f64().unwrap() - 2.0 / 3.0).abs() < 1e-9, "{rep}");
     assert_eq!(rep["ttft_warm"]["requests"], 2);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve")).args(["report", "--trace-dir"]).arg(&traces).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("requests: 4 = 3 answered + 1 failed\n  failed: 1 x status 400, invalid_request_error (body)\n"), "{text}");
     assert!(text.contains("cache hit rate: 67% of requests"), "{text}");
     let _ = std::fs::remove_dir_all(&dir);
 }

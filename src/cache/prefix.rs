@@ -39,6 +39,8 @@ pub struct Hit<S> {
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct CacheStats {
     pub entries: usize,
+    /// Entries with a snapshot file on disk (set by the engine's policy).
+    pub on_disk: usize,
     pub bytes: usize,
     pub budget_bytes: usize,
     pub hits: u64,

@@ -161,7 +161,8 @@ impl CachePolicy {
 
     /// Make the numbers `/v1/cache/stats` and metrics read current.
     pub fn publish(&self) {
-        *self.stats.lock() = self.cache.stats();
+        let on_disk = self.cache.entries().iter().filter(|e| self.cache.value(e.0).is_some_and(|s| s.file.is_some())).count();
+        *self.stats.lock() = CacheStats { on_disk, ..self.cache.stats() };
     }
 
     pub fn budget(&self) -> usize {
@@ -283,6 +284,7 @@ impl CachePolicy {
                     });
                     self.cache.replace(id, Snapshot { layers: snap.layers.clone(), file: Some(path), prompt_len: snap.prompt_len });
                     self.forget_removed();
+                    self.publish();
                 }
                 Err(e) => tracing::warn!("snapshot not written to disk: {e}"),
             }

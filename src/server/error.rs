@@ -107,6 +107,19 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// What a report groups this failure by: the error's type in `api`'s
+    /// envelope, and the field at fault where there is one.
+    pub fn reason(&self, api: Api) -> String {
+        let body = self.body(api);
+        let t = body["error"]["type"].as_str().unwrap_or("error");
+        match &self.param {
+            Some(p) => format!("{t} ({p})"),
+            None => t.to_string(),
+        }
+    }
+}
+
 impl From<RequestError> for ApiError {
     fn from(e: RequestError) -> Self {
         ApiError { kind: Kind::InvalidRequest, message: e.message, param: e.field }

@@ -10,6 +10,7 @@ pub mod finish;
 pub mod metrics;
 pub mod openai;
 pub mod proxy;
+pub mod recent;
 pub mod stream;
 pub mod trace;
 #[cfg(test)]
@@ -61,13 +62,53 @@ pub struct State {
     tool_format: Option<ToolFormat>,
     next_id: AtomicU64,
     tracer: Tracer,
+    /// The last requests, for the dashboard.
+    recent: recent::Recent,
+    /// Where MLX computes, and kvserve's own CPU kernels where they serve.
+    backend: String,
+    started: f64,
 }
 
 impl State {
     pub fn new(engine: Engine, cfg: ServerConfig) -> Arc<State> {
         let tool_format = engine.info.template.as_ref().and_then(|_| engine.info.tokenizer.chat_template.as_deref()).and_then(ToolFormat::for_template);
         let tracer = Tracer::start(&cfg.trace);
-        Arc::new(State { engine, metrics: Metrics::new(), cfg, tool_format, next_id: AtomicU64::new(1), tracer })
+        let backend = if crate::model::on_cpu() {
+            use crate::kernels::qmv::{selected_isa, Isa};
+            let isa = match selected_isa() {
+                Isa::Avx512 => "AVX-512",
+                Isa::Avx2 => "AVX2+FMA",
+                Isa::Neon => "NEON",
+                Isa::Scalar => "portable",
+            };
+            format!("MLX on the CPU, kvserve {isa} kernels for decode")
+        } else {
+            "MLX on the GPU".to_string()
+        };
+        Arc::new(State {
+            engine,
+            metrics: Metrics::new(),
+            cfg,
+            tool_format,
+            next_id: AtomicU64::new(1),
+            tracer,
+            recent: recent::Recent::default(),
+            backend,
+            started: trace::now_secs(),
+        })
+    }
+
+    /// One request's record: kept for the dashboard (bodies dropped) and
+    /// written to the traces when they are on; the API key redacted in both.
+    fn record(&self, mut v: Value) {
+        v["time"] = json!(trace::now_secs());
+        let mut lite = v.clone();
+        if let Some(o) = lite.as_object_mut() {
+            o.remove("request_body");
+            o.remove("response_text");
+        }
+        self.recent.push(serde_json::from_str(&self.tracer.redacted_line(&lite)).unwrap_or(lite));
+        self.tracer.record(v);
     }
 
     fn id(&self, prefix: &str) -> String {
@@ -192,7 +233,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         "/v1/chat/completions" => Api::OpenAi,
         _ => Api::Own,
     };
-    let open = matches!(path.as_str(), "/health" | "/metrics");
+    // The dashboard page holds no data: it asks for the key, then sends it.
+    let open = matches!(path.as_str(), "/health" | "/metrics" | "/");
     let resp = if !open && !authorized(&state.cfg, &req) {
         Err(ApiError::new(Kind::Authentication, "invalid API key: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`"))
     } else {
@@ -200,7 +242,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     };
     let resp = resp.unwrap_or_else(|e| {
         if api != Api::Own {
-            state.tracer.record(json!({"api": api.label(), "route": path, "status": e.status(api), "error": e.message}));
+            state.record(json!({"api": api.label(), "route": path, "status": e.status(api), "reason": e.reason(api), "error": e.message}));
         }
         error_response(api, &e)
     });
@@ -226,6 +268,8 @@ pub struct Trace {
     response: String,
     done: Option<(Done, Finish)>,
     error: Option<String>,
+    /// What a report groups a failure by.
+    reason: Option<&'static str>,
 }
 
 impl Trace {
@@ -245,6 +289,7 @@ impl Trace {
             response: String::new(),
             done: None,
             error: None,
+            reason: None,
         }
     }
 
@@ -269,25 +314,31 @@ impl Trace {
                 metrics.finished(&done.usage, done);
                 self.done = Some((done.clone(), Finish::new(done.finish, self.calls, *cut)));
             }
-            Out::Error(e) => self.error = Some(e.clone()),
+            Out::Error(e) => {
+                self.error = Some(e.clone());
+                self.reason = Some("generation_failed");
+            }
         }
     }
 
     /// The generation ended before it was done (the client left, say).
     fn cut(&mut self, why: &str) {
-        self.error.get_or_insert_with(|| why.to_string());
+        if self.error.is_none() {
+            self.error = Some(why.to_string());
+            self.reason = Some("client_disconnected");
+        }
     }
 
-    fn finish(self, tracer: &Tracer) {
-        if !tracer.enabled() {
-            return;
-        }
+    fn finish(self, state: &State) {
         let mut v = json!({
             "api": self.api.label(), "route": self.route, "model": self.model, "stream": self.stream, "status": 200,
             "messages": self.messages, "tools": self.tools,
             "queue_wait_s": self.started, "ttft_s": self.first, "total_s": self.t0.elapsed().as_secs_f64(),
             "tool_calls": self.calls, "error": self.error,
         });
+        if let Some(r) = self.reason {
+            v["reason"] = json!(r);
+        }
         if let Some((d, finish)) = &self.done {
             v["prompt_tokens"] = json!(d.usage.prompt);
             v["cache_read_tokens"] = json!(d.usage.cache_read);
@@ -301,7 +352,7 @@ impl Trace {
             v["request_body"] = r;
             v["response_text"] = json!(self.response);
         }
-        tracer.record(v);
+        state.record(v);
     }
 }
 
@@ -316,6 +367,8 @@ async fn route(state: &Arc<State>, method: &Method, path: &str, req: Request<Inc
             let text = state.metrics.render(state.engine.queue_depth(), &state.engine.load, &state.engine.cache_stats());
             Ok(full(200, "application/openmetrics-text; version=1.0.0; charset=utf-8", text))
         }
+        (&Method::GET, "/") => Ok(dashboard()),
+        (&Method::GET, "/v1/requests/recent") => Ok(json_response(200, &recent_view(state))),
         (&Method::GET, "/v1/cache/stats") => Ok(json_response(200, &json!(state.engine.cache_stats()))),
         (&Method::DELETE, "/v1/cache") => {
             let removed = state.engine.clear_cache().await?;
@@ -323,6 +376,41 @@ async fn route(state: &Arc<State>, method: &Method, path: &str, req: Request<Inc
         }
         _ => Err(ApiError::new(Kind::NotFound, format!("no route for {method} {path}"))),
     }
+}
+
+/// The live dashboard: one page compiled in, no network beyond this server.
+fn dashboard() -> Response<Body> {
+    Response::builder()
+        .status(200)
+        .header("content-type", "text/html; charset=utf-8")
+        .header("cache-control", "no-store")
+        .header(
+            "content-security-policy",
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:",
+        )
+        .body(Full::new(Bytes::from_static(include_bytes!("dashboard.html"))).boxed())
+        .expect("static response parts are valid")
+}
+
+/// Requests the dashboard shows at most.
+const DASHBOARD_REQUESTS: usize = 100;
+
+/// What the dashboard polls: the server, the cache, the queue, totals since
+/// start and the last requests (no bodies).
+fn recent_view(state: &State) -> Value {
+    let (totals, requests) = state.recent.view(DASHBOARD_REQUESTS);
+    let info = &state.engine.info;
+    json!({
+        "server": {
+            "model": info.name, "context": info.context, "backend": state.backend,
+            "version": env!("CARGO_PKG_VERSION"), "started": state.started, "now": trace::now_secs(),
+        },
+        "queue_depth": state.engine.queue_depth(),
+        "running": state.engine.load.running.load(Ordering::SeqCst),
+        "cache": state.engine.cache_stats(),
+        "totals": totals,
+        "requests": requests,
+    })
 }
 
 fn models(state: &State) -> Value {
@@ -417,7 +505,7 @@ where
                 break;
             }
         }
-        trace.finish(&state.tracer);
+        trace.finish(&state);
     });
     Response::builder()
         .status(200)
@@ -431,7 +519,7 @@ fn record_done(state: &State, outs: &[Out], mut trace: Trace) {
     for o in outs {
         trace.on(o, &state.metrics);
     }
-    trace.finish(&state.tracer);
+    trace.finish(&state);
 }
 
 async fn messages(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiError> {

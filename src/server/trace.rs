@@ -38,7 +38,7 @@ pub struct Tracer {
     redact: Vec<String>,
 }
 
-fn now_secs() -> f64 {
+pub fn now_secs() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
@@ -137,11 +137,8 @@ impl Tracer {
         self.bodies
     }
 
-    /// Write one record (a JSON object), with the time added and secrets removed.
-    pub fn record(&self, mut v: Value) {
-        let guard = self.tx.lock();
-        let Some(tx) = guard.as_ref() else { return };
-        v["time"] = serde_json::json!(now_secs());
+    /// A record as a JSON line with secrets removed.
+    pub fn redacted_line(&self, v: &Value) -> String {
         let mut line = v.to_string();
         for key in self.redact.iter().filter(|k| !k.is_empty()) {
             // As written in the JSON line: escaped where it has quotes or backslashes.
@@ -149,7 +146,18 @@ impl Tracer {
             let escaped = escaped.get(1..escaped.len().saturating_sub(1)).unwrap_or(key);
             line = line.replace(key.as_str(), "[redacted]").replace(escaped, "[redacted]");
         }
-        let _ = tx.send(line);
+        line
+    }
+
+    /// Write one record (a JSON object) with secrets removed, with the time
+    /// added unless it has one.
+    pub fn record(&self, mut v: Value) {
+        let guard = self.tx.lock();
+        let Some(tx) = guard.as_ref() else { return };
+        if v.get("time").is_none() {
+            v["time"] = serde_json::json!(now_secs());
+        }
+        let _ = tx.send(self.redacted_line(&v));
     }
 }
 
