@@ -73,5 +73,14 @@ fn claude_code_runs_and_its_second_turn_reads_the_cache() {
     let text = String::from_utf8_lossy(&rep.stdout);
     eprintln!("{text}");
     assert!(rep.status.success() && text.contains(&format!("read {tr} computed {}", tn - tr)), "{text}");
+    // The chart of the same session, kept under target/ to look at.
+    let shown = records.iter().filter(|r| kvserve::report::answered(r) && r["ttft_s"].is_number() && r.get("prompt_tokens").is_some()).count();
+    for ext in ["svg", "png"] {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("target/claude-code-report.{ext}"));
+        let rep = Command::new(env!("CARGO_BIN_EXE_kvserve")).env("HOME", &home).args(["report", "--plot"]).arg(&file).output().unwrap();
+        let err = String::from_utf8_lossy(&rep.stderr);
+        assert!(rep.status.success() && err.contains(&format!("({shown} requests)")), "{err}");
+        assert!(std::fs::metadata(&file).unwrap().len() > 10_000, "{} is nearly empty", file.display());
+    }
     let _ = std::fs::remove_dir_all(&home);
 }

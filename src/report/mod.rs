@@ -114,7 +114,7 @@ fn secs(v: &Value) -> String {
     v.as_f64().map_or("-".into(), |x| format!("{x:.2}s"))
 }
 
-/// Unix seconds as `YYYY-MM-DD HH:MM` (UTC).
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS` (UTC).
 pub fn utc(t: f64) -> String {
     let secs = t.max(0.0) as i64;
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
@@ -128,10 +128,10 @@ pub fn utc(t: f64) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}", rem / 3600, rem % 3600 / 60)
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-/// The summary's period as text: `2026-11-27 12:01 - 12:45 UTC`.
+/// The summary's period as text: `2026-11-27 12:01:07 - 12:45:30 UTC`.
 pub fn period_text(s: &Value) -> String {
     let (Some(a), Some(b)) = (s["period"]["from"].as_f64(), s["period"]["to"].as_f64()) else { return "no requests".into() };
     let (fa, fb) = (utc(a), utc(b));
@@ -262,10 +262,10 @@ mod tests {
         assert_eq!(parse_since("2h", 10_000.0).unwrap(), 2800.0);
         assert_eq!(parse_since("1700000000", 0.0).unwrap(), 1.7e9);
         assert!(parse_since("soon", 0.0).is_err());
-        assert_eq!(utc(0.0), "1970-01-01 00:00");
-        assert_eq!(utc(1_795_782_896.0), "2026-11-27 12:34");
-        assert_eq!(utc(951_825_600.0), "2000-02-29 12:00");
+        assert_eq!(utc(0.0), "1970-01-01 00:00:00");
+        assert_eq!(utc(1_795_782_896.0), "2026-11-27 12:34:56");
+        assert_eq!(utc(951_825_600.0), "2000-02-29 12:00:00");
         let s = json!({"period": {"from": 1_795_782_896.0, "to": 1_795_785_000.0}});
-        assert_eq!(period_text(&s), "2026-11-27 12:34 - 13:10 UTC");
+        assert_eq!(period_text(&s), "2026-11-27 12:34:56 - 13:10:00 UTC");
     }
 }

@@ -180,7 +180,7 @@ fn draw<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, title: &str, points: 
         .x_label_area_size(44)
         .y_label_area_size(90)
         // Headroom above the tallest bar for the legend.
-        .build_cartesian_2d(x_range, 0.0..most * 1.3)
+        .build_cartesian_2d(x_range, 0.0..most * 1.5)
         .map_err(e)?;
     chart
         .configure_mesh()
@@ -267,7 +267,7 @@ mod tests {
         let svg = dir.join("r.svg");
         assert_eq!(plot(&recs, 0.0, &svg).unwrap(), 12);
         let text = std::fs::read_to_string(&svg).unwrap();
-        for want in ["<svg", "kvserve prompt cache: 2026-11-27 12:34 - 12:40 UTC (12 requests answered)", "time to first token", "cold (3)", "warm (9)", "read from the cache", "computed", "0.1 s", "10 s", "3K"] {
+        for want in ["<svg", "kvserve prompt cache: 2026-11-27 12:34:56 - 12:40:26 UTC (12 requests answered)", "time to first token", "cold (3)", "warm (9)", "read from the cache", "computed", "0.1 s", "10 s", "3K"] {
             assert!(text.contains(want), "the SVG lacks {want:?}");
         }
         assert!(plot(&recs, 0.0, &dir.join("r.jpg")).unwrap_err().contains(".svg or .png"));
