@@ -128,7 +128,13 @@ pub fn run(model: &str) -> bool {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().map_err(|e| e.to_string())?;
         let state: Arc<State> = State::new(
             engine,
-            ServerConfig { api_key: None, max_body_bytes: 1 << 20, trace: TraceConfig { dir: None, bodies: false, max_file_bytes: 0, redact: vec![] } },
+            ServerConfig {
+                api_key: None,
+                max_body_bytes: 1 << 20,
+                trace: TraceConfig { dir: None, bodies: false, max_file_bytes: 0, redact: vec![] },
+                aliases: vec![],
+                strict_model: false,
+            },
         );
         let listener = rt.block_on(server::bind("127.0.0.1:0".parse().expect("valid address"))).map_err(|e| e.to_string())?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?.to_string();

@@ -11,6 +11,44 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn context_from_each_servers_model_list() {
+        let kv = json!({"data": [{"id": "m", "context_length": 8192}, {"id": "alias", "context_length": 8192}]});
+        assert_eq!(context_in(&kv, Some("m")), Some(8192));
+        let vllm = json!({"data": [{"id": "a", "max_model_len": 4096}, {"id": "b", "max_model_len": 32768}]});
+        assert_eq!(context_in(&vllm, Some("b")), Some(32768));
+        assert_eq!(context_in(&vllm, Some("missing")), Some(4096), "else the first entry");
+        let lms = json!({"data": [{"id": "q", "max_context_length": 131072}]});
+        assert_eq!(context_in(&lms, None), Some(131072));
+        let llama = json!({"data": [{"id": "x.gguf", "meta": {"n_ctx_train": 8192}}]});
+        assert_eq!(context_in(&llama, Some("x.gguf")), Some(8192));
+        assert_eq!(context_in(&json!({"data": [{"id": "mlx"}]}), None), None);
+        assert_eq!(context_in(&json!({"error": "no"}), None), None);
+    }
+
+    #[test]
+    fn claude_is_told_the_window() {
+        let env = claude_env("http://127.0.0.1:9", "m", "t", 32768);
+        let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("ANTHROPIC_MODEL").as_deref(), Some("m"));
+        if std::env::var_os("CLAUDE_CODE_MAX_CONTEXT_TOKENS").is_none() {
+            assert_eq!(get("CLAUDE_CODE_MAX_CONTEXT_TOKENS").as_deref(), Some("32768"));
+            assert_eq!(get("CLAUDE_CODE_AUTO_COMPACT_WINDOW").as_deref(), Some("32768"));
+            assert_eq!(get("CLAUDE_CODE_MAX_OUTPUT_TOKENS").as_deref(), Some("4096"));
+        }
+        let small = claude_env("u", "m", "t", 1000);
+        let out = small.iter().find(|(n, _)| *n == "CLAUDE_CODE_MAX_OUTPUT_TOKENS").map(|(_, v)| v.as_str());
+        if std::env::var_os("CLAUDE_CODE_MAX_OUTPUT_TOKENS").is_none() {
+            assert_eq!(out, Some("500"), "never more than half the window");
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct LaunchError(pub String);
@@ -178,32 +216,82 @@ pub fn http_request(addr: &str, method: &str, path: &str, json_body: Option<&str
     Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
 }
 
-/// The model an already running server serves (GET /v1/models).
-pub fn served_model(url: &str) -> Result<String, LaunchError> {
+/// A server's `GET /v1/models` list as JSON.
+fn models_list(url: &str) -> Result<serde_json::Value, LaunchError> {
     let hostport = url.trim_start_matches("http://").trim_end_matches('/');
     let (_, body) = http_request(hostport, "GET", "/v1/models", None).map_err(LaunchError)?;
     let json = body.as_str();
     // A chunked body: the JSON object is between the first '{' and the last '}'.
     let json = json.find('{').and_then(|a| json.rfind('}').map(|b| &json[a..=b])).unwrap_or("");
-    let v: serde_json::Value = serde_json::from_str(json).map_err(|_| LaunchError(format!("{url} did not answer GET /v1/models")))?;
+    serde_json::from_str(json).map_err(|_| LaunchError(format!("{url} did not answer GET /v1/models")))
+}
+
+/// The model an already running server serves (GET /v1/models).
+pub fn served_model(url: &str) -> Result<String, LaunchError> {
+    let v = models_list(url)?;
     v["data"][0]["id"].as_str().map(str::to_string).ok_or_else(|| LaunchError(format!("{url} serves no model")))
 }
 
-/// Run Claude Code against `url` serving `model`; returns its exit code.
-pub fn run_claude(claude: &Path, url: &str, model: &str, token: &str, args: &[String]) -> Result<i32, LaunchError> {
-    let mut cmd = Command::new(claude);
-    cmd.args(args)
-        .env("ANTHROPIC_BASE_URL", url)
-        .env("ANTHROPIC_AUTH_TOKEN", token)
-        .env("ANTHROPIC_MODEL", model)
-        .env("ANTHROPIC_DEFAULT_OPUS_MODEL", model)
-        .env("ANTHROPIC_DEFAULT_SONNET_MODEL", model)
-        .env("ANTHROPIC_DEFAULT_HAIKU_MODEL", model)
-        .env("ANTHROPIC_SMALL_FAST_MODEL", model)
-        .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
+/// The context window a model list reports for `model` (else its first
+/// entry), under the names servers use: kvserve's `context_length`, vLLM's
+/// `max_model_len`, LM Studio's `max_context_length`, llama.cpp's
+/// `meta.n_ctx_train`.
+pub fn context_in(list: &serde_json::Value, model: Option<&str>) -> Option<usize> {
+    let data = list["data"].as_array()?;
+    let entry = model.and_then(|m| data.iter().find(|e| e["id"] == m)).or(data.first())?;
+    [&entry["context_length"], &entry["max_model_len"], &entry["max_context_length"], &entry["meta"]["n_ctx_train"]]
+        .into_iter()
+        .find_map(|v| v.as_u64())
+        .filter(|&n| n > 0)
+        .map(|n| n as usize)
+}
+
+/// The context window the server at `url` reports for `model`, if it does.
+pub fn served_context(url: &str, model: Option<&str>) -> Result<Option<usize>, LaunchError> {
+    Ok(context_in(&models_list(url)?, model))
+}
+
+/// What Claude Code is told, in order: the server, the model for every
+/// role, and the model's real window (so its auto-compaction fires before
+/// the context overflows, and it does not assume 1M tokens for a name it
+/// does not know). Variables the user already set are left as they are.
+pub fn claude_env(url: &str, model: &str, token: &str, context: usize) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("ANTHROPIC_BASE_URL", url.to_string()),
+        ("ANTHROPIC_AUTH_TOKEN", token.to_string()),
+        ("ANTHROPIC_MODEL", model.to_string()),
+        ("ANTHROPIC_DEFAULT_OPUS_MODEL", model.to_string()),
+        ("ANTHROPIC_DEFAULT_SONNET_MODEL", model.to_string()),
+        ("ANTHROPIC_DEFAULT_HAIKU_MODEL", model.to_string()),
+        ("ANTHROPIC_SMALL_FAST_MODEL", model.to_string()),
+        ("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1".to_string()),
         // Long prompts on a CPU take minutes the first time.
-        .env("API_TIMEOUT_MS", "3600000")
-        .env_remove("ANTHROPIC_API_KEY");
+        ("API_TIMEOUT_MS", "3600000".to_string()),
+    ];
+    let own = [
+        ("CLAUDE_CODE_MAX_CONTEXT_TOKENS", context),
+        ("CLAUDE_CODE_AUTO_COMPACT_WINDOW", context),
+        // An eighth of the window for the answer (Claude Code keeps that much free).
+        ("CLAUDE_CODE_MAX_OUTPUT_TOKENS", (context / 8).clamp(1024, 32_000).min(context / 2)),
+    ];
+    for (k, v) in own {
+        if std::env::var_os(k).is_none() {
+            env.push((k, v.to_string()));
+        }
+    }
+    env
+}
+
+/// Run Claude Code against `url` serving `model` with a `context`-token
+/// window; returns its exit code.
+pub fn run_claude(claude: &Path, url: &str, model: &str, token: &str, context: usize, args: &[String]) -> Result<i32, LaunchError> {
+    let mut cmd = Command::new(claude);
+    let env = claude_env(url, model, token, context);
+    eprintln!(
+        "environment for Claude Code: {}",
+        env.iter().map(|(k, v)| if *k == "ANTHROPIC_AUTH_TOKEN" { format!("{k}=...") } else { format!("{k}={v}") }).collect::<Vec<_>>().join(" ")
+    );
+    cmd.args(args).envs(env).env_remove("ANTHROPIC_API_KEY");
     let mut child = cmd.spawn().map_err(|e| LaunchError(format!("cannot run {}: {e}", claude.display())))?;
     // Ctrl-C goes to Claude Code (same terminal); this process waits it out.
     crate::mlx::ignore_interrupt();

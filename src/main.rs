@@ -178,6 +178,13 @@ struct ServeArgs {
     /// chosen while other requests decode).
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Another model name to answer to and list in /v1/models (repeatable).
+    #[arg(long, value_name = "NAME")]
+    alias: Vec<String>,
+    /// Refuse (404) model names other than the model's own and the aliases;
+    /// without it, every name is answered by the served model.
+    #[arg(long)]
+    strict_model: bool,
     /// Accept prompts up to this many tokens instead of the model's own
     /// context length (past what it was trained on, answers may be poor).
     #[arg(long)]
@@ -294,7 +301,13 @@ fn serve(args: ServeArgs) -> Result<()> {
             redact: args.api_key.iter().cloned().collect(),
         };
         let trace_dir = trace.dir.clone();
-        let state = State::new(engine, ServerConfig { api_key: args.api_key.clone(), max_body_bytes: args.max_body, trace });
+        let state = State::new(engine, ServerConfig {
+            api_key: args.api_key.clone(),
+            max_body_bytes: args.max_body,
+            trace,
+            aliases: args.alias.clone(),
+            strict_model: args.strict_model,
+        });
         if !local.ip().is_loopback() && args.api_key.is_none() {
             tracing::warn!("listening on {local} beyond this machine without --api-key: anyone who can reach it can use it");
         }
@@ -361,8 +374,17 @@ fn claude(
             (Some(s), u, n)
         }
     };
-    eprintln!("running {} against {url} (model {name})", exe.display());
-    let code = launch::run_claude(&exe, &url, &name, "kvserve", args)?;
+    // The window Claude Code is told: --context, else what the server reports
+    // (kvserve: the model's own; an upstream behind --proxy, where it says).
+    let window = match context {
+        Some(c) => c,
+        None => match launch::served_context(&url, Some(&name))? {
+            Some(c) => c,
+            None => bail!("{url} does not report the model's context window; give --context N (its window in tokens)"),
+        },
+    };
+    eprintln!("running {} against {url} (model {name}, {window} tokens of context)", exe.display());
+    let code = launch::run_claude(&exe, &url, &name, "kvserve", window, args)?;
     drop(server);
     Ok(code)
 }

@@ -10,7 +10,8 @@ use common::Server;
 #[test]
 fn proxy_translates_to_a_real_upstream() {
     let model = common::smollm2_dir();
-    let upstream = Server::start(&["--model", model.to_str().unwrap()]);
+    // Strict, so that an unknown name gets the upstream's 404 through the proxy.
+    let upstream = Server::start(&["--model", model.to_str().unwrap(), "--strict-model"]);
     let proxy = Server::start(&["--proxy", &format!("http://{}", upstream.addr)]);
     // A port nobody listens on.
     let dead_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();

@@ -55,7 +55,7 @@ fn assert_error(r: &Reply, anthropic: bool, status: u16, kind: &str, needle: &st
 
 #[test]
 fn bad_inputs_get_clear_errors_in_each_apis_envelope() {
-    let s = start(&["--max-body", "200K"]);
+    let s = start(&["--max-body", "200K", "--strict-model"]);
     let long = "word ".repeat(9000);
     // (case, body, status, anthropic error type, openai error type, message part)
     let cases: Vec<(&str, Value, u16, &str, &str, &str)> = vec![
@@ -149,6 +149,40 @@ fn routes_around_generation() {
     assert_eq!(cleared["stats"]["entries"], 0);
     let cold = post(&s.addr, "/v1/messages", &body).json();
     assert_eq!(cold["usage"]["cache_read_input_tokens"], 0, "{cold}");
+}
+
+#[test]
+fn any_model_name_is_answered_by_the_served_model_unless_strict() {
+    let s = start(&["--alias", "claude-sonnet-4-5", "--alias", "local"]);
+    let m = get(&s.addr, "/v1/models").json();
+    let ids: Vec<&str> = m["data"].as_array().unwrap().iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, [MODEL, "claude-sonnet-4-5", "local"], "{m}");
+    assert_eq!((m["first_id"].as_str(), m["last_id"].as_str()), (Some(MODEL), Some("local")));
+    // Claude Code's side-call names, an alias, and nonsense: all answered, under the served name.
+    for name in ["claude-haiku-4-5-20251001", "claude-sonnet-4-5", "gpt-9"] {
+        let r = post(&s.addr, "/v1/messages", &with(anthropic_ok(), "model", json!(name)));
+        assert_eq!(r.status, 200, "{name}: {}", r.body);
+        assert_eq!(r.json()["model"], MODEL, "{name}");
+        let r = post(&s.addr, "/v1/chat/completions", &with(openai_ok(), "model", json!(name)));
+        assert_eq!(r.status, 200, "{name}: {}", r.body);
+        assert_eq!(r.json()["model"], MODEL, "{name}");
+        let r = post(&s.addr, "/v1/messages/count_tokens", &without(with(anthropic_ok(), "model", json!(name)), "max_tokens"));
+        assert_eq!(r.status, 200, "{name}: {}", r.body);
+    }
+    let streamed = post(&s.addr, "/v1/messages", &with(with(anthropic_ok(), "model", json!("claude-opus-4-1")), "stream", json!(true)));
+    let first = streamed.events().into_iter().find(|(e, _)| e == "message_start").unwrap();
+    assert_eq!(serde_json::from_str::<Value>(&first.1).unwrap()["message"]["model"], MODEL);
+    drop(s);
+
+    // --strict-model: the model's names and the aliases only.
+    let s = start(&["--alias", "local", "--strict-model"]);
+    assert_eq!(post(&s.addr, "/v1/messages", &with(anthropic_ok(), "model", json!("local"))).status, 200);
+    let path = common::smollm2_dir();
+    assert_eq!(post(&s.addr, "/v1/messages", &with(anthropic_ok(), "model", json!(path.to_str().unwrap()))).status, 200);
+    let r = post(&s.addr, "/v1/messages", &with(anthropic_ok(), "model", json!("claude-haiku-4-5")));
+    assert_error(&r, true, 404, "not_found_error", &format!("model 'claude-haiku-4-5' is not served here; this server serves '{MODEL}', 'local'"), "strict");
+    let r = post(&s.addr, "/v1/chat/completions", &with(openai_ok(), "model", json!("gpt-9")));
+    assert_error(&r, false, 404, "invalid_request_error", "(--strict-model is on)", "strict openai");
 }
 
 #[test]

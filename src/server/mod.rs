@@ -53,6 +53,11 @@ pub struct ServerConfig {
     /// Largest request body accepted, in bytes.
     pub max_body_bytes: usize,
     pub trace: TraceConfig,
+    /// More names this server answers to and lists in `/v1/models`.
+    pub aliases: Vec<String>,
+    /// Refuse (404) model names that are neither the model's nor an alias;
+    /// otherwise any name is answered by the served model.
+    pub strict_model: bool,
 }
 
 pub struct State {
@@ -117,12 +122,15 @@ impl State {
         format!("{prefix}{t:x}{n:06x}")
     }
 
-    /// Names this server answers to: the model's name, its path, and the
-    /// path's last component.
+    /// Names this server answers to with `--strict-model`: the model's
+    /// name, its path, the path's last component, and the aliases.
     fn serves(&self, model: &str) -> bool {
         let info = &self.engine.info;
         let path = info.path.to_string_lossy();
-        model == info.name || model == path || info.path.file_name().is_some_and(|f| f.to_string_lossy() == model)
+        model == info.name
+            || model == path
+            || info.path.file_name().is_some_and(|f| f.to_string_lossy() == model)
+            || self.cfg.aliases.iter().any(|a| a == model)
     }
 }
 
@@ -413,14 +421,21 @@ fn recent_view(state: &State) -> Value {
     })
 }
 
+/// The served model, then each `--alias`, in both APIs' list shapes.
 fn models(state: &State) -> Value {
     let name = &state.engine.info.name;
-    let entry = json!({
-        "id": name, "object": "model", "type": "model", "display_name": name,
-        "created": 0, "created_at": "1970-01-01T00:00:00Z", "owned_by": "kvserve",
-        "context_length": state.engine.info.context,
-    });
-    json!({"object": "list", "data": [entry], "has_more": false, "first_id": name, "last_id": name})
+    let names: Vec<&String> = std::iter::once(name).chain(state.cfg.aliases.iter().filter(|a| *a != name)).collect();
+    let data: Vec<Value> = names
+        .iter()
+        .map(|n| {
+            json!({
+                "id": n, "object": "model", "type": "model", "display_name": n,
+                "created": 0, "created_at": "1970-01-01T00:00:00Z", "owned_by": "kvserve",
+                "context_length": state.engine.info.context,
+            })
+        })
+        .collect();
+    json!({"object": "list", "data": data, "has_more": false, "first_id": name, "last_id": names.last().unwrap_or(&name)})
 }
 
 fn health(state: &State) -> Response<Body> {
@@ -431,13 +446,18 @@ fn health(state: &State) -> Response<Body> {
     }
 }
 
-fn check_model(state: &State, model: &str) -> Result<(), ApiError> {
-    if state.serves(model) {
-        return Ok(());
+/// The name a request's model is answered under: the served model's, for
+/// any name (Claude Code sends `claude-*` names for side calls), unless
+/// `--strict-model` is on and the name is neither the model's nor an alias.
+fn check_model(state: &State, model: &str) -> Result<String, ApiError> {
+    if !state.cfg.strict_model || state.serves(model) {
+        return Ok(state.engine.info.name.clone());
     }
+    let mut names = vec![format!("'{}'", state.engine.info.name)];
+    names.extend(state.cfg.aliases.iter().map(|a| format!("'{a}'")));
     Err(ApiError {
         kind: Kind::NotFound,
-        message: format!("model '{model}' is not served here; this server serves '{}'", state.engine.info.name),
+        message: format!("model '{model}' is not served here; this server serves {} (--strict-model is on)", names.join(", ")),
         param: Some("model".into()),
     })
 }
@@ -524,17 +544,17 @@ fn record_done(state: &State, outs: &[Out], mut trace: Trace) {
 
 async fn messages(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiError> {
     let p = anthropic::parse(&body, false)?;
-    check_model(state, &p.model)?;
+    let served = check_model(state, &p.model)?;
     let id = state.id("msg_");
     let trace = Trace::new(state, Api::Anthropic, "/v1/messages", &p.model, p.stream, &p.request, &body);
     let gen = start(state, &p.request, &format!("toolu_{}", id.trim_start_matches("msg_"))).await?;
     if p.stream {
-        let mut events = anthropic::Events::new(id, p.model);
+        let mut events = anthropic::Events::new(id, served);
         return Ok(sse_response(state, gen, true, trace, move |o| events.on(o)));
     }
     let outs = gen.collect().await;
     record_done(state, &outs, trace);
-    anthropic::message_json(&id, &p.model, &outs)
+    anthropic::message_json(&id, &served, &outs)
         .map(|m| json_response(200, &m))
         .map_err(|e| ApiError::new(Kind::Internal, e))
 }
@@ -548,18 +568,18 @@ async fn count_tokens(state: &Arc<State>, body: Value) -> Result<Response<Body>,
 
 async fn chat(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiError> {
     let p = openai::parse(&body)?;
-    check_model(state, &p.model)?;
+    let served = check_model(state, &p.model)?;
     let id = state.id("chatcmpl-");
     let created = now_secs();
     let trace = Trace::new(state, Api::OpenAi, "/v1/chat/completions", &p.model, p.stream, &p.request, &body);
     let gen = start(state, &p.request, &format!("call_{}", id.trim_start_matches("chatcmpl-"))).await?;
     if p.stream {
-        let mut chunks = openai::Chunks::new(id, p.model, created, p.include_usage);
+        let mut chunks = openai::Chunks::new(id, served, created, p.include_usage);
         return Ok(sse_response(state, gen, false, trace, move |o| chunks.on(o)));
     }
     let outs = gen.collect().await;
     record_done(state, &outs, trace);
-    openai::completion_json(&id, &p.model, created, &outs)
+    openai::completion_json(&id, &served, created, &outs)
         .map(|m| json_response(200, &m))
         .map_err(|e| ApiError::new(Kind::Internal, e))
 }

@@ -65,11 +65,13 @@ def run_openai(base, model):
     for chunk in c.chat.completions.create(model=model, messages=msgs, max_tokens=16, tools=TOOLS_OPENAI, stream=True):
         n += 1
     check(n >= 2, "openai stream with tools parses")
+    r = c.chat.completions.create(model="not-a-model", messages=msgs, max_tokens=4)
+    check(r.model == model, f"any model name is answered by the served model: {r.model}")
     try:
-        c.chat.completions.create(model="not-a-model", messages=msgs, max_tokens=4)
-        check(False, "unknown model refused")
-    except openai.NotFoundError as e:
-        check("not served here" in str(e), f"openai error parsed: {e}")
+        c.chat.completions.create(model=model, messages=msgs, max_tokens=0)
+        check(False, "max_tokens 0 refused")
+    except openai.BadRequestError as e:
+        check("max_tokens" in str(e), f"openai error parsed: {e}")
 
 
 def run_anthropic(base, model):
