@@ -79,6 +79,7 @@ pub fn run(model: &str) -> bool {
         model: model.to_string(),
         cache_bytes: 1 << 30,
         cache_dir: None,
+        cache_disk: Default::default(),
         queue: 4,
         prefill_chunk: 512,
         parallel: 4,

@@ -108,10 +108,10 @@ impl Drop for StartedServer {
     }
 }
 
-/// Restarts allowed within [`RESTART_WINDOW`] before the watcher gives up
-/// (a server that cannot start would otherwise be retried forever).
-const MAX_RESTARTS: usize = 5;
-const RESTART_WINDOW: Duration = Duration::from_secs(300);
+/// The watcher gives up at this many exits within [`RESTART_WINDOW`] (a
+/// server that cannot start would otherwise be retried forever).
+const MAX_FAILURES: usize = 3;
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// Start `kvserve serve --port PORT ARGS` in its own process group (a Ctrl-C
 /// meant for Claude Code does not reach it) and wait until it listens;
@@ -127,8 +127,9 @@ fn spawn_server(port: u16, serve_args: &[String]) -> Result<(Child, String, Stri
         return Err(LaunchError("the server's output could not be read".into()));
     };
     let mut lines = BufReader::new(out).lines();
-    let (mut url, mut model) = (None, None);
-    while url.is_none() || model.is_none() {
+    let (mut url, mut model, mut cache) = (None, None, false);
+    // Up to the prompt-cache line (where snapshots persist), echoed.
+    while url.is_none() || model.is_none() || !cache {
         let Some(Ok(line)) = lines.next() else {
             let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
             return Err(LaunchError(format!("the server stopped before it was ready ({status}); see the messages above")));
@@ -137,6 +138,8 @@ fn spawn_server(port: u16, serve_args: &[String]) -> Result<(Child, String, Stri
             url = Some(u.trim().to_string());
         } else if let Some(m) = line.strip_prefix("model: ") {
             model = Some(m.split(" (").next().unwrap_or(m).trim().to_string());
+        } else if line.starts_with("prompt cache: ") {
+            cache = true;
         }
         eprintln!("{line}");
     }
@@ -165,7 +168,7 @@ pub fn start_server(serve_args: &[String]) -> Result<StartedServer, LaunchError>
 
 /// Restart the server on `port` whenever it exits, until `stopping`.
 fn watch(child: Arc<Mutex<Child>>, stopping: Arc<AtomicBool>, port: u16, args: Vec<String>) {
-    let mut restarts: Vec<Instant> = vec![];
+    let mut failures: Vec<Instant> = vec![];
     while !stopping.load(Ordering::SeqCst) {
         std::thread::sleep(Duration::from_millis(200));
         let mut guard = child.lock();
@@ -180,16 +183,17 @@ fn watch(child: Arc<Mutex<Child>>, stopping: Arc<AtomicBool>, port: u16, args: V
                 return;
             }
         };
-        restarts.retain(|t| t.elapsed() < RESTART_WINDOW);
-        if restarts.len() >= MAX_RESTARTS {
+        failures.retain(|t| t.elapsed() < RESTART_WINDOW);
+        failures.push(Instant::now());
+        if failures.len() >= MAX_FAILURES {
             eprintln!(
-                "kvserve claude: the server exited ({status}) {MAX_RESTARTS} times within {} s; not restarting it again",
+                "kvserve claude: the server exited ({status}) {MAX_FAILURES} times within {} s; not restarting it again. \
+                 Claude Code's requests will fail until you restart kvserve claude; see the server's messages above for why it stopped",
                 RESTART_WINDOW.as_secs()
             );
             return;
         }
-        restarts.push(Instant::now());
-        eprintln!("kvserve claude: the server exited ({status}); starting it again on port {port}");
+        eprintln!("kvserve claude: the server exited ({status}); starting it again on port {port} (it reads its snapshots back from disk)");
         match spawn_server(port, &args) {
             Ok((c, _, _)) => *guard = c,
             Err(e) => eprintln!("kvserve claude: {e}"),

@@ -74,9 +74,18 @@ enum Command {
         /// about 12K-24K tokens; a smaller model needs an override).
         #[arg(long)]
         context: Option<usize>,
-        /// Snapshot folder for the started server (survives restarts).
+        /// Snapshot folder for the started server (default: the per-user
+        /// folder, ~/.cache/kvserve/kv/<model key>, so every launch reads
+        /// what the last one computed).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
+        /// Keep the started server's snapshots in memory only.
+        #[arg(long, conflicts_with = "cache_dir")]
+        no_cache_dir: bool,
+        /// Most disk the snapshot files may take (bytes or K/M/G; default:
+        /// 10% of the free space there, at most 50G).
+        #[arg(long, value_parser = parse_bytes)]
+        cache_disk_bytes: Option<usize>,
         /// Arguments for Claude Code, after `--` (e.g. -- -p "hello").
         #[arg(last = true)]
         claude_args: Vec<String>,
@@ -108,6 +117,15 @@ enum Command {
         #[arg(long)]
         plot: Option<PathBuf>,
     },
+    /// The per-user snapshot folder (`--cache-dir auto`, kvserve claude's
+    /// default): list it, remove one model's snapshots, or all of them.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+        /// The root to look in (default: $XDG_CACHE_HOME/kvserve/kv or ~/.cache/kvserve/kv).
+        #[arg(long, global = true)]
+        cache_dir: Option<PathBuf>,
+    },
     /// Convert a GGUF file into an MLX-format directory that mlx-lm can load.
     Convert {
         input: PathBuf,
@@ -119,6 +137,16 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         q_group_size: i32,
     },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Each model's folder: its key, model, snapshots, bytes, last use.
+    Ls,
+    /// Remove the folders whose key starts with WHICH or whose model path contains it.
+    Rm { which: String },
+    /// Remove every model's snapshots.
+    Clear,
 }
 
 #[derive(clap::Args)]
@@ -153,9 +181,16 @@ struct ServeArgs {
     /// (default: a quarter of RAM, at most 16G).
     #[arg(long, value_parser = parse_bytes)]
     cache_bytes: Option<usize>,
-    /// Keep snapshots in this folder so they survive restarts.
+    /// Keep snapshots in this folder so they survive restarts; `auto`: the
+    /// per-user folder ($XDG_CACHE_HOME/kvserve/kv or ~/.cache/kvserve/kv),
+    /// one folder per model under it.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Most disk the snapshot files may take (bytes or K/M/G), the least
+    /// recently used deleted beyond it (default: 10% of the free space
+    /// there, at most 50G).
+    #[arg(long, value_parser = parse_bytes)]
+    cache_disk_bytes: Option<usize>,
     /// Most memory MLX keeps in freed buffers for reuse (bytes or K/M/G);
     /// beyond it, freed buffers are returned to the system.
     #[arg(long, value_parser = parse_bytes, default_value = "256M")]
@@ -271,11 +306,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         return serve_proxy(&args, &upstream);
     }
     let cache_bytes = args.cache_bytes.unwrap_or_else(default_cache_bytes);
+    let (cache_dir, cache_disk) = cache_folder(args.cache_dir.as_deref(), args.cache_disk_bytes)?;
     kvserve::mlx::set_cache_limit(args.mlx_cache_limit).context("cannot set MLX's cache limit")?;
     let cfg = EngineConfig {
         model: args.model.clone().expect("clap requires --model without --proxy"),
         cache_bytes,
-        cache_dir: args.cache_dir.clone(),
+        cache_dir,
+        cache_disk,
         queue: args.queue,
         prefill_chunk: args.prefill_chunk,
         parallel: args.parallel as usize,
@@ -316,7 +353,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!(
             "prompt cache: {:.1} GB in memory{}",
             cache_bytes as f64 / 1e9,
-            args.cache_dir.as_ref().map(|d| format!(", persisted in {}", d.display())).unwrap_or_default()
+            info.snapshot_dir.as_ref().map(|d| format!(", persisted in {}", d.display())).unwrap_or_default()
         );
         println!(
             "Claude Code: ANTHROPIC_BASE_URL=http://{local} ANTHROPIC_AUTH_TOKEN={} ANTHROPIC_MODEL={} claude",
@@ -332,12 +369,27 @@ fn serve(args: ServeArgs) -> Result<()> {
     })
 }
 
+/// `--cache-dir` as the engine takes it: `auto` is the per-user root, one
+/// folder per model under it.
+fn cache_folder(dir: Option<&std::path::Path>, disk_bytes: Option<usize>) -> Result<(Option<PathBuf>, kvserve::engine::worker::CacheDisk)> {
+    use kvserve::engine::worker::CacheDisk;
+    let bound_bytes = disk_bytes.map(|b| b as u64);
+    match dir {
+        Some(d) if d.as_os_str() == "auto" => {
+            let Some(root) = kvserve::cache::disk::user_root() else { bail!("--cache-dir auto: neither XDG_CACHE_HOME nor HOME is set; give a folder") };
+            Ok((Some(root), CacheDisk { per_model: true, bound_bytes }))
+        }
+        d => Ok((d.map(PathBuf::from), CacheDisk { per_model: false, bound_bytes })),
+    }
+}
+
 fn claude(
     model: Option<String>,
     url: Option<String>,
     proxy: Option<String>,
     context: Option<usize>,
     cache_dir: Option<PathBuf>,
+    cache_disk_bytes: Option<usize>,
     args: &[String],
 ) -> Result<i32> {
     use kvserve::launch;
@@ -368,6 +420,9 @@ fn claude(
             }
             if let Some(d) = cache_dir {
                 serve_args.extend(["--cache-dir".to_string(), d.display().to_string()]);
+            }
+            if let Some(b) = cache_disk_bytes {
+                serve_args.extend(["--cache-disk-bytes".to_string(), b.to_string()]);
             }
             let s = launch::start_server(&serve_args)?;
             let (u, n) = (s.url.clone(), s.model.clone());
@@ -419,8 +474,10 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Claude { model, url, proxy, context, cache_dir, claude_args } => {
-            let code = claude(model, url, proxy, context, cache_dir, &claude_args)?;
+        Command::Claude { model, url, proxy, context, cache_dir, no_cache_dir, cache_disk_bytes, claude_args } => {
+            // The started server persists its snapshots by default: every launch reads what the last computed.
+            let cache_dir = if no_cache_dir { None } else { Some(cache_dir.unwrap_or_else(|| PathBuf::from("auto"))) };
+            let code = claude(model, url, proxy, context, cache_dir, cache_disk_bytes, &claude_args)?;
             std::process::exit(code);
         }
         Command::Info => info(),
@@ -428,6 +485,7 @@ fn main() -> Result<()> {
             let sampling = SamplingParams { temperature: temp, top_p, top_k, min_p, repetition_penalty, seed, ..Default::default() };
             run_generate(&model, &prompt, system.as_deref(), max_tokens, sampling, raw)
         }
+        Command::Cache { action, cache_dir } => cache_command(action, cache_dir),
         Command::Convert { input, output, q_bits, q_group_size } => {
             let requant = q_bits.map(|bits| QuantSpec { group_size: q_group_size, bits });
             let c = gguf::convert(&input, requant)?;
@@ -436,6 +494,50 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn cache_command(action: CacheAction, root: Option<PathBuf>) -> Result<()> {
+    use kvserve::cache::disk;
+    let Some(root) = root.or_else(disk::user_root) else { bail!("neither XDG_CACHE_HOME nor HOME is set; give --cache-dir") };
+    let gb = |b: u64| b as f64 / 1e9;
+    match action {
+        CacheAction::Ls => {
+            let folders = disk::folders(&root);
+            println!("{}", root.display());
+            if folders.is_empty() {
+                println!("  (no snapshots)");
+            }
+            let now = std::time::SystemTime::now();
+            for f in &folders {
+                let ago = f.last_used.and_then(|t| now.duration_since(t).ok()).map(|d| format!("{:.0} min ago", d.as_secs_f64() / 60.0)).unwrap_or("-".into());
+                println!("  {}  {} snapshots, {:.3} GB, last used {}  {}", f.key, f.snapshots, gb(f.bytes), ago, f.model.as_deref().unwrap_or("(model unknown)"));
+            }
+            let total: u64 = folders.iter().map(|f| f.bytes).sum();
+            println!("total {:.3} GB", gb(total));
+        }
+        CacheAction::Rm { which } => {
+            for f in disk::remove_matching(&root, &which).map_err(anyhow::Error::msg)? {
+                println!("removed {} ({} snapshots, {:.3} GB) {}", f.path.display(), f.snapshots, gb(f.bytes), f.model.as_deref().unwrap_or(""));
+            }
+        }
+        CacheAction::Clear => {
+            let folders = disk::folders(&root);
+            let (mut n, mut bytes) = (0, 0);
+            for f in folders {
+                if f.key == "." {
+                    for s in disk::snapshot_files(&root).into_iter().filter(|s| s.path.parent() == Some(root.as_path())) {
+                        std::fs::remove_file(&s.path).with_context(|| format!("cannot remove {}", s.path.display()))?;
+                    }
+                } else {
+                    std::fs::remove_dir_all(&f.path).with_context(|| format!("cannot remove {}", f.path.display()))?;
+                }
+                n += f.snapshots;
+                bytes += f.bytes;
+            }
+            println!("removed {n} snapshots ({:.3} GB) from {}", gb(bytes), root.display());
+        }
+    }
+    Ok(())
 }
 
 fn run_generate(spec: &str, prompt: &str, system: Option<&str>, max_tokens: usize, sampling: SamplingParams, raw: bool) -> Result<()> {

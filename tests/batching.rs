@@ -28,6 +28,7 @@ fn engine_queue(parallel: usize, queue: usize, kv_bits: Option<u8>) -> Engine {
         model: common::smollm2_dir().to_string_lossy().into_owned(),
         cache_bytes: 1 << 30,
         cache_dir: None,
+        cache_disk: Default::default(),
         queue,
         prefill_chunk: 512,
         parallel,

@@ -49,6 +49,7 @@ fn a_server_killed_during_a_session_is_started_again_on_the_same_port() {
     let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
         .env("KVSERVE_CLAUDE", &fake)
         .env("KVSERVE_LOG", "warn")
+        .env("XDG_CACHE_HOME", &dir)
         .args(["claude", "--model", common::smollm2_dir().to_str().unwrap(), "--", "-p", "hi"])
         .output()
         .unwrap();
@@ -57,10 +58,62 @@ fn a_server_killed_during_a_session_is_started_again_on_the_same_port() {
     let line = stdout.lines().find(|l| l.starts_with("restarted ")).unwrap_or_else(|| panic!("{stdout}\n{stderr}"));
     assert!(line.ends_with("; answer message end_turn") || line.ends_with("; answer message max_tokens"), "{line}");
     assert!(stderr.contains("the server exited (signal: 9") && stderr.contains("starting it again on port"), "{stderr}");
+    // Snapshots persist by default, in the per-user folder, one folder per model.
+    let folder = dir.join("kvserve/kv");
+    assert!(stderr.contains(&format!("persisted in {}/", folder.display())), "{stderr}");
     // Both servers are gone once Claude Code has exited.
     let pids: Vec<&str> = line["restarted ".len()..].split(';').next().unwrap().split(" -> ").collect();
     for pid in pids {
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "server {pid} is still running");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Kills the server each time it comes back; prints how many kills it took
+/// until the server stayed down.
+const KILLER_CLAUDE: &str = r#"#!/usr/bin/env python3
+import json, os, signal, time, urllib.request
+url = os.environ["ANTHROPIC_BASE_URL"]
+def health():
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=5) as r:
+            return json.load(r)
+    except Exception:
+        return None
+kills, seen = 0, set()
+deadline = time.time() + 60
+while time.time() < deadline:
+    h = health()
+    if h and h["pid"] not in seen:
+        seen.add(h["pid"])
+        os.kill(h["pid"], signal.SIGKILL)
+        kills += 1
+        quiet = time.time()
+    elif kills and time.time() - quiet > 8:
+        break
+    time.sleep(0.1)
+print(f"kills {kills}; up after: {health() is not None}")
+"#;
+
+#[test]
+fn a_server_that_keeps_dying_is_given_up_after_three_exits_in_a_minute() {
+    let dir = std::env::temp_dir().join(format!("kvserve-giveup-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("claude");
+    std::fs::write(&fake, KILLER_CLAUDE).unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        .env("KVSERVE_CLAUDE", &fake)
+        .env("KVSERVE_LOG", "warn")
+        .env("XDG_CACHE_HOME", &dir)
+        .args(["claude", "--model", common::smollm2_dir().to_str().unwrap(), "--", "-p", "hi"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("kills 3; up after: False"), "{stdout}\n{stderr}");
+    assert_eq!(stderr.matches("starting it again on port").count(), 2, "{stderr}");
+    assert!(stderr.contains("exited (signal: 9 (SIGKILL)) 3 times within 60 s; not restarting it again"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }

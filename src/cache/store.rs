@@ -443,6 +443,8 @@ struct Progress {
 struct Shared {
     progress: Mutex<Progress>,
     changed: Condvar,
+    /// After each write, snapshot files under this root are kept within this many bytes.
+    bound: Mutex<Option<(PathBuf, u64)>>,
 }
 
 impl Shared {
@@ -523,6 +525,9 @@ fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
             Ok(()) => {
                 if last_error.take().is_some() {
                     tracing::info!("snapshots are written to disk again");
+                }
+                if let Some((root, bytes)) = shared.bound.lock().clone() {
+                    super::disk::enforce(&root, bytes, Some(&w.path));
                 }
             }
             Err(e) => {
@@ -613,6 +618,14 @@ impl Store {
             }
             self.shared.changed.wait_for(&mut p, left);
         }
+    }
+
+    /// Keep the snapshot files under `root` (this folder, or the per-user
+    /// root above it) within `bytes`, deleting the least recently used after
+    /// each write; checked once now.
+    pub fn bound_disk(&self, root: &Path, bytes: u64) {
+        *self.shared.bound.lock() = Some((root.to_path_buf(), bytes));
+        super::disk::enforce(root, bytes, None);
     }
 
     /// Writes that failed so far (a full or read-only disk, a panic).

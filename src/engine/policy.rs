@@ -12,7 +12,9 @@ use parking_lot::Mutex;
 use crate::cache::kv::{new_cache, LayerKv, PackedKv};
 use crate::mlx::MlxError;
 use crate::cache::prefix::{CacheStats, Cached, EntryId, PrefixCache};
+use crate::cache::disk;
 use crate::cache::store::{self, Store};
+use crate::engine::worker::CacheDisk;
 
 /// A request takes over (rather than copies) a snapshot whose prompt it
 /// continues but for at most this many final tokens (the boundary before
@@ -130,6 +132,7 @@ impl CachePolicy {
     pub fn open(
         budget: usize,
         dir: Option<&Path>,
+        disk: &CacheDisk,
         model_path: &Path,
         template: Option<&str>,
         layers: usize,
@@ -137,9 +140,17 @@ impl CachePolicy {
         stats: Arc<Mutex<CacheStats>>,
     ) -> Self {
         let mut cache = PrefixCache::new(budget);
-        let store = dir.and_then(|dir| {
+        let store = dir.and_then(|root| {
             let fp = store::fingerprint(&model_files(model_path), template);
-            Store::open(dir, fp).map_err(|e| tracing::warn!("prompt cache kept in memory only: {e}")).ok()
+            let dir = if disk.per_model { root.join(&fp[..disk::KEY_LEN.min(fp.len())]) } else { root.to_path_buf() };
+            let store = Store::open(&dir, fp).map_err(|e| tracing::warn!("prompt cache kept in memory only: {e}")).ok()?;
+            if disk.per_model {
+                disk::write_model_file(&dir, model_path, &store.fingerprint);
+            }
+            let bound = disk.bound_bytes.unwrap_or_else(|| disk::default_budget(root));
+            tracing::info!("prompt cache on disk: {} (at most {:.1} GB under {})", dir.display(), bound as f64 / 1e9, root.display());
+            store.bound_disk(root, bound);
+            Some(store)
         });
         if let Some(s) = &store {
             let (found, warnings) = store::scan(&s.dir, &s.fingerprint);
@@ -167,6 +178,11 @@ impl CachePolicy {
 
     pub fn budget(&self) -> usize {
         self.cache.budget()
+    }
+
+    /// The folder snapshots persist in, if any.
+    pub fn dir(&self) -> Option<&Path> {
+        self.store.as_ref().map(|s| s.dir.as_path())
     }
 
     /// Has snapshots not yet written to disk.
@@ -323,6 +339,8 @@ impl CachePolicy {
                 (Some(l), _, _) => l.clone(),
                 (None, Some(f), Some(store)) => match store::load(f, self.layers, hit.entry_len, &store.fingerprint) {
                     Ok(l) => {
+                        // Read: the last to go when the disk bound deletes.
+                        disk::touch(f);
                         let l = Rc::new(Kept::Full(l));
                         if hit.usable < hit.entry_len {
                             self.cache.replace(hit.id, Snapshot { layers: Some(l.clone()), file: Some(f.clone()), prompt_len: hit.value.prompt_len });

@@ -21,6 +21,7 @@
 //!   ([`chunk_len`]).
 
 use std::collections::VecDeque;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -107,8 +108,10 @@ impl Scheduler {
             tracing::warn!("context set to {context} tokens; the model was trained on {trained}: answers past that may be poor");
         }
         let kv_bits = cfg.kv_bits.map(i32::from);
-        let policy = CachePolicy::open(cfg.cache_bytes, cfg.cache_dir.as_deref(), &path, tokenizer.chat_template.as_deref(), model.num_layers(), kv_bits, stats);
-        let info = Arc::new(ModelInfo { name, path, tokenizer, template, eos_ids, context, kv_bytes_per_token });
+        let policy =
+            CachePolicy::open(cfg.cache_bytes, cfg.cache_dir.as_deref(), &cfg.cache_disk, &path, tokenizer.chat_template.as_deref(), model.num_layers(), kv_bits, stats);
+        let snapshot_dir = policy.dir().map(Path::to_path_buf);
+        let info = Arc::new(ModelInfo { name, path, tokenizer, template, eos_ids, context, kv_bytes_per_token, snapshot_dir });
         let s = Scheduler {
             model,
             info: info.clone(),

@@ -22,6 +22,8 @@ pub struct ModelInfo {
     pub context: usize,
     /// Bytes of KV state per token (all layers), as measured at start-up.
     pub kv_bytes_per_token: usize,
+    /// Where prompt-cache snapshots persist (none: memory only).
+    pub snapshot_dir: Option<PathBuf>,
 }
 
 /// Where a prompt's tokens came from. `cache_read + cache_creation + input == prompt`.

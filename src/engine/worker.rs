@@ -34,6 +34,8 @@ pub struct EngineConfig {
     pub cache_bytes: usize,
     /// Where snapshots persist across restarts (none: memory only).
     pub cache_dir: Option<PathBuf>,
+    /// How that folder is used: per model, and its disk bound.
+    pub cache_disk: CacheDisk,
     /// Requests that may wait for the engine before new ones are refused.
     pub queue: usize,
     /// The most tokens in one prefill chunk.
@@ -45,6 +47,17 @@ pub struct EngineConfig {
     /// Use this context length instead of the model's own (beyond what the
     /// model was trained on, quality drops; said at start-up).
     pub context_override: Option<usize>,
+}
+
+/// How the snapshot folder is used.
+#[derive(Clone, Debug, Default)]
+pub struct CacheDisk {
+    /// `cache_dir` is a root (the per-user one, `--cache-dir auto`): this
+    /// model's snapshots go to a folder under it named by its fingerprint.
+    pub per_model: bool,
+    /// Most bytes of snapshot files under the folder (or the root); none:
+    /// 10% of the free space there, at most 50 GB.
+    pub bound_bytes: Option<u64>,
 }
 
 /// A sensible default budget: a quarter of physical memory, at most 16 GiB.
@@ -377,6 +390,7 @@ mod tests {
             model: model.to_string_lossy().into_owned(),
             cache_bytes: 1 << 28,
             cache_dir: None,
+            cache_disk: Default::default(),
             queue: 4,
             prefill_chunk: 512,
             parallel: 4,

@@ -1,5 +1,5 @@
-//! The C library calls kvserve makes outside MLX: signals to processes and
-//! the dynamic loader's symbol lookup. Each wraps one libc call in a safe
+//! The C library calls kvserve makes outside MLX: signals to processes,
+//! free disk space, and the dynamic loader's symbol lookup. Each wraps one libc call in a safe
 //! function; like [`super::ffi`], this file is a room where `unsafe` is allowed.
 
 use std::ffi::{c_int, CStr, CString};
@@ -10,6 +10,21 @@ pub fn send_signal(pid: u32, signal: c_int) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else { return false };
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe { libc::kill(pid, signal) == 0 }
+}
+
+/// Bytes free to an unprivileged user on the file system holding `path`.
+pub fn free_disk_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs reads the NUL-terminated path and writes only into `st`.
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        st
+    };
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 /// Ignore SIGINT in this process (a launcher whose child owns the terminal).

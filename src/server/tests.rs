@@ -41,6 +41,7 @@ fn a_panicking_request_gets_a_500_and_the_engine_goes_on() {
         model: model.to_string_lossy().into_owned(),
         cache_bytes: 1 << 30,
         cache_dir: None,
+        cache_disk: Default::default(),
         queue: 8,
         prefill_chunk: 512,
         parallel: 4,

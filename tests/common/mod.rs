@@ -35,6 +35,11 @@ impl Server {
 
     /// [`start`](Self::start), with the server's log (stderr) going to `log`.
     pub fn start_logging(args: &[&str], log: Option<&std::path::Path>) -> Server {
+        Self::start_env(args, log, &[])
+    }
+
+    /// [`start_logging`](Self::start_logging), with these environment variables set.
+    pub fn start_env(args: &[&str], log: Option<&std::path::Path>, env: &[(&str, &std::path::Path)]) -> Server {
         use std::io::BufRead;
         let stderr = match log {
             Some(p) => std::process::Stdio::from(std::fs::File::create(p).unwrap()),
@@ -46,6 +51,7 @@ impl Server {
             .args(args)
             .args(if args.contains(&"--trace-dir") { &[][..] } else { &["--no-trace"][..] })
             .env("KVSERVE_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(stderr)
             .spawn()
