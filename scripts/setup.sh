@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages the build needs, only those missing.
-# Debian/Ubuntu: libclang-dev (bindgen), OpenBLAS (fast cblas_sgemm), and npm
+# Debian/Ubuntu: libclang-dev (bindgen), OpenBLAS (fast cblas_sgemm), tmux (the
+# interactive Claude Code test), and npm
 # (test fixtures and Claude Code come from npm) unless a node install has it,
 # plus any Debian packages named as arguments (scripts/llama_server.sh: cmake).
 # macOS: Xcode command-line tools provide clang; nothing else is needed.
@@ -20,7 +21,7 @@ if ! command -v dpkg-query >/dev/null 2>&1; then
     exit 0
 fi
 
-pkgs=(libclang-dev libopenblas-dev "$@")
+pkgs=(libclang-dev libopenblas-dev tmux "$@")
 missing=()
 for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -38,8 +38,12 @@ mod tests {
         assert_eq!(get("ANTHROPIC_MODEL").as_deref(), Some("m"));
         if std::env::var_os("CLAUDE_CODE_MAX_CONTEXT_TOKENS").is_none() {
             assert_eq!(get("CLAUDE_CODE_MAX_CONTEXT_TOKENS").as_deref(), Some("32768"));
-            assert_eq!(get("CLAUDE_CODE_AUTO_COMPACT_WINDOW").as_deref(), Some("32768"));
+            assert_eq!(get("CLAUDE_CODE_AUTO_COMPACT_WINDOW"), None, "under 100K Claude Code would read it as 100K");
             assert_eq!(get("CLAUDE_CODE_MAX_OUTPUT_TOKENS").as_deref(), Some("4096"));
+        }
+        let big = claude_env("u", "m", "t", 131_072);
+        if std::env::var_os("CLAUDE_CODE_AUTO_COMPACT_WINDOW").is_none() {
+            assert!(big.contains(&("CLAUDE_CODE_AUTO_COMPACT_WINDOW", "131072".to_string())));
         }
         let small = claude_env("u", "m", "t", 1000);
         let out = small.iter().find(|(n, _)| *n == "CLAUDE_CODE_MAX_OUTPUT_TOKENS").map(|(_, v)| v.as_str());
@@ -255,6 +259,9 @@ pub fn served_context(url: &str, model: Option<&str>) -> Result<Option<usize>, L
     Ok(context_in(&models_list(url)?, model))
 }
 
+/// The smallest `CLAUDE_CODE_AUTO_COMPACT_WINDOW` Claude Code takes as given.
+pub const AUTO_COMPACT_MIN: usize = 100_000;
+
 /// What Claude Code is told, in order: the server, the model for every
 /// role, and the model's real window (so its auto-compaction fires before
 /// the context overflows, and it does not assume 1M tokens for a name it
@@ -272,12 +279,16 @@ pub fn claude_env(url: &str, model: &str, token: &str, context: usize) -> Vec<(&
         // Long prompts on a CPU take minutes the first time.
         ("API_TIMEOUT_MS", "3600000".to_string()),
     ];
-    let own = [
+    let mut own = vec![
         ("CLAUDE_CODE_MAX_CONTEXT_TOKENS", context),
-        ("CLAUDE_CODE_AUTO_COMPACT_WINDOW", context),
         // An eighth of the window for the answer (Claude Code keeps that much free).
         ("CLAUDE_CODE_MAX_OUTPUT_TOKENS", (context / 8).clamp(1024, 32_000).min(context / 2)),
     ];
+    // Claude Code 2.1.328 reads an auto-compact window under 100K as 100K (and
+    // warns); below that it compacts within the model window set above.
+    if context >= AUTO_COMPACT_MIN {
+        own.push(("CLAUDE_CODE_AUTO_COMPACT_WINDOW", context));
+    }
     for (k, v) in own {
         if std::env::var_os(k).is_none() {
             env.push((k, v.to_string()));

@@ -51,7 +51,7 @@ fn claude_code_runs_and_its_second_turn_reads_the_cache() {
     let turn1 = t0.elapsed().as_secs_f64();
     assert!(!out1.trim().is_empty(), "no text printed: {log1}");
     // Claude Code is told the served window, so it no longer assumes 1M tokens for an unknown name.
-    assert!(log1.contains("CLAUDE_CODE_MAX_CONTEXT_TOKENS=32768") && log1.contains("CLAUDE_CODE_AUTO_COMPACT_WINDOW=32768"), "{log1}");
+    assert!(log1.contains("CLAUDE_CODE_MAX_CONTEXT_TOKENS=32768") && log1.contains("CLAUDE_CODE_MAX_OUTPUT_TOKENS=4096"), "{log1}");
     // (Its one-line `[claude-code:unrecognized_model]` catalog signal still prints: that is
     // about the name, not the window, and only Claude Code's own settings can map a name.)
     assert!(!log1.contains("doesn't recognize the model") && !log1.contains("context window of 1m"), "the unknown-model notice is back: {log1}");

@@ -193,3 +193,15 @@ pub fn run_reference_script(script: &str, args: &[String], done_line: &str) -> S
     assert!(stdout.contains(done_line), "{script} did not finish");
     stdout
 }
+
+/// GET `path` as JSON, or `None` while nothing answers there (a server restarting).
+pub fn request_ok(addr: &str, path: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
+    let mut raw = vec![];
+    s.read_to_end(&mut raw).ok()?;
+    let r = parse_reply(&raw);
+    (r.status == 200).then(|| serde_json::from_str(&r.body).ok()).flatten()
+}
