@@ -52,9 +52,17 @@ fn http_post(addr: &str, path: &str, body: &Value) -> Result<u16, String> {
     crate::launch::http_request(addr, "POST", path, Some(&body.to_string())).map(|(status, _)| status)
 }
 
-/// Run every check for `model`; true when none failed.
-pub fn run(model: &str) -> bool {
+/// Run every check for `model`; true when none failed. `config` is the
+/// config file the command line read, if any.
+pub fn run(model: &str, config: Option<&std::path::Path>) -> bool {
     let mut r = Report { failed: 0 };
+    match config {
+        Some(f) => r.pass(&format!("config file read: {}", f.display())),
+        None => println!(
+            "[info] no config file read ({} does not exist; flags only)",
+            crate::config::default_path().map(|p| p.display().to_string()).unwrap_or_else(|| "~/.config/kvserve/config.toml".into())
+        ),
+    }
     // MLX computes.
     let ok = (|| -> Result<f32, crate::mlx::MlxError> {
         let a = crate::mlx::Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2]);

@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod check;
+pub mod config;
 pub mod mlx;
 pub mod model;
 pub mod text;

@@ -14,10 +14,14 @@ use kvserve::text::template::TemplateInput;
 
 /// kvserve: local LLM inference over MLX with a prompt cache.
 #[derive(Parser)]
-#[command(version, about)]
+#[command(version, about, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Read flags for `serve` and `claude` from this TOML file (default:
+    /// ~/.config/kvserve/config.toml when it exists); flags given here win.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -56,9 +60,11 @@ enum Command {
         raw: bool,
     },
     /// Serve the OpenAI and Anthropic APIs for one model, with the prompt cache.
+    #[command(args_override_self = true)]
     Serve(ServeArgs),
     /// Run Claude Code against a local model: starts the server (or uses
     /// --url), runs `claude` with the environment set, stops the server after.
+    #[command(args_override_self = true)]
     Claude {
         /// The model to serve (not needed with --url).
         #[arg(long)]
@@ -79,8 +85,8 @@ enum Command {
         /// what the last one computed).
         #[arg(long)]
         cache_dir: Option<PathBuf>,
-        /// Keep the started server's snapshots in memory only.
-        #[arg(long, conflicts_with = "cache_dir")]
+        /// Keep the started server's snapshots in memory only (wins over --cache-dir).
+        #[arg(long)]
         no_cache_dir: bool,
         /// Most disk the snapshot files may take (bytes or K/M/G; default:
         /// 10% of the free space there, at most 50G).
@@ -449,10 +455,11 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KVSERVE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let (argv, config) = with_config(std::env::args_os().collect())?;
+    let cli = Cli::parse_from(argv);
     match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Check { model } => std::process::exit(if kvserve::check::run(&model) { 0 } else { 1 }),
+        Command::Check { model } => std::process::exit(if kvserve::check::run(&model, config.as_deref()) { 0 } else { 1 }),
         Command::Report { trace_dir, since, detail, json, plot } => {
             use kvserve::{report, server::trace};
             let Some(dir) = trace_dir.or_else(trace::default_dir) else { bail!("give --trace-dir") };
@@ -494,6 +501,48 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The command line with the config file's flags for its command put
+/// right after the command's name (so the command line's own win), and the
+/// file read: `--config FILE` (which must exist), else the default path if
+/// it exists.
+fn with_config(argv: Vec<std::ffi::OsString>) -> Result<(Vec<std::ffi::OsString>, Option<PathBuf>)> {
+    use clap::CommandFactory;
+    use kvserve::config;
+    let text: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    let given = text.iter().position(|a| a == "--config").and_then(|i| text.get(i + 1).cloned()).or_else(|| {
+        text.iter().find_map(|a| a.strip_prefix("--config=").map(str::to_string))
+    });
+    let file = match given {
+        Some(f) => {
+            let p = PathBuf::from(f);
+            if !p.is_file() {
+                bail!("--config {}: no such file", p.display());
+            }
+            Some(p)
+        }
+        None => config::default_path().filter(|p| p.is_file()),
+    };
+    let Some(file) = file else { return Ok((argv, None)) };
+    let body = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    // The command's name: the first word after the program that is one of the sections.
+    let Some(at) = text.iter().skip(1).position(|a| config::SECTIONS.contains(&a.as_str())).map(|i| i + 1) else {
+        // Other commands read no flags from it, but a broken file is still said.
+        config::to_args(&body, &file, "", &[]).map_err(anyhow::Error::msg)?;
+        return Ok((argv, Some(file)));
+    };
+    let cmd = Cli::command();
+    let sub = cmd.find_subcommand(&text[at]).expect("sections are subcommands");
+    let flags: Vec<config::Flag> = sub
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(|l| config::Flag { long: l.to_string(), takes_value: a.get_action().takes_values() }))
+        .collect();
+    let extra = config::to_args(&body, &file, &text[at], &flags).map_err(anyhow::Error::msg)?;
+    let mut out: Vec<std::ffi::OsString> = argv[..=at].to_vec();
+    out.extend(extra.into_iter().map(Into::into));
+    out.extend(argv[at + 1..].iter().cloned());
+    Ok((out, Some(file)))
 }
 
 fn cache_command(action: CacheAction, root: Option<PathBuf>) -> Result<()> {
