@@ -57,6 +57,11 @@ mod tests {
 #[error("{0}")]
 pub struct LaunchError(pub String);
 
+/// Set for the server `kvserve claude` starts: it reads no config file (its
+/// flags come from `kvserve claude`, whose own `[claude]` section applies), so
+/// a `[serve]` API key, say, cannot lock Claude Code out.
+pub const NO_CONFIG: &str = "KVSERVE_NO_CONFIG";
+
 /// Where the project's own `make claude-code` installs Claude Code.
 pub const LOCAL_CLAUDE: &str = "tools/claude-code/node_modules/.bin/claude";
 
@@ -123,7 +128,7 @@ const RESTART_WINDOW: Duration = Duration::from_secs(60);
 fn spawn_server(port: u16, serve_args: &[String]) -> Result<(Child, String, String), LaunchError> {
     let exe = std::env::current_exe().map_err(|e| LaunchError(format!("cannot find the kvserve executable: {e}")))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("serve").args(["--port", &port.to_string()]).args(serve_args).stdout(Stdio::piped());
+    cmd.arg("serve").args(["--port", &port.to_string()]).args(serve_args).env(NO_CONFIG, "1").stdout(Stdio::piped());
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().map_err(|e| LaunchError(format!("cannot start the server: {e}")))?;

@@ -522,6 +522,8 @@ fn with_config(argv: Vec<std::ffi::OsString>) -> Result<(Vec<std::ffi::OsString>
             }
             Some(p)
         }
+        // The server `kvserve claude` starts takes only the flags it is given ([claude] applies there).
+        None if std::env::var_os(kvserve::launch::NO_CONFIG).is_some() => None,
         None => config::default_path().filter(|p| p.is_file()),
     };
     let Some(file) = file else { return Ok((argv, None)) };

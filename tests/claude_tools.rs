@@ -26,7 +26,10 @@ class H(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
     def do_GET(self):
         if self.path.startswith("/v1/models"):
-            return self.send_json(200, {"object": "list", "data": [{"id": "scripted", "object": "model", "max_model_len": 65536}]})
+            entry = {"id": "scripted", "object": "model"}
+            if len(sys.argv) < 3:
+                entry["max_model_len"] = 65536
+            return self.send_json(200, {"object": "list", "data": [entry]})
         self.send_json(404, {"error": {"message": "no route"}})
     def do_POST(self):
         req = json.loads(self.rfile.read(int(self.headers["content-length"])))
@@ -125,5 +128,20 @@ fn claude_code_runs_a_tool_through_the_proxy_and_the_result_reaches_the_upstream
     assert!(content.contains("alpha-notes.txt") && content.contains("gamma.rs"), "{m}");
     assert!(requests.iter().any(|r| r["tools"].as_array().unwrap().iter().any(|t| t == "Bash")), "Claude Code's tools reached the upstream");
     eprintln!("upstream saw {} requests; the tool message: {m}", requests.len());
+
+    // An upstream that does not report its window: kvserve claude asks for --context.
+    let mut quiet = Command::new("python3").arg(&script).arg(&log).arg("no-context").stdout(Stdio::piped()).spawn().unwrap();
+    let mut port = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(quiet.stdout.take().unwrap()), &mut port).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        .current_dir(&work)
+        .env("HOME", &home)
+        .env("KVSERVE_CLAUDE", &claude)
+        .args(["claude", "--proxy", &format!("http://127.0.0.1:{}", port.trim()), "--model", "scripted", "--", "-p", "hi"])
+        .output()
+        .unwrap();
+    let _ = quiet.kill();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("does not report the model's context window; give --context N"), "{stderr}");
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -47,6 +47,33 @@ fn the_config_file_sets_flags_the_command_line_overrides() {
     let (_, out) = kvserve(&empty, &["check", "--model", "/nonexistent/model"]);
     assert!(out.contains("[info] no config file read"), "{out}");
 
+    // `kvserve claude` takes its [claude] section (the window); the server it starts reads no
+    // config file, so the [serve] API key does not lock Claude Code out.
+    std::fs::write(
+        xdg.join("kvserve/config.toml"),
+        format!("[serve]\napi-key = \"locked\"\n\n[claude]\nmodel = {:?}\ncontext = 16384\nno-cache-dir = true\n", model.to_str().unwrap()),
+    )
+    .unwrap();
+    let fake = xdg.join("claude");
+    std::fs::write(
+        &fake,
+        "#!/usr/bin/env python3\nimport json, os, urllib.request\nurl = os.environ['ANTHROPIC_BASE_URL']\n\
+         body = json.dumps({'model': 'm', 'max_tokens': 2, 'messages': [{'role': 'user', 'content': 'Hi'}]}).encode()\n\
+         req = urllib.request.Request(url + '/v1/messages', data=body, headers={'content-type': 'application/json', 'authorization': 'Bearer ' + os.environ['ANTHROPIC_AUTH_TOKEN']})\n\
+         print('answer', json.load(urllib.request.urlopen(req, timeout=60))['type'])\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        .env("XDG_CONFIG_HOME", &xdg)
+        .env("KVSERVE_CLAUDE", &fake)
+        .args(["claude", "--", "-p", "hi"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("answer message"), "{stdout}\n{stderr}");
+    assert!(stderr.contains("CLAUDE_CODE_MAX_CONTEXT_TOKENS=16384") && stderr.contains("prompt cache: ") && !stderr.contains("persisted in"), "{stderr}");
+
     // Mistakes name the key, the section or the file.
     std::fs::write(xdg.join("kvserve/config.toml"), "[serve]\nprot = 9000\n").unwrap();
     let (ok, out) = kvserve(&xdg, &["serve", "--model", model.to_str().unwrap(), "--port", "0"]);
