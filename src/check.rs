@@ -58,6 +58,7 @@ pub fn run(model: &str, config: Option<&std::path::Path>) -> bool {
     let mut r = Report { failed: 0 };
     match config {
         Some(f) => r.pass(&format!("config file read: {}", f.display())),
+        None if std::env::var_os(crate::launch::NO_CONFIG).is_some() => println!("[info] no config file read ({} is set)", crate::launch::NO_CONFIG),
         None => println!(
             "[info] no config file read ({} does not exist; flags only)",
             crate::config::default_path().map(|p| p.display().to_string()).unwrap_or_else(|| "~/.config/kvserve/config.toml".into())

@@ -128,7 +128,8 @@ const RESTART_WINDOW: Duration = Duration::from_secs(60);
 fn spawn_server(port: u16, serve_args: &[String]) -> Result<(Child, String, String), LaunchError> {
     let exe = std::env::current_exe().map_err(|e| LaunchError(format!("cannot find the kvserve executable: {e}")))?;
     let mut cmd = Command::new(exe);
-    cmd.arg("serve").args(["--port", &port.to_string()]).args(serve_args).env(NO_CONFIG, "1").stdout(Stdio::piped());
+    // Claude Code is given its own token; a key in the environment would lock it out.
+    cmd.arg("serve").args(["--port", &port.to_string()]).args(serve_args).env(NO_CONFIG, "1").env_remove("KVSERVE_API_KEY").stdout(Stdio::piped());
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().map_err(|e| LaunchError(format!("cannot start the server: {e}")))?;
@@ -232,7 +233,10 @@ pub fn http_request(addr: &str, method: &str, path: &str, json_body: Option<&str
 /// A server's `GET /v1/models` list as JSON.
 fn models_list(url: &str) -> Result<serde_json::Value, LaunchError> {
     let hostport = url.trim_start_matches("http://").trim_end_matches('/');
-    let (_, body) = http_request(hostport, "GET", "/v1/models", None).map_err(LaunchError)?;
+    let (status, body) = http_request(hostport, "GET", "/v1/models", None).map_err(LaunchError)?;
+    if status != 200 {
+        return Err(LaunchError(format!("{url} answered GET /v1/models with status {status}: {}", body.chars().take(300).collect::<String>())));
+    }
     let json = body.as_str();
     // A chunked body: the JSON object is between the first '{' and the last '}'.
     let json = json.find('{').and_then(|a| json.rfind('}').map(|b| &json[a..=b])).unwrap_or("");

@@ -504,16 +504,22 @@ fn main() -> Result<()> {
 }
 
 /// The command line with the config file's flags for its command put
-/// right after the command's name (so the command line's own win), and the
-/// file read: `--config FILE` (which must exist), else the default path if
-/// it exists.
+/// right after the command's name, and the file read: `--config FILE`
+/// (which must exist), else the default path if it exists. A key whose flag
+/// the command line gives (or a conflicting one, or whose environment
+/// variable is set) is left out, so the command line and the environment win.
 fn with_config(argv: Vec<std::ffi::OsString>) -> Result<(Vec<std::ffi::OsString>, Option<PathBuf>)> {
     use clap::CommandFactory;
     use kvserve::config;
     let text: Vec<String> = argv.iter().map(|a| a.to_string_lossy().into_owned()).collect();
-    let given = text.iter().position(|a| a == "--config").and_then(|i| text.get(i + 1).cloned()).or_else(|| {
-        text.iter().find_map(|a| a.strip_prefix("--config=").map(str::to_string))
-    });
+    // Flags end at `--` (what follows is Claude Code's).
+    let end = text.iter().position(|a| a == "--").unwrap_or(text.len());
+    let own = &text[..end];
+    let given = own
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| own.get(i + 1).cloned())
+        .or_else(|| own.iter().find_map(|a| a.strip_prefix("--config=").map(str::to_string)));
     let file = match given {
         Some(f) => {
             let p = PathBuf::from(f);
@@ -528,8 +534,21 @@ fn with_config(argv: Vec<std::ffi::OsString>) -> Result<(Vec<std::ffi::OsString>
     };
     let Some(file) = file else { return Ok((argv, None)) };
     let body = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-    // The command's name: the first word after the program that is one of the sections.
-    let Some(at) = text.iter().skip(1).position(|a| config::SECTIONS.contains(&a.as_str())).map(|i| i + 1) else {
+    // The command: the first word that is not an option (or --config's value).
+    let mut at = None;
+    let mut i = 1;
+    while i < end {
+        if text[i] == "--config" {
+            i += 2;
+            continue;
+        }
+        if !text[i].starts_with('-') {
+            at = Some(i);
+            break;
+        }
+        i += 1;
+    }
+    let Some(at) = at.filter(|&i| config::SECTIONS.contains(&text[i].as_str())) else {
         // Other commands read no flags from it, but a broken file is still said.
         config::to_args(&body, &file, "", &[]).map_err(anyhow::Error::msg)?;
         return Ok((argv, Some(file)));
@@ -540,9 +559,28 @@ fn with_config(argv: Vec<std::ffi::OsString>) -> Result<(Vec<std::ffi::OsString>
         .get_arguments()
         .filter_map(|a| a.get_long().map(|l| config::Flag { long: l.to_string(), takes_value: a.get_action().takes_values() }))
         .collect();
+    // Flags the command line gives, and those their presence rules out.
+    let on_line = |long: &str| own[at + 1..].iter().any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
+    let conflicts: &[(&str, &str)] = &[("model", "proxy"), ("trace-dir", "no-trace"), ("cache-dir", "no-cache-dir")];
+    let overridden = |long: &str| {
+        on_line(long)
+            || conflicts.iter().any(|&(a, b)| (long == a && on_line(b)) || (long == b && on_line(a)))
+            || sub.get_arguments().any(|a| a.get_long() == Some(long) && a.get_env().is_some_and(|e| std::env::var_os(e).is_some()))
+    };
     let extra = config::to_args(&body, &file, &text[at], &flags).map_err(anyhow::Error::msg)?;
+    let mut kept = vec![];
+    let mut j = 0;
+    while j < extra.len() {
+        let long = extra[j].trim_start_matches("--").to_string();
+        let takes = flags.iter().any(|f| f.long == long && f.takes_value);
+        let n = if takes { 2 } else { 1 };
+        if !overridden(&long) {
+            kept.extend_from_slice(&extra[j..j + n]);
+        }
+        j += n;
+    }
     let mut out: Vec<std::ffi::OsString> = argv[..=at].to_vec();
-    out.extend(extra.into_iter().map(Into::into));
+    out.extend(kept.into_iter().map(Into::into));
     out.extend(argv[at + 1..].iter().cloned());
     Ok((out, Some(file)))
 }

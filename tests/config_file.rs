@@ -40,6 +40,19 @@ fn the_config_file_sets_flags_the_command_line_overrides() {
     assert_eq!(other.status, 404, "strict_model from the file: {}", other.body);
     drop(s);
 
+    // The environment and conflicting flags win too: KVSERVE_API_KEY over the file's api-key,
+    // and --proxy on the command line leaves out the file's model (no conflict error).
+    std::fs::write(xdg.join("kvserve/config.toml"), format!("[serve]\nmodel = {:?}\napi-key = \"from-file\"\n", model.to_str().unwrap())).unwrap();
+    let env_key = std::path::PathBuf::from("from-env");
+    let s = Server::start_env(&[], None, &[("XDG_CONFIG_HOME", &xdg), ("KVSERVE_API_KEY", &env_key)]);
+    let with = |k: &str| common::request_raw(&s.addr, "GET", "/v1/models", &[("x-api-key", k)], b"").status;
+    assert_eq!((with("from-env"), with("from-file")), (200, 401));
+    drop(s);
+    let p = Server::start_env(&["--proxy", "http://127.0.0.1:9"], None, &[("XDG_CONFIG_HOME", &xdg)]);
+    assert!(p.stdout.iter().any(|l| l.contains("proxy to http://127.0.0.1:9")), "{:?}", p.stdout);
+    drop(p);
+    std::fs::write(xdg.join("kvserve/config.toml"), format!("[serve]\nmodel = {:?}\nalias = [\"from-config\"]\n", model.to_str().unwrap())).unwrap();
+
     // `kvserve check` says which file it read (its first line, before the model is loaded).
     let (_, out) = kvserve(&xdg, &["check", "--model", "/nonexistent/model"]);
     assert!(out.contains(&format!("[pass] config file read: {}", xdg.join("kvserve/config.toml").display())), "{out}");

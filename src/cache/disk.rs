@@ -28,12 +28,15 @@ pub fn user_root() -> Option<PathBuf> {
         .map(|d| d.join("kvserve/kv"))
 }
 
-/// The default disk bound for a folder at `path`: 10% of the free space on
-/// its file system, at most 50 GB (and 1 GB when the free space is unknown).
+/// The default disk bound for a folder at `path`: 10% of the space free on
+/// its file system, counting the snapshots already there as free (so the
+/// bound does not shrink as the cache fills), at most 50 GB (1 GB when the
+/// free space is unknown).
 pub fn default_budget(path: &Path) -> u64 {
     let existing = path.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let ours: u64 = snapshot_files(path).iter().map(|f| f.bytes).sum();
     match crate::mlx::os::free_disk_bytes(existing) {
-        Some(free) => ((free as f64 * FREE_SHARE) as u64).min(MAX_DEFAULT_BYTES),
+        Some(free) => (((free + ours) as f64 * FREE_SHARE) as u64).min(MAX_DEFAULT_BYTES),
         None => 1 << 30,
     }
 }
@@ -46,16 +49,21 @@ pub struct SnapshotFile {
     pub used: SystemTime,
 }
 
-fn is_snapshot(p: &Path) -> bool {
+/// A kvserve snapshot file by its name: 24 lowercase hex digits (the token
+/// hash `Store` names files by) and `.safetensors`. Anything else (a model's
+/// `model.safetensors`, say) is never counted or deleted.
+pub fn is_snapshot(p: &Path) -> bool {
     p.extension().and_then(|e| e.to_str()) == Some("safetensors")
+        && p.file_stem().and_then(|s| s.to_str()).is_some_and(|s| s.len() == 24 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
 }
 
-/// The snapshot files in `root` and in its folders one level down.
+/// The snapshot files in `root` and in its model folders (those with a
+/// `model.json`) one level down.
 pub fn snapshot_files(root: &Path) -> Vec<SnapshotFile> {
     let mut out = vec![];
     let mut dirs = vec![root.to_path_buf()];
     if let Ok(rd) = std::fs::read_dir(root) {
-        dirs.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+        dirs.extend(rd.flatten().map(|e| e.path()).filter(|p| p.is_dir() && p.join(MODEL_FILE).exists()));
     }
     for d in dirs {
         let Ok(rd) = std::fs::read_dir(&d) else { continue };
@@ -74,12 +82,13 @@ pub fn snapshot_files(root: &Path) -> Vec<SnapshotFile> {
 
 /// Delete the least recently used snapshot files under `root` until they
 /// take at most `budget` bytes; `keep` (the file just written) stays.
-/// Returns the files deleted and their bytes.
-pub fn enforce(root: &Path, budget: u64, keep: Option<&Path>) -> (usize, u64) {
+/// Returns the files deleted.
+pub fn enforce(root: &Path, budget: u64, keep: Option<&Path>) -> Vec<PathBuf> {
     let mut files = snapshot_files(root);
     let mut total: u64 = files.iter().map(|f| f.bytes).sum();
+    let mut deleted = vec![];
     if total <= budget {
-        return (0, 0);
+        return deleted;
     }
     files.sort_by(|a, b| a.used.cmp(&b.used).then(a.path.cmp(&b.path)));
     let (mut n, mut freed) = (0, 0);
@@ -95,6 +104,7 @@ pub fn enforce(root: &Path, budget: u64, keep: Option<&Path>) -> (usize, u64) {
                 total -= f.bytes;
                 freed += f.bytes;
                 n += 1;
+                deleted.push(f.path);
             }
             Err(e) => tracing::warn!("{}: cannot delete it to keep the cache folder within its bound: {e}", f.path.display()),
         }
@@ -102,7 +112,7 @@ pub fn enforce(root: &Path, budget: u64, keep: Option<&Path>) -> (usize, u64) {
     if n > 0 {
         tracing::info!("prompt cache on disk: deleted the {n} least recently used snapshots ({freed} bytes) to stay within {budget} bytes");
     }
-    (n, freed)
+    deleted
 }
 
 /// Mark a snapshot file as just used (it is then the last to be deleted).
@@ -198,22 +208,30 @@ mod tests {
         std::fs::create_dir_all(&b).unwrap();
         write_model_file(&a, Path::new("/models/A"), "aaaa0000");
         write_model_file(&b, Path::new("/models/B"), "bbbb0000");
-        file(&a.join("1.safetensors"), 1000, 500);
-        file(&b.join("2.safetensors"), 1000, 400);
-        file(&a.join("3.safetensors"), 1000, 300);
-        file(&b.join("4.safetensors"), 1000, 200);
+        let name = |c: char| format!("{}.safetensors", c.to_string().repeat(24));
+        file(&a.join(name('1')), 1000, 500);
+        file(&b.join(name('2')), 1000, 400);
+        file(&a.join(name('3')), 1000, 300);
+        file(&b.join(name('4')), 1000, 200);
         // The newest file is older than one read just now.
-        file(&a.join("new.safetensors"), 1000, 10_000);
-        touch(&a.join("1.safetensors"));
+        file(&a.join(name('e')), 1000, 10_000);
+        touch(&a.join(name('1')));
         std::fs::write(a.join("notes.txt"), "not a snapshot").unwrap();
+        // A model's own weights, older than everything, in the root and in a model folder: never touched.
+        file(&root.join("model.safetensors"), 5000, 99_999);
+        file(&a.join("model-00001-of-00002.safetensors"), 5000, 99_999);
+        // A folder without model.json is not a model folder.
+        std::fs::create_dir_all(root.join("other")).unwrap();
+        file(&root.join("other").join(name('5')), 1000, 99_999);
         assert_eq!(snapshot_files(&root).len(), 5);
-        assert_eq!(enforce(&root, 10_000, None), (0, 0), "within the bound: nothing deleted");
-        let (n, freed) = enforce(&root, 2500, Some(&a.join("new.safetensors")));
-        assert_eq!((n, freed), (3, 3000));
+        assert!(enforce(&root, 10_000, None).is_empty(), "within the bound: nothing deleted");
+        let deleted = enforce(&root, 2500, Some(&a.join(name('e'))));
+        assert_eq!(deleted, [b.join(name('2')), a.join(name('3')), b.join(name('4'))]);
         let mut left: Vec<String> = snapshot_files(&root).iter().map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned()).collect();
         left.sort();
-        assert_eq!(left, ["1.safetensors", "new.safetensors"], "the file read last and the one just written stay");
-        assert!(a.join("notes.txt").exists());
+        assert_eq!(left, [name('1'), name('e')], "the file read last and the one just written stay");
+        assert!(a.join("notes.txt").exists() && root.join("model.safetensors").exists() && a.join("model-00001-of-00002.safetensors").exists());
+        assert!(root.join("other").join(name('5')).exists());
 
         let fs = folders(&root);
         assert_eq!(fs.len(), 2);
@@ -232,6 +250,8 @@ mod tests {
         let b = default_budget(&std::env::temp_dir().join("does/not/exist/yet"));
         assert!(b > 0 && b <= MAX_DEFAULT_BYTES, "{b}");
         let free = crate::mlx::os::free_disk_bytes(&std::env::temp_dir()).unwrap();
-        assert_eq!(b, ((free as f64 * FREE_SHARE) as u64).min(MAX_DEFAULT_BYTES));
+        let want = ((free as f64 * FREE_SHARE) as u64).min(MAX_DEFAULT_BYTES);
+        // Free space moves as other processes write: within 1%.
+        assert!(b.abs_diff(want) <= want / 100 + 1, "{b} vs {want}");
     }
 }

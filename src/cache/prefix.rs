@@ -39,8 +39,10 @@ pub struct Hit<S> {
 #[derive(Clone, Copy, Default, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct CacheStats {
     pub entries: usize,
-    /// Entries with a snapshot file on disk (set by the engine's policy).
+    /// Entries with a snapshot file complete on disk (set by the engine's policy).
     pub on_disk: usize,
+    /// Snapshots still to be written, or being written (set by the engine's policy).
+    pub disk_busy: bool,
     pub bytes: usize,
     pub budget_bytes: usize,
     pub hits: u64,

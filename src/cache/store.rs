@@ -292,6 +292,19 @@ fn is_partial(path: &Path) -> bool {
     path.extension().and_then(|e| e.to_str()) == Some(PARTIAL)
 }
 
+/// Where a snapshot file is written before its rename: a name of this
+/// process's own (`<name>.<pid>.partial`), so two servers sharing a folder
+/// never write into one file.
+fn tmp_path(path: &Path) -> PathBuf {
+    path.with_extension(format!("{}.{PARTIAL}", std::process::id()))
+}
+
+/// A `.partial` file another live process is writing now.
+fn partial_of_live_process(path: &Path) -> bool {
+    let pid = path.file_stem().and_then(|s| Path::new(s).extension()).and_then(|p| p.to_str()).and_then(|p| p.parse::<u32>().ok());
+    pid.is_some_and(|pid| pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists())
+}
+
 /// The snapshot files in `dir` made for this `fingerprint`; others are
 /// skipped with a warning (returned as text, one per file).
 pub fn scan(dir: &Path, fingerprint: &str) -> (Vec<OnDisk>, Vec<String>) {
@@ -445,6 +458,9 @@ struct Shared {
     changed: Condvar,
     /// After each write, snapshot files under this root are kept within this many bytes.
     bound: Mutex<Option<(PathBuf, u64)>>,
+    /// Files known complete on disk: written by this store (or found when it
+    /// opened), less those the bound deleted.
+    written: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 impl Shared {
@@ -505,7 +521,7 @@ fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
             #[cfg(test)]
             Job::Crash => panic!("kv-store writer crashed on purpose (test)"),
         };
-        let tmp = w.path.with_extension(PARTIAL);
+        let tmp = tmp_path(&w.path);
         let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             if fail {
                 std::fs::write(&tmp, b"half a snapshot")?;
@@ -526,8 +542,13 @@ fn writer(rx: mpsc::Receiver<Job>, shared: Arc<Shared>) {
                 if last_error.take().is_some() {
                     tracing::info!("snapshots are written to disk again");
                 }
+                shared.written.lock().insert(w.path.clone());
                 if let Some((root, bytes)) = shared.bound.lock().clone() {
-                    super::disk::enforce(&root, bytes, Some(&w.path));
+                    let deleted = super::disk::enforce(&root, bytes, Some(&w.path));
+                    let mut written = shared.written.lock();
+                    for d in deleted {
+                        written.remove(&d);
+                    }
                 }
             }
             Err(e) => {
@@ -564,7 +585,7 @@ impl Store {
     pub fn open(dir: &Path, fingerprint: String) -> Result<Self, StoreError> {
         std::fs::create_dir_all(dir).map_err(|e| file_err(dir, format!("cannot create: {e}")))?;
         if let Ok(rd) = std::fs::read_dir(dir) {
-            for path in rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_partial(p)) {
+            for path in rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| is_partial(p) && !partial_of_live_process(p)) {
                 match std::fs::remove_file(&path) {
                     Ok(()) => tracing::warn!("{}: removed an unfinished snapshot (the server stopped while writing it)", path.display()),
                     Err(e) => tracing::warn!("{}: an unfinished snapshot, cannot remove it: {e}", path.display()),
@@ -625,7 +646,27 @@ impl Store {
     /// each write; checked once now.
     pub fn bound_disk(&self, root: &Path, bytes: u64) {
         *self.shared.bound.lock() = Some((root.to_path_buf(), bytes));
-        super::disk::enforce(root, bytes, None);
+        let deleted = super::disk::enforce(root, bytes, None);
+        let mut written = self.shared.written.lock();
+        for d in deleted {
+            written.remove(&d);
+        }
+    }
+
+    /// Count `path` as complete on disk (a file found when the folder was scanned).
+    pub fn mark_written(&self, path: &Path) {
+        self.shared.written.lock().insert(path.to_path_buf());
+    }
+
+    /// Whether `path` is complete on disk, as far as this store knows.
+    pub fn is_written(&self, path: &Path) -> bool {
+        self.shared.written.lock().contains(path)
+    }
+
+    /// Writes queued and not yet finished.
+    pub fn pending(&self) -> u64 {
+        let p = self.shared.progress.lock();
+        p.queued.saturating_sub(p.done)
     }
 
     /// Writes that failed so far (a full or read-only disk, a panic).
@@ -917,7 +958,7 @@ mod tests {
         let after = s.save(&[9, 9], &layers(2, 3.0)).unwrap();
         assert_eq!(s.flush(), Flushed::All);
         assert_eq!(s.failed_writes(), 1);
-        assert!(!doomed.exists() && !doomed.with_extension(PARTIAL).exists());
+        assert!(!doomed.exists() && !tmp_path(&doomed).exists());
         assert_eq!(values(&load(&after, LAYERS, 2, FP).unwrap()), values(&layers(2, 3.0)));
     }
 

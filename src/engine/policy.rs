@@ -147,9 +147,16 @@ impl CachePolicy {
             if disk.per_model {
                 disk::write_model_file(&dir, model_path, &store.fingerprint);
             }
-            let bound = disk.bound_bytes.unwrap_or_else(|| disk::default_budget(root));
-            tracing::info!("prompt cache on disk: {} (at most {:.1} GB under {})", dir.display(), bound as f64 / 1e9, root.display());
-            store.bound_disk(root, bound);
+            // The per-user folder is bounded by default; a folder given by
+            // name only when --cache-disk-bytes says so.
+            let bound = disk.bound_bytes.or_else(|| disk.per_model.then(|| disk::default_budget(root)));
+            match bound {
+                Some(b) => {
+                    tracing::info!("prompt cache on disk: {} (at most {:.1} GB under {})", dir.display(), b as f64 / 1e9, root.display());
+                    store.bound_disk(root, b);
+                }
+                None => tracing::info!("prompt cache on disk: {}", dir.display()),
+            }
             Some(store)
         });
         if let Some(s) = &store {
@@ -159,6 +166,7 @@ impl CachePolicy {
             }
             let n = found.len();
             for f in found {
+                s.mark_written(&f.path);
                 cache.insert(&f.tokens, Snapshot { layers: None, file: Some(f.path), prompt_len: 0 });
             }
             // Files made redundant by longer ones stay on disk but are not indexed.
@@ -172,8 +180,12 @@ impl CachePolicy {
 
     /// Make the numbers `/v1/cache/stats` and metrics read current.
     pub fn publish(&self) {
-        let on_disk = self.cache.entries().iter().filter(|e| self.cache.value(e.0).is_some_and(|s| s.file.is_some())).count();
-        *self.stats.lock() = CacheStats { on_disk, ..self.cache.stats() };
+        // Snapshots whose file is complete on disk (not merely queued, failed, or deleted by the bound).
+        let on_disk = match &self.store {
+            Some(store) => self.cache.entries().iter().filter(|e| self.cache.value(e.0).and_then(|s| s.file.as_ref()).is_some_and(|f| store.is_written(f))).count(),
+            None => 0,
+        };
+        *self.stats.lock() = CacheStats { on_disk, disk_busy: self.disk_busy(), ..self.cache.stats() };
     }
 
     pub fn budget(&self) -> usize {
@@ -188,6 +200,12 @@ impl CachePolicy {
     /// Has snapshots not yet written to disk.
     pub fn has_unsaved(&self) -> bool {
         !self.unsaved.is_empty()
+    }
+
+    /// Has snapshots to write, or writes still under way (the published
+    /// numbers are refreshed until they are done).
+    pub fn disk_busy(&self) -> bool {
+        self.has_unsaved() || self.store.as_ref().is_some_and(|s| s.pending() > 0)
     }
 
     pub fn clear(&mut self) -> usize {

@@ -185,6 +185,8 @@ fn guarded<R>(s: &mut Scheduler, what: &str, f: impl FnOnce(&mut Scheduler) -> R
 /// while idle.
 fn run(rx: mpsc::Receiver<Msg>, mut s: Scheduler) {
     let mut shutdown: Option<mpsc::Sender<()>> = None;
+    // The published numbers lag the disk writer until it is done.
+    let mut stale = false;
     loop {
         if s.idle() {
             if let Some(done) = shutdown.take() {
@@ -199,11 +201,20 @@ fn run(rx: mpsc::Receiver<Msg>, mut s: Scheduler) {
             }
             // Snapshots go to disk while nothing waits; with none to
             // write, the thread sleeps until the next message.
-            let next = if s.policy.has_unsaved() { rx.recv_timeout(Duration::from_millis(20)) } else { rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected) };
+            let busy = s.policy.disk_busy();
+            if !busy && stale {
+                s.policy.publish();
+                stale = false;
+            }
+            let next = if busy { rx.recv_timeout(Duration::from_millis(20)) } else { rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected) };
             match next {
                 Ok(m) => handle(&mut s, m, &mut shutdown),
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let _ = guarded(&mut s, "writing a snapshot", |s| s.policy.persist_one());
+                    if s.policy.has_unsaved() {
+                        let _ = guarded(&mut s, "writing a snapshot", |s| s.policy.persist_one());
+                    }
+                    s.policy.publish();
+                    stale = true;
                     continue;
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {

@@ -21,7 +21,7 @@ pub const SIZE: (u32, u32) = (1200, 800);
 
 const COLD: RGBColor = RGBColor(214, 69, 65);
 const WARM: RGBColor = RGBColor(38, 139, 86);
-const READ: RGBColor = RGBColor(38, 139, 86);
+const READ: RGBColor = RGBColor(92, 176, 122);
 const COMPUTED: RGBColor = RGBColor(235, 150, 40);
 
 /// One answered request, as drawn.
@@ -260,7 +260,7 @@ mod tests {
         let info = reader.next_frame(&mut buf).unwrap();
         assert_eq!((info.width, info.height), SIZE);
         let has = |c: RGBColor| buf.chunks(3).any(|p| p == [c.0, c.1, c.2]);
-        assert!(has(COLD) && has(WARM) && has(COMPUTED), "the chart lacks a series colour");
+        assert!(has(COLD) && has(WARM) && has(READ) && has(COMPUTED), "the chart lacks a series colour");
         let dark = buf.chunks(3).filter(|p| p.iter().all(|&v| v < 60)).count();
         assert!(dark > 2000, "little text or axis drawn ({dark} dark pixels)");
 

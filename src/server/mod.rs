@@ -107,12 +107,15 @@ impl State {
     /// written to the traces when they are on; the API key redacted in both.
     fn record(&self, mut v: Value) {
         v["time"] = json!(trace::now_secs());
+        // The bodies (with --trace-bodies) go to the file only: out before the copy.
+        let bodies: Vec<(&str, Value)> =
+            ["request_body", "response_text"].into_iter().filter_map(|k| v.as_object_mut().and_then(|o| o.remove(k)).map(|b| (k, b))).collect();
         let mut lite = v.clone();
-        if let Some(o) = lite.as_object_mut() {
-            o.remove("request_body");
-            o.remove("response_text");
+        self.tracer.redact_value(&mut lite);
+        self.recent.push(lite);
+        for (k, b) in bodies {
+            v[k] = b;
         }
-        self.recent.push(serde_json::from_str(&self.tracer.redacted_line(&lite)).unwrap_or(lite));
         self.tracer.record(v);
     }
 

@@ -149,6 +149,34 @@ impl Tracer {
         line
     }
 
+    /// `v` with every secret replaced inside its strings (keys and values).
+    pub fn redact_value(&self, v: &mut Value) {
+        fn walk(v: &mut Value, keys: &[String]) {
+            match v {
+                Value::String(s) => {
+                    for k in keys {
+                        if s.contains(k.as_str()) {
+                            *s = s.replace(k.as_str(), "[redacted]");
+                        }
+                    }
+                }
+                Value::Array(a) => a.iter_mut().for_each(|x| walk(x, keys)),
+                Value::Object(o) => {
+                    let old = std::mem::take(o);
+                    for (mut k, mut x) in old {
+                        for key in keys {
+                            k = k.replace(key.as_str(), "[redacted]");
+                        }
+                        walk(&mut x, keys);
+                        o.insert(k, x);
+                    }
+                }
+                _ => {}
+            }
+        }
+        walk(v, &self.redact);
+    }
+
     /// Write one record (a JSON object) with secrets removed, with the time
     /// added unless it has one.
     pub fn record(&self, mut v: Value) {
@@ -175,4 +203,20 @@ pub fn read_all(dir: &Path) -> std::io::Result<Vec<Value>> {
         out.extend(text.lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redaction_replaces_secrets_inside_strings_and_keeps_numbers() {
+        let dir = std::env::temp_dir().join(format!("kvserve-redact-{}", std::process::id()));
+        let t = Tracer::start(&TraceConfig { dir: Some(dir.clone()), bodies: false, max_file_bytes: 1 << 20, redact: vec!["1".into(), "k\"ey".into()] });
+        let mut v = serde_json::json!({"status": 200, "prompt_tokens": 1111, "error": "bad key k\"ey 1", "nested": [{"a1": "x1y"}]});
+        t.redact_value(&mut v);
+        assert_eq!(v, serde_json::json!({"status": 200, "prompt_tokens": 1111, "error": "bad key [redacted] [redacted]", "nested": [{"a[redacted]": "x[redacted]y"}]}));
+        t.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

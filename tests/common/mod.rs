@@ -45,12 +45,19 @@ impl Server {
             Some(p) => std::process::Stdio::from(std::fs::File::create(p).unwrap()),
             None => std::process::Stdio::inherit(),
         };
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kvserve"));
+        // The developer's own config file must not change what tests see
+        // (tests/config_file.rs gives its own XDG_CONFIG_HOME).
+        if !env.iter().any(|(k, _)| *k == "XDG_CONFIG_HOME") {
+            cmd.env("KVSERVE_NO_CONFIG", "1");
+        }
+        let mut child = cmd
             .arg("serve")
             .args(["--port", "0"])
             .args(args)
             .args(if args.contains(&"--trace-dir") { &[][..] } else { &["--no-trace"][..] })
             .env("KVSERVE_LOG", "warn")
+            .env_remove("KVSERVE_API_KEY")
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(stderr)
