@@ -168,7 +168,7 @@ fn the_dashboard_shows_real_requests_in_a_real_browser() {
     assert_eq!(text["hitrate-sub"], format!("{} of {} prompt tokens read from the cache", n(rb + rc), n(pa + pb + pc)));
     assert!(text["backend"].as_str().unwrap().starts_with("MLX on the"), "{text}");
     assert_eq!(text["queue"], "0 waiting");
-    assert_eq!(text["entries"], format!("{entries} snapshots"));
+    assert_eq!(text["entries"], format!("{entries} snapshot{}", if entries == 1 { "" } else { "s" }));
     assert!(text["entries-sub"].as_str().unwrap().starts_with(&format!("{entries} on disk;")), "{text}");
     let points = dom["chart_points"].as_array().unwrap();
     assert_eq!(points.len(), 3, "one point per answered request: {dom}");
