@@ -62,6 +62,26 @@ pub struct LaunchError(pub String);
 /// a `[serve]` API key, say, cannot lock Claude Code out.
 pub const NO_CONFIG: &str = "KVSERVE_NO_CONFIG";
 
+/// Set for the server `kvserve claude` starts: the launcher's pid. The
+/// server stops (as on SIGTERM, snapshots written) when that process is gone,
+/// even if it was killed without a chance to stop it (a closed terminal's
+/// SIGHUP, SIGKILL).
+pub const PARENT: &str = "KVSERVE_PARENT_PID";
+
+/// In a server started by `kvserve claude`: watch the launcher and stop
+/// this process (SIGTERM to itself) once it is gone.
+pub fn stop_with_launcher() {
+    let Some(parent) = std::env::var(PARENT).ok().and_then(|p| p.parse::<u32>().ok()) else { return };
+    let _ = std::thread::Builder::new().name("launcher-watch".into()).spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(500));
+        if std::os::unix::process::parent_id() != parent {
+            tracing::warn!("the kvserve claude that started this server (pid {parent}) is gone; stopping");
+            crate::mlx::send_signal(std::process::id(), libc::SIGTERM);
+            return;
+        }
+    });
+}
+
 /// Where the project's own `make claude-code` installs Claude Code.
 pub const LOCAL_CLAUDE: &str = "tools/claude-code/node_modules/.bin/claude";
 
@@ -129,7 +149,13 @@ fn spawn_server(port: u16, serve_args: &[String]) -> Result<(Child, String, Stri
     let exe = std::env::current_exe().map_err(|e| LaunchError(format!("cannot find the kvserve executable: {e}")))?;
     let mut cmd = Command::new(exe);
     // Claude Code is given its own token; a key in the environment would lock it out.
-    cmd.arg("serve").args(["--port", &port.to_string()]).args(serve_args).env(NO_CONFIG, "1").env_remove("KVSERVE_API_KEY").stdout(Stdio::piped());
+    cmd.arg("serve")
+        .args(["--port", &port.to_string()])
+        .args(serve_args)
+        .env(NO_CONFIG, "1")
+        .env(PARENT, std::process::id().to_string())
+        .env_remove("KVSERVE_API_KEY")
+        .stdout(Stdio::piped());
     #[cfg(unix)]
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn().map_err(|e| LaunchError(format!("cannot start the server: {e}")))?;

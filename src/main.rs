@@ -308,6 +308,7 @@ fn serve_proxy(args: &ServeArgs, upstream: &str) -> Result<()> {
 fn serve(args: ServeArgs) -> Result<()> {
     use kvserve::engine::worker::{default_cache_bytes, Engine, EngineConfig};
     use kvserve::server::{self, ServerConfig, State};
+    kvserve::launch::stop_with_launcher();
     if let Some(upstream) = args.proxy.clone() {
         return serve_proxy(&args, &upstream);
     }

@@ -117,3 +117,52 @@ fn a_server_that_keeps_dying_is_given_up_after_three_exits_in_a_minute() {
     assert!(stderr.contains("exited (signal: 9 (SIGKILL)) 3 times within 60 s; not restarting it again"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Prints the server's pid and its own, then waits to be killed.
+const WAITING_CLAUDE: &str = r#"#!/usr/bin/env python3
+import json, os, time, urllib.request
+with urllib.request.urlopen(os.environ["ANTHROPIC_BASE_URL"] + "/health", timeout=5) as r:
+    print("server", json.load(r)["pid"], "claude", os.getpid(), flush=True)
+time.sleep(120)
+"#;
+
+/// Running, as opposed to gone or a zombie waiting to be reaped.
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.rsplit(')').next().is_some_and(|rest| !rest.trim_start().starts_with('Z')))
+}
+
+#[test]
+fn the_server_stops_when_kvserve_claude_is_killed_without_a_chance_to_stop_it() {
+    let dir = std::env::temp_dir().join(format!("kvserve-orphan-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fake = dir.join("claude");
+    std::fs::write(&fake, WAITING_CLAUDE).unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut launcher = Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        .env("KVSERVE_CLAUDE", &fake)
+        .env("KVSERVE_LOG", "warn")
+        .env("XDG_CACHE_HOME", &dir)
+        .args(["claude", "--model", common::smollm2_dir().to_str().unwrap(), "--", "-p", "hi"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(launcher.stdout.take().unwrap()), &mut line).unwrap();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let (server, claude): (u32, u32) = (words[1].parse().unwrap(), words[3].parse().unwrap());
+    assert!(running(server), "{line}");
+    // As a closed terminal or the OOM killer would: no chance to stop the server.
+    let _ = launcher.kill();
+    let _ = launcher.wait();
+    let t0 = std::time::Instant::now();
+    while running(server) && t0.elapsed().as_secs() < 20 {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let gone = !running(server);
+    kvserve::mlx::send_signal(claude, libc::SIGKILL);
+    assert!(gone, "server {server} still runs 20 s after its launcher was killed");
+    eprintln!("server stopped {:.1} s after its launcher was killed", t0.elapsed().as_secs_f64());
+    let _ = std::fs::remove_dir_all(&dir);
+}
