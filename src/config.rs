@@ -23,13 +23,17 @@ use std::path::{Path, PathBuf};
 /// The commands a config file may have a section for.
 pub const SECTIONS: [&str; 2] = ["serve", "claude"];
 
-/// `$XDG_CONFIG_HOME/kvserve/config.toml`, else `~/.config/kvserve/config.toml`.
-pub fn default_path() -> Option<PathBuf> {
-    std::env::var_os("XDG_CONFIG_HOME")
+/// An XDG base folder: `$VAR` when set and not empty, else `~/HOME_DEFAULT`.
+pub fn xdg_dir(var: &str, home_default: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
-        .map(|d| d.join("kvserve/config.toml"))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(home_default)))
+}
+
+/// `$XDG_CONFIG_HOME/kvserve/config.toml`, else `~/.config/kvserve/config.toml`.
+pub fn default_path() -> Option<PathBuf> {
+    xdg_dir("XDG_CONFIG_HOME", ".config").map(|d| d.join("kvserve/config.toml"))
 }
 
 /// A flag of a command: its long name, and whether it takes a value.

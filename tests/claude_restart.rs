@@ -38,21 +38,28 @@ with urllib.request.urlopen(req, timeout=120) as r:
 print(f"restarted {old} -> {new}; answer {answer['type']} {answer['stop_reason']}")
 "#;
 
-#[test]
-fn a_server_killed_during_a_session_is_started_again_on_the_same_port() {
-    let dir = std::env::temp_dir().join(format!("kvserve-restart-{}", std::process::id()));
+/// A scratch folder holding `script` as the `claude` executable, and the
+/// `kvserve claude` command that runs it against SmolLM2 (snapshots in the
+/// folder, not the user's cache).
+fn with_fake_claude(name: &str, script: &str) -> (std::path::PathBuf, Command) {
+    let dir = std::env::temp_dir().join(format!("kvserve-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let fake = dir.join("claude");
-    std::fs::write(&fake, FAKE_CLAUDE).unwrap();
+    std::fs::write(&fake, script).unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
-        .env("KVSERVE_CLAUDE", &fake)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_kvserve"));
+    cmd.env("KVSERVE_CLAUDE", &fake)
         .env("KVSERVE_LOG", "warn")
         .env("XDG_CACHE_HOME", &dir)
-        .args(["claude", "--model", common::smollm2_dir().to_str().unwrap(), "--", "-p", "hi"])
-        .output()
-        .unwrap();
+        .args(["claude", "--model", common::smollm2_dir().to_str().unwrap(), "--", "-p", "hi"]);
+    (dir, cmd)
+}
+
+#[test]
+fn a_server_killed_during_a_session_is_started_again_on_the_same_port() {
+    let (dir, mut cmd) = with_fake_claude("restart", FAKE_CLAUDE);
+    let out = cmd.output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "kvserve claude failed ({}): {stdout}\n{stderr}", out.status);
     let line = stdout.lines().find(|l| l.starts_with("restarted ")).unwrap_or_else(|| panic!("{stdout}\n{stderr}"));
@@ -97,19 +104,8 @@ print(f"kills {kills}; up after: {health() is not None}")
 
 #[test]
 fn a_server_that_keeps_dying_is_given_up_after_three_exits_in_a_minute() {
-    let dir = std::env::temp_dir().join(format!("kvserve-giveup-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let fake = dir.join("claude");
-    std::fs::write(&fake, KILLER_CLAUDE).unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
-        .env("KVSERVE_CLAUDE", &fake)
-        .env("KVSERVE_LOG", "warn")
-        .env("XDG_CACHE_HOME", &dir)
-        .args(["claude", "--model", common::smollm2_dir().to_str().unwrap(), "--", "-p", "hi"])
-        .output()
-        .unwrap();
+    let (dir, mut cmd) = with_fake_claude("giveup", KILLER_CLAUDE);
+    let out = cmd.output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("kills 3; up after: False"), "{stdout}\n{stderr}");
@@ -133,17 +129,8 @@ fn running(pid: u32) -> bool {
 
 #[test]
 fn the_server_stops_when_kvserve_claude_is_killed_without_a_chance_to_stop_it() {
-    let dir = std::env::temp_dir().join(format!("kvserve-orphan-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let fake = dir.join("claude");
-    std::fs::write(&fake, WAITING_CLAUDE).unwrap();
-    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let mut launcher = Command::new(env!("CARGO_BIN_EXE_kvserve"))
-        .env("KVSERVE_CLAUDE", &fake)
-        .env("KVSERVE_LOG", "warn")
-        .env("XDG_CACHE_HOME", &dir)
-        .args(["claude", "--model", common::smollm2_dir().to_str().unwrap(), "--", "-p", "hi"])
+    let (dir, mut cmd) = with_fake_claude("orphan", WAITING_CLAUDE);
+    let mut launcher = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -130,17 +130,7 @@ fn the_dashboard_shows_real_requests_in_a_real_browser() {
     let rows = dom["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 4, "{dom}");
     // Newest first: the refused one, the OpenAI one, the warm turn, the cold one.
-    let n = |x: u64| {
-        let s = x.to_string();
-        let mut out = String::new();
-        for (i, ch) in s.chars().enumerate() {
-            if i > 0 && (s.len() - i) % 3 == 0 {
-                out.push(',');
-            }
-            out.push(ch);
-        }
-        out
-    };
+    let n = |x: u64| kvserve::engine::request::grouped(x as usize);
     let cells = |i: usize| -> Vec<String> { rows[i]["cells"].as_array().unwrap().iter().map(|c| c.as_str().unwrap().to_string()).collect() };
     let (warm, cold, openai, refused) = (cells(2), cells(3), cells(1), cells(0));
     assert_eq!(warm[1..5], ["anthropic".to_string(), n(pb), n(rb), n(pb - rb)], "{dom}");

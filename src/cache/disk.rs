@@ -21,11 +21,7 @@ pub const MAX_DEFAULT_BYTES: u64 = 50_000_000_000;
 
 /// `$XDG_CACHE_HOME/kvserve/kv`, else `~/.cache/kvserve/kv`.
 pub fn user_root() -> Option<PathBuf> {
-    std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .map(|d| d.join("kvserve/kv"))
+    crate::config::xdg_dir("XDG_CACHE_HOME", ".cache").map(|d| d.join("kvserve/kv"))
 }
 
 /// The default disk bound for a folder at `path`: 10% of the space free on

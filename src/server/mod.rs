@@ -109,7 +109,7 @@ impl State {
         v["time"] = json!(trace::now_secs());
         // The bodies (with --trace-bodies) go to the file only: out before the copy.
         let bodies: Vec<(&str, Value)> =
-            ["request_body", "response_text"].into_iter().filter_map(|k| v.as_object_mut().and_then(|o| o.remove(k)).map(|b| (k, b))).collect();
+            recent::BODIES.into_iter().filter_map(|k| v.as_object_mut().and_then(|o| o.remove(k)).map(|b| (k, b))).collect();
         let mut lite = v.clone();
         self.tracer.redact_value(&mut lite);
         self.recent.push(lite);

@@ -26,7 +26,7 @@ pub struct Recent {
 }
 
 /// Fields never kept here (only `--trace-bodies` puts them in a record).
-const BODIES: [&str; 2] = ["request_body", "response_text"];
+pub const BODIES: [&str; 2] = ["request_body", "response_text"];
 
 impl Recent {
     /// Keep one record (a trace record, redacted); bodies are dropped.

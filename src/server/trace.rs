@@ -25,10 +25,7 @@ pub struct TraceConfig {
 /// The default trace folder: `$XDG_DATA_HOME/kvserve/traces`, else
 /// `~/.local/share/kvserve/traces`.
 pub fn default_dir() -> Option<PathBuf> {
-    std::env::var_os("XDG_DATA_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
-        .map(|d| d.join("kvserve/traces"))
+    crate::config::xdg_dir("XDG_DATA_HOME", ".local/share").map(|d| d.join("kvserve/traces"))
 }
 
 pub struct Tracer {
@@ -137,18 +134,6 @@ impl Tracer {
         self.bodies
     }
 
-    /// A record as a JSON line with secrets removed.
-    pub fn redacted_line(&self, v: &Value) -> String {
-        let mut line = v.to_string();
-        for key in self.redact.iter().filter(|k| !k.is_empty()) {
-            // As written in the JSON line: escaped where it has quotes or backslashes.
-            let escaped = serde_json::to_string(key).unwrap_or_default();
-            let escaped = escaped.get(1..escaped.len().saturating_sub(1)).unwrap_or(key);
-            line = line.replace(key.as_str(), "[redacted]").replace(escaped, "[redacted]");
-        }
-        line
-    }
-
     /// `v` with every secret replaced inside its strings (keys and values).
     pub fn redact_value(&self, v: &mut Value) {
         fn walk(v: &mut Value, keys: &[String]) {
@@ -185,7 +170,8 @@ impl Tracer {
         if v.get("time").is_none() {
             v["time"] = serde_json::json!(now_secs());
         }
-        let _ = tx.send(self.redacted_line(&v));
+        self.redact_value(&mut v);
+        let _ = tx.send(v.to_string());
     }
 }
 
