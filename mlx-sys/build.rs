@@ -3,7 +3,8 @@
 //! and generates the Rust bindings with bindgen.
 //!
 //! Exported to dependents (links = "mlx"): DEP_MLX_LIB_DIR (the directory
-//! holding libmlx, for the executable's rpath) and DEP_MLX_INCLUDE.
+//! holding libmlx, for the executable's rpath), DEP_MLX_INCLUDE and
+//! DEP_MLX_BACKEND (cpu, cuda13, cuda12 or metal: the wheel linked).
 
 use std::collections::HashMap;
 use std::env;
@@ -43,21 +44,30 @@ fn main() {
     println!("cargo:rerun-if-changed={}", pins_path.display());
     let pins = read_pins(&pins_path);
     let backend = env::var("MLX_BACKEND").unwrap_or_default();
-    let key = match (target_os.as_str(), backend.as_str()) {
-        ("linux", "" | "cpu") => "LINUX_CPU",
-        ("linux", "cuda") => "LINUX_CUDA",
-        ("macos", "" | "metal") => "MACOS",
-        (os, b) => fail(&format!("no pinned MLX wheel for target OS '{os}' with MLX_BACKEND='{b}'")),
+    // (the wheel libmlx comes from, the wheel the headers come from, the backend)
+    let (key, header_key, backend) = match (target_os.as_str(), backend.as_str()) {
+        ("linux", "" | "cpu") => ("LINUX_CPU", "LINUX_CPU", "cpu"),
+        // The CUDA wheels hold no headers: the CPU wheel of the same version has them.
+        ("linux", "cuda" | "cuda13") => ("LINUX_CUDA13", "LINUX_CPU", "cuda13"),
+        ("linux", "cuda12") => ("LINUX_CUDA12", "LINUX_CPU", "cuda12"),
+        ("macos", "" | "metal") => ("MACOS", "MACOS", "metal"),
+        (os, b) => fail(&format!(
+            "no pinned MLX wheel for target OS '{os}' with MLX_BACKEND='{b}' (Linux: cpu, cuda (= cuda13) or cuda12; macOS: metal)"
+        )),
     };
     let pin = |k: &str| {
         pins.get(k)
             .cloned()
             .unwrap_or_else(|| fail(&format!("{} lacks {k}", pins_path.display())))
     };
-    let wheel = format!("{}-{}", pin(&format!("MLX_{key}_WHEEL")), pin("MLX_VERSION"));
-    let mlx_root = vendor.join("mlx").join(&wheel).join("mlx");
-    let mlx_include = mlx_root.join("include");
+    let wheel_root = |k: &str| vendor.join("mlx").join(format!("{}-{}", pin(&format!("MLX_{k}_WHEEL")), pin("MLX_VERSION"))).join("mlx");
+    let mlx_root = wheel_root(key);
+    let mlx_include = wheel_root(header_key).join("include");
     let mlx_lib = mlx_root.join("lib");
+    if !mlx_lib.is_dir() {
+        let hint = if backend == "cpu" || backend == "metal" { String::new() } else { format!("MLX_BACKEND={backend} ") };
+        fail(&format!("MLX library not found at {}: run `{hint}make vendor`", mlx_lib.display()));
+    }
     let mlxc = vendor.join("mlx-c");
     for (what, path) in [("MLX wheel", &mlx_include), ("mlx-c sources", &mlxc.join("mlx/c"))] {
         if !path.is_dir() {
@@ -67,6 +77,7 @@ fn main() {
     // The .complete markers change whenever make vendor unpacks again.
     println!("cargo:rerun-if-changed={}", mlxc.join(".complete").display());
     println!("cargo:rerun-if-changed={}", mlx_root.join("../.complete").display());
+    println!("cargo:rerun-if-changed={}", mlx_include.join("../../.complete").display());
 
     let shim = manifest.join("shim");
     let mut sources: Vec<PathBuf> = fs::read_dir(mlxc.join("mlx/c"))
@@ -108,6 +119,7 @@ fn main() {
     println!("cargo:rustc-link-lib=dylib=mlx");
     println!("cargo:lib_dir={}", mlx_lib.display());
     println!("cargo:include={}", mlx_include.display());
+    println!("cargo:backend={backend}");
 
     let bindings = bindgen::Builder::default()
         .header(shim.join("bindings.h").to_string_lossy())

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch the pinned MLX wheel and the mlx-c sources into vendor/, checking each
 # download's sha256. Does nothing for a piece that is already unpacked.
-# Usage: scripts/vendor.sh   (MLX_BACKEND=cuda selects the CUDA 12 wheel on Linux)
+# Usage: scripts/vendor.sh   (MLX_BACKEND=cuda or cuda13 selects the CUDA 13 wheel on
+# Linux, cuda12 the CUDA 12 one)
 set -euo pipefail
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,28 +18,32 @@ sha256_of() {
     else shasum -a 256 "$1" | cut -d' ' -f1; fi
 }
 
-# Which wheel this platform links against.
+# Which wheel this platform links against. The CUDA wheels hold libmlx.so only:
+# mlx-c compiles against the CPU wheel's headers (same MLX version), so a CUDA
+# backend vendors both.
 os="$(uname -s)"
 backend="${MLX_BACKEND:-}"
 case "$os/$backend" in
-    Linux/ | Linux/cpu) key=LINUX_CPU ;;
-    Linux/cuda) key=LINUX_CUDA ;;
-    Darwin/ | Darwin/metal) key=MACOS ;;
-    *) die "no pinned MLX wheel for OS '$os' with MLX_BACKEND='$backend' (Linux: cpu or cuda; macOS: metal)" ;;
+    Linux/ | Linux/cpu) keys=(LINUX_CPU) ;;
+    Linux/cuda | Linux/cuda13) keys=(LINUX_CPU LINUX_CUDA13); runtime=13 ;;
+    Linux/cuda12) keys=(LINUX_CPU LINUX_CUDA12); runtime=12 ;;
+    Darwin/ | Darwin/metal) keys=(MACOS) ;;
+    *) die "no pinned MLX wheel for OS '$os' with MLX_BACKEND='$backend' (Linux: cpu, cuda (= cuda13) or cuda12; macOS: metal)" ;;
 esac
-wheel_name_var="MLX_${key}_WHEEL"; wheel_file_var="MLX_${key}_FILE"
-wheel_sha_var="MLX_${key}_SHA256"; wheel_plat_var="MLX_${key}_PLATFORM"
-wheel_name="${!wheel_name_var}"; wheel_file="${!wheel_file_var}"
-wheel_sha="${!wheel_sha_var}"; wheel_plat="${!wheel_plat_var}"
 
 downloads="$vendor/downloads"
 mkdir -p "$downloads" "$vendor/mlx"
 
-# --- the MLX wheel ---------------------------------------------------------
-wheel_dir="$vendor/mlx/$wheel_name-$MLX_VERSION"
-if [ -f "$wheel_dir/.complete" ] && [ "$(cat "$wheel_dir/.complete")" = "$wheel_sha" ]; then
-    echo "vendor: $wheel_name $MLX_VERSION already unpacked in ${wheel_dir#"$root"/}"
-else
+# --- the MLX wheels ----------------------------------------------------------
+vendor_wheel() {
+    local key="$1"
+    local name_var="MLX_${key}_WHEEL" file_var="MLX_${key}_FILE" sha_var="MLX_${key}_SHA256" plat_var="MLX_${key}_PLATFORM"
+    local wheel_name="${!name_var}" wheel_file="${!file_var}" wheel_sha="${!sha_var}" wheel_plat="${!plat_var}"
+    wheel_dir="$vendor/mlx/$wheel_name-$MLX_VERSION"
+    if [ -f "$wheel_dir/.complete" ] && [ "$(cat "$wheel_dir/.complete")" = "$wheel_sha" ]; then
+        echo "vendor: $wheel_name $MLX_VERSION already unpacked in ${wheel_dir#"$root"/}"
+        return
+    fi
     need python3 "install Python 3 with pip (Debian: apt-get install python3-pip)"
     python3 -m pip --version >/dev/null 2>&1 || die "python3 has no pip: install it (Debian: apt-get install python3-pip)"
     if [ ! -f "$downloads/$wheel_file" ] || [ "$(sha256_of "$downloads/$wheel_file")" != "$wheel_sha" ]; then
@@ -50,16 +55,51 @@ else
             || die "pip could not download $wheel_name==$MLX_VERSION: check access to PyPI"
     fi
     [ -f "$downloads/$wheel_file" ] || die "pip did not produce $wheel_file (the pin in vendor/pins.env may be stale)"
+    local got
     got="$(sha256_of "$downloads/$wheel_file")"
     if [ "$got" != "$wheel_sha" ]; then
         die "sha256 mismatch for $wheel_file: expected $wheel_sha, got $got. Delete vendor/downloads/$wheel_file and run 'make vendor' again; if it persists, the registry serves a different file than the pin: do not update the pin without checking why."
     fi
     rm -rf "$wheel_dir.tmp" "$wheel_dir"
     python3 -m zipfile -e "$downloads/$wheel_file" "$wheel_dir.tmp"
-    [ -d "$wheel_dir.tmp/mlx/include" ] || die "$wheel_file has no mlx/include: not the library wheel"
+    [ -f "$wheel_dir.tmp/mlx/lib/libmlx.so" ] || [ -f "$wheel_dir.tmp/mlx/lib/libmlx.dylib" ] \
+        || die "$wheel_file has no mlx/lib/libmlx: not the library wheel"
+    case "$key" in LINUX_CPU | MACOS)
+        [ -d "$wheel_dir.tmp/mlx/include" ] || die "$wheel_file has no mlx/include: not the library wheel" ;;
+    esac
     echo "$wheel_sha" > "$wheel_dir.tmp/.complete"
     mv "$wheel_dir.tmp" "$wheel_dir"
     echo "vendor: unpacked $wheel_name $MLX_VERSION into ${wheel_dir#"$root"/}"
+}
+for key in "${keys[@]}"; do vendor_wheel "$key"; done
+
+# --- the NVIDIA runtime libraries a CUDA libmlx.so loads --------------------
+# libmlx.so's RPATH looks in $ORIGIN/../../nvidia/*/lib, that is in the wheel's
+# folder here: the pinned runtime wheels go there unless the system's loader
+# already finds every library (a CUDA toolkit install, a distribution package).
+if [ -n "${runtime:-}" ]; then
+    missing=()
+    for lib in $(readelf -d "$wheel_dir/mlx/lib/libmlx.so" 2>/dev/null | sed -n 's/.*NEEDED.*\[\(lib\(cu\|nccl\|nvrtc\)[^]]*\)\].*/\1/p'); do
+        [ "$lib" = libcuda.so.1 ] && continue   # the driver's own library
+        ldconfig -p 2>/dev/null | grep -q "^\s*$lib " || missing+=("$lib")
+    done
+    req="$vendor/cuda$runtime-runtime.txt"
+    stamp="$wheel_dir/nvidia/.complete"
+    if [ ${#missing[@]} -eq 0 ]; then
+        echo "vendor: the system's loader finds the CUDA $runtime runtime libraries libmlx.so needs"
+    elif [ -f "$stamp" ] && [ "$(sha256_of "$req")" = "$(cat "$stamp")" ]; then
+        echo "vendor: CUDA $runtime runtime wheels already in ${wheel_dir#"$root"/}/nvidia"
+    else
+        echo "vendor: installing the pinned CUDA $runtime runtime wheels (${missing[*]} not found by the loader; about 1.5 GB)"
+        python3 -m pip install --quiet --no-deps --require-hashes --only-binary=:all: \
+            --platform manylinux_2_35_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+            --platform manylinux2014_x86_64 --platform manylinux_2_12_x86_64 --platform manylinux_2_5_x86_64 \
+            --python-version 3.11 --upgrade --target "$wheel_dir" -r "$req" \
+            || die "pip could not install the CUDA $runtime runtime wheels of $req"
+        sha256_of "$req" > "$stamp"
+    fi
+    command -v nvidia-smi >/dev/null 2>&1 \
+        || echo "vendor: note: no nvidia-smi here; the CUDA build links, but runs only where an NVIDIA driver is installed"
 fi
 
 # --- the mlx-c sources -------------------------------------------------------

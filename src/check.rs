@@ -75,6 +75,27 @@ pub fn run(model: &str, config: Option<&std::path::Path>) -> bool {
         Ok(22.0) => r.pass(&format!("MLX {} loads and computes", crate::mlx::version().unwrap_or_default())),
         other => r.fail(&format!("MLX computes a 2x2 matmul wrong or not at all ({other:?})"), "rebuild with `make build`; see PLATFORM notes in README"),
     }
+    // Where it computes: the wheel linked and the device MLX chose.
+    match crate::mlx::default_device() {
+        Ok(d) => {
+            let wheel = match crate::mlx::LINKED_BACKEND {
+                "cpu" => "mlx-cpu",
+                "cuda13" => "mlx-cuda-13",
+                "cuda12" => "mlx-cuda-12",
+                _ => "mlx-metal",
+            };
+            let line = format!("MLX backend {} ({wheel} wheel), computing on {}", crate::mlx::LINKED_BACKEND, d.describe());
+            if crate::mlx::LINKED_BACKEND.starts_with("cuda") && d.kind != "gpu" {
+                r.fail(&format!("{line}: the CUDA build found no GPU"), "check `nvidia-smi` (driver 580+ for CUDA 13, 525+ for CUDA 12)");
+            } else {
+                r.pass(&line);
+            }
+        }
+        Err(e) => r.fail(&format!("MLX cannot describe its default device: {e}"), "rebuild with `make build`"),
+    }
+    if !crate::model::on_cpu() {
+        println!("[info] BLAS: not used (prompts are computed by MLX's GPU kernels)");
+    } else {
     match crate::mlx::blas_provider() {
         Some(p) if p.to_string_lossy().contains("openblas") || p.to_string_lossy().contains("Accelerate") => {
             r.pass(&format!("BLAS is the fast one ({})", p.display()))
@@ -83,6 +104,7 @@ pub fn run(model: &str, config: Option<&std::path::Path>) -> bool {
             &format!("cblas_sgemm comes from {other:?}, not OpenBLAS: prompts will be about 30x slower"),
             "install libopenblas-dev (`make setup`) and rebuild (`make build`)",
         ),
+    }
     }
     let cfg = EngineConfig {
         model: model.to_string(),

@@ -194,3 +194,51 @@ mod tests {
         assert!(err.location.file().ends_with("ffi.rs"));
     }
 }
+
+/// The default device's type (`"cpu"` or `"gpu"`) and MLX's description of
+/// it: `device_name`, `architecture`, memory sizes and whatever else the
+/// backend reports, as (key, value) pairs in MLX's order.
+#[track_caller]
+pub fn default_device_info() -> Result<(String, Vec<(String, String)>), MlxError> {
+    // SAFETY: every handle is created here, passed to mlx-c while live and
+    // freed exactly once below; strings MLX returns are read before freeing.
+    unsafe {
+        let mut dev = mlx_sys::mlx_device_new();
+        let mut info = mlx_sys::mlx_device_info_new();
+        let mut keys = mlx_sys::mlx_vector_string_new();
+        let result = (|| {
+            guarded(|| mlx_sys::mlx_get_default_device(&mut dev))?;
+            let mut kind = mlx_sys::mlx_device_type__MLX_CPU;
+            guarded(|| mlx_sys::mlx_device_get_type(&mut kind, dev))?;
+            let kind = if kind == mlx_sys::mlx_device_type__MLX_GPU { "gpu" } else { "cpu" }.to_string();
+            guarded(|| mlx_sys::mlx_device_info_get(&mut info, dev))?;
+            guarded(|| mlx_sys::mlx_device_info_get_keys(&mut keys, info))?;
+            let mut pairs = Vec::new();
+            for i in 0..mlx_sys::mlx_vector_string_size(keys) {
+                let mut key: *mut std::os::raw::c_char = std::ptr::null_mut();
+                guarded(|| mlx_sys::mlx_vector_string_get(&mut key, keys, i))?;
+                if key.is_null() {
+                    continue;
+                }
+                let name = CStr::from_ptr(key).to_string_lossy().into_owned();
+                let mut is_string = false;
+                guarded(|| mlx_sys::mlx_device_info_is_string(&mut is_string, info, key))?;
+                let value = if is_string {
+                    let mut v: *const std::os::raw::c_char = std::ptr::null();
+                    guarded(|| mlx_sys::mlx_device_info_get_string(&mut v, info, key))?;
+                    if v.is_null() { String::new() } else { CStr::from_ptr(v).to_string_lossy().into_owned() }
+                } else {
+                    let mut v: usize = 0;
+                    guarded(|| mlx_sys::mlx_device_info_get_size(&mut v, info, key))?;
+                    v.to_string()
+                };
+                pairs.push((name, value));
+            }
+            Ok((kind, pairs))
+        })();
+        mlx_sys::mlx_vector_string_free(keys);
+        mlx_sys::mlx_device_info_free(info);
+        mlx_sys::mlx_device_free(dev);
+        result
+    }
+}

@@ -44,6 +44,51 @@ pub fn version() -> Result<String> {
     ffi::mlx_version()
 }
 
+/// The MLX wheel this executable was linked against: `cpu`, `cuda13`,
+/// `cuda12` or `metal` (`MLX_BACKEND` at build time).
+pub const LINKED_BACKEND: &str = env!("KVSERVE_MLX_BACKEND");
+
+/// Where MLX computes in this process: the default device and what MLX says
+/// of it.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    /// `"cpu"` or `"gpu"`.
+    pub kind: String,
+    /// MLX's keys for the device (`device_name`, `architecture`, memory sizes...).
+    pub details: Vec<(String, String)>,
+}
+
+impl DeviceInfo {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.details.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
+    /// One line: "gpu: NVIDIA H100 80GB HBM3 (sm_90, 79.2 GiB)".
+    pub fn describe(&self) -> String {
+        let mut extra = Vec::new();
+        if let Some(a) = self.get("architecture").filter(|a| !a.is_empty()) {
+            extra.push(a.to_string());
+        }
+        let mem = ["total_memory", "memory_size"].iter().find_map(|k| self.get(k)?.parse::<u64>().ok());
+        if let Some(m) = mem {
+            extra.push(format!("{:.1} GiB", m as f64 / (1u64 << 30) as f64));
+        }
+        let name = self.get("device_name").filter(|n| !n.is_empty()).unwrap_or("unnamed device");
+        if extra.is_empty() {
+            format!("{}: {name}", self.kind)
+        } else {
+            format!("{}: {name} ({})", self.kind, extra.join(", "))
+        }
+    }
+}
+
+/// The default device MLX computes on (the GPU when the linked backend has
+/// one and finds it), with MLX's description of it.
+pub fn default_device() -> Result<DeviceInfo> {
+    let (kind, details) = ffi::default_device_info()?;
+    Ok(DeviceInfo { kind, details })
+}
+
 /// The shared object that serves `cblas_sgemm` for MLX in this process
 /// (OpenBLAS when kvserve's link order took effect, else the wheel's
 /// reference BLAS).

@@ -24,15 +24,19 @@ pub const CPU_DEQUANT_MIN_ROWS: i32 = 4;
 /// The weights of one model, taken out by name as layers are built.
 pub struct Weights {
     map: HashMap<String, Array>,
-    /// Compute dtype for floating-point tensors (float32 on the CPU).
-    pub dtype: Dtype,
+    /// Compute dtype for floating-point tensors: float32 on the CPU (MLX's
+    /// CPU kernels and kvserve's own run in f32); `None` on a GPU, where each
+    /// tensor keeps the dtype it was stored in (bf16/f16 for most models), as
+    /// mlx-lm does, so activations stay in what MLX's GPU kernels want.
+    pub dtype: Option<Dtype>,
     pub quant: super::config::Quantization,
     pub cpu_dense_prefill: bool,
 }
 
 impl Weights {
     pub fn new(map: HashMap<String, Array>, quant: super::config::Quantization, cpu_dense_prefill: bool) -> Self {
-        Weights { map, dtype: Dtype::Float32, quant, cpu_dense_prefill }
+        let dtype = if super::on_cpu() { Some(Dtype::Float32) } else { None };
+        Weights { map, dtype, quant, cpu_dense_prefill }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -54,8 +58,9 @@ impl Weights {
     /// Take a tensor; floating-point tensors are cast to the compute dtype.
     pub fn take(&mut self, name: &str) -> Result<Array> {
         let a = self.map.remove(name).ok_or_else(|| ModelError::MissingTensor(name.to_string()))?;
-        if matches!(a.dtype(), Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32 | Dtype::Float64) && a.dtype() != self.dtype {
-            Ok(a.as_dtype(self.dtype).map_err(MlxError::from)?)
+        let float = matches!(a.dtype(), Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32 | Dtype::Float64);
+        if let Some(dtype) = self.dtype.filter(|d| float && a.dtype() != *d) {
+            Ok(a.as_dtype(dtype).map_err(MlxError::from)?)
         } else {
             Ok(a)
         }

@@ -11,6 +11,7 @@ and values (`last_logits_f32_kv`), to state what f16 storage changes.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from mlx_lm.utils import quantize_model, save_config, save_model
 
 from kv16 import f16_cache
 
-mx.set_default_device(mx.cpu)
+# KVSERVE_REF_DEVICE=gpu computes the reference on the GPU (scripts/gpu_check.sh).
+mx.set_default_device(mx.gpu if os.environ.get("KVSERVE_REF_DEVICE") == "gpu" else mx.cpu)
 
 # mlx-lm 0.32.2 passes `global_scale` to gather_qmm, an argument MLX gained only
 # after 0.32.2; drop it when unset so the same pinned pair can run MoE models.
