@@ -63,6 +63,7 @@ $(VENV)/.$(BACKEND): $(VENV)/.installed | vendor
 	site=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
 	wheel=vendor/mlx/mlx-$(subst cuda,cuda-,$(BACKEND))-0.32.2; \
 	cp $$wheel/mlx/lib/libmlx.so $$site/mlx/lib/libmlx.so && cp -R $$wheel/mlx_$(subst cuda,cuda_,$(BACKEND)).libs $$site/ && \
+	rm -rf $$site/mlx/include && cp -R $$wheel/mlx/include $$site/mlx/include && \
 	if [ -d $$wheel/nvidia ]; then ln -sfn $(CURDIR)/$$wheel/nvidia $$site/nvidia; fi
 	$(PYTHON) -c 'import mlx.core as mx; assert mx.default_device() == mx.gpu, mx.default_device(); print("venv: mlx computes on", mx.default_device())'
 	touch $@

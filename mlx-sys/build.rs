@@ -47,7 +47,7 @@ fn main() {
     // (the wheel libmlx comes from, the wheel the headers come from, the backend)
     let (key, header_key, backend) = match (target_os.as_str(), backend.as_str()) {
         ("linux", "" | "cpu") => ("LINUX_CPU", "LINUX_CPU", "cpu"),
-        // The CUDA wheels hold no headers: the CPU wheel of the same version has them.
+        // mlx-c compiles against the CPU wheel's MLX headers (same version).
         ("linux", "cuda" | "cuda13") => ("LINUX_CUDA13", "LINUX_CPU", "cuda13"),
         ("linux", "cuda12") => ("LINUX_CUDA12", "LINUX_CPU", "cuda12"),
         ("macos", "" | "metal") => ("MACOS", "MACOS", "metal"),

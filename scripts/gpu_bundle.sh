@@ -43,6 +43,9 @@ cp "$target/release/kvserve" "$stage/bin/kvserve"
 cp "$parity" "$stage/bin/parity"
 strip "$stage/bin/kvserve" "$stage/bin/parity"
 cp -R "vendor/mlx/$wheel-0.32.2/$libs" "$stage/$libs"
+# The CUDA wheel's headers (CCCL, CuTe): MLX compiles some kernels at run time
+# with NVRTC, which reads them from mlx/include beside mlx/lib.
+[ -d "vendor/mlx/$wheel-0.32.2/mlx/include" ] && cp -R "vendor/mlx/$wheel-0.32.2/mlx/include" "$stage/mlx_include"
 python3 -m pip download --quiet --no-deps --require-hashes --only-binary=:all: --platform manylinux_2_35_x86_64 \
     --python-version 3.12 -d "$stage/wheels" -r benches/gpu-requirements.txt
 for f in tokenizer.json tokenizer_config.json generation_config.json; do

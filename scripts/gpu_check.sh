@@ -46,10 +46,17 @@ mkdir -p "$w/site/mlx/lib" "$w/site/bin"
 cat $parts | "$py" -c 'import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)' > "$w/site/mlx/lib/libmlx.so" \
     || die "cannot decompress libmlx.so"
 cp -R "$w/stage"/mlx_*.libs "$w/site/"
+# headers NVRTC compiles MLX's run-time kernels with (CCCL)
+[ -d "$w/stage/mlx_include" ] && rm -rf "$w/site/mlx/include" && cp -R "$w/stage/mlx_include" "$w/site/mlx/include"
 cp "$w/stage"/bin/* "$w/site/bin/"
 if [ "$cpu_run" != 1 ]; then
     nv=$("$py" -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null) || die "$py has no nvidia runtime wheels (pip install mlx-cuda-13's requirements)"
     ln -sfn "$nv" "$w/site/nvidia"
+    # NVRTC's CUDA headers: MLX looks beside its wheel, then $CUDA_HOME, then /usr/local/cuda.
+    if [ -z "${CUDA_HOME:-}" ] && [ ! -d /usr/local/cuda/include ] && [ -d "$nv/cu13/include" ]; then
+        export CUDA_HOME="$nv/cu13"
+    fi
+    echo "CUDA headers: ${CUDA_HOME:-/usr/local/cuda} ($(ls -d /usr/local/cuda/include 2>/dev/null || echo 'no /usr/local/cuda/include'))"
 fi
 kv="$w/site/bin/kvserve"
 export PYTHONPATH="$w/site${PYTHONPATH:+:$PYTHONPATH}"

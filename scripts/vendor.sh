@@ -18,9 +18,8 @@ sha256_of() {
     else shasum -a 256 "$1" | cut -d' ' -f1; fi
 }
 
-# Which wheel this platform links against. The CUDA wheels hold libmlx.so only:
-# mlx-c compiles against the CPU wheel's headers (same MLX version), so a CUDA
-# backend vendors both.
+# Which wheel this platform links against. mlx-c always compiles against the
+# CPU wheel's MLX headers (the same MLX version), so a CUDA backend vendors both.
 os="$(uname -s)"
 backend="${MLX_BACKEND:-}"
 case "$os/$backend" in
