@@ -51,7 +51,14 @@ cp -R "$w/stage"/mlx_*.libs "$w/site/"
 cp "$w/stage"/bin/* "$w/site/bin/"
 if [ "$cpu_run" != 1 ]; then
     nv=$("$py" -c 'import nvidia; print(list(nvidia.__path__)[0])' 2>/dev/null) || die "$py has no nvidia runtime wheels (pip install mlx-cuda-13's requirements)"
-    ln -sfn "$nv" "$w/site/nvidia"
+    # libraries only: a cu13/include there would be NVRTC's header folder, and
+    # the runtime wheels' headers lack the compiler's (crt/mma.h)
+    mkdir -p "$w/site/nvidia"
+    for d in "$nv"/*/; do
+        d=${d%/}; n=$(basename "$d")
+        if [ -d "$d/include" ] && [ -d "$d/lib" ]; then mkdir -p "$w/site/nvidia/$n" && ln -sfn "$d/lib" "$w/site/nvidia/$n/lib"
+        else ln -sfn "$d" "$w/site/nvidia/$n"; fi
+    done
     # NVRTC's CUDA headers: MLX looks beside its wheel, then $CUDA_HOME, then /usr/local/cuda.
     if [ -z "${CUDA_HOME:-}" ] && [ ! -d /usr/local/cuda/include ] && [ -d "$nv/cu13/include" ]; then
         export CUDA_HOME="$nv/cu13"

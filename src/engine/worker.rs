@@ -129,7 +129,7 @@ fn mlx_works() -> Result<(), String> {
 fn exit_mlx_failed(why: &str) -> ! {
     tracing::error!("the engine cannot go on ({why}); exiting with status {EXIT_MLX_FAILED} so that a supervisor restarts kvserve");
     eprintln!("kvserve: the engine cannot go on ({why}); exiting with status {EXIT_MLX_FAILED}");
-    std::process::exit(EXIT_MLX_FAILED)
+    crate::mlx::exit(EXIT_MLX_FAILED)
 }
 
 /// The handle the server holds.

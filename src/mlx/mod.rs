@@ -48,6 +48,22 @@ pub fn version() -> Result<String> {
 /// `cuda12` or `metal` (`MLX_BACKEND` at build time).
 pub const LINKED_BACKEND: &str = env!("KVSERVE_MLX_BACKEND");
 
+/// End the process with `code`. On a CUDA build it ends without running
+/// static destructors: MLX's CUDA objects are destroyed after the CUDA
+/// driver has shut down at exit, and that throws ("Destroy(handle_) failed:
+/// driver shutting down"), turning every exit into an abort (seen on an
+/// H100 with mlx-cuda-13 0.32.2). Everything kvserve writes is flushed or
+/// closed before this is called; stdout and stderr are flushed here.
+pub fn exit(code: i32) -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    if LINKED_BACKEND.starts_with("cuda") {
+        os::exit_immediately(code)
+    }
+    std::process::exit(code)
+}
+
 /// Where MLX computes in this process: the default device and what MLX says
 /// of it.
 #[derive(Debug, Clone)]
@@ -189,5 +205,34 @@ impl QuantizedMatrix {
     pub fn shape(&self) -> (i32, i32) {
         let s = self.packed.shape();
         (s[0], s[1] * 32 / self.bits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::DeviceInfo;
+
+    fn info(kind: &str, pairs: &[(&str, &str)]) -> DeviceInfo {
+        DeviceInfo { kind: kind.into(), details: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() }
+    }
+
+    #[test]
+    fn describe_names_device_architecture_and_memory() {
+        let gpu = info("gpu", &[("device_name", "NVIDIA H100 80GB HBM3"), ("architecture", "sm_90"), ("total_memory", "85520809984")]);
+        assert_eq!(gpu.describe(), "gpu: NVIDIA H100 80GB HBM3 (sm_90, 79.6 GiB)");
+        assert_eq!(gpu.get("architecture"), Some("sm_90"));
+        // Metal's key for memory, and an empty architecture left out.
+        let metal = info("gpu", &[("device_name", "Apple M2"), ("architecture", ""), ("memory_size", "17179869184")]);
+        assert_eq!(metal.describe(), "gpu: Apple M2 (16.0 GiB)");
+        assert_eq!(info("cpu", &[]).describe(), "cpu: unnamed device");
+    }
+
+    #[test]
+    fn the_default_device_here_is_the_linked_backends() {
+        let d = super::default_device().unwrap();
+        // The CPU wheel has no GPU; a CUDA or Metal build computes on its GPU.
+        let want = if super::LINKED_BACKEND == "cpu" { "cpu" } else { "gpu" };
+        assert_eq!(d.kind, want, "{d:?}");
+        assert!(!d.describe().is_empty());
     }
 }
