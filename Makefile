@@ -80,7 +80,17 @@ $(DEFAULT_MODEL)/.complete: $(SMOL_GGUF) | build
 
 # Test fixtures generated at test time: tiny random models of every
 # architecture built by mlx-lm, with mlx-lm's outputs for them.
-fixtures: $(FIXTURES)/tiny/.complete $(FIXTURES)/smollm2.json $(FIXTURES)/tokenizer-smollm2.json $(FIXTURES)/tokenizer-qwen3.json
+fixtures: $(FIXTURES)/tiny/.complete $(FIXTURES)/smollm2.json $(FIXTURES)/tokenizer-smollm2.json $(FIXTURES)/tokenizer-qwen3.json $(FIXTURES)/gguf-blocks.json $(FIXTURES)/gguf/.complete
+# A SmolLM2-shaped GGUF in every type kvserve converts (random blocks) and its
+# F32 twin dequantized by the gguf package (tests/gguf_models.rs).
+$(FIXTURES)/gguf/.complete: tests/reference/gguf_twin.py $(SMOL_GGUF) $(VENV)/.installed
+	mkdir -p $(FIXTURES)/gguf
+	$(PYTHON) tests/reference/gguf_twin.py $(SMOL_GGUF) $(FIXTURES)/gguf/mixed.gguf random:Q4_K,Q6_K,Q5_K,Q3_K,Q2_K,IQ4_NL,Q5_0,Q5_1
+	$(PYTHON) tests/reference/gguf_twin.py $(FIXTURES)/gguf/mixed.gguf $(FIXTURES)/gguf/mixed-f32.gguf f32
+	touch $@
+# Random blocks of every GGUF type kvserve converts, with the gguf package's dequantization.
+$(FIXTURES)/gguf-blocks.json: tests/reference/gguf_blocks.py $(VENV)/.installed
+	$(PYTHON) tests/reference/gguf_blocks.py $@
 $(FIXTURES)/qwen3-tokenizer/.complete: scripts/fetch_qwen3_tokenizer.sh
 	bash scripts/fetch_qwen3_tokenizer.sh $(FIXTURES)/qwen3-tokenizer
 $(FIXTURES)/tokenizer-qwen3.json: tests/reference/tokenizer_reference.py $(FIXTURES)/qwen3-tokenizer/.complete $(VENV)/.installed

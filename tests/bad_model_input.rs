@@ -124,7 +124,7 @@ fn gguf_with_tensor_type(ty: u32) -> Vec<u8> {
 #[test]
 fn gguf_with_an_unsupported_tensor_type_is_refused_by_name() {
     let d = tmp("gguf-q4k");
-    for (ty, name) in [(12, "Q4_K"), (14, "Q6_K"), (23, "IQ4_XS")] {
+    for (ty, name) in [(23, "IQ4_XS"), (16, "IQ2_XXS"), (39, "MXFP4")] {
         let f = d.join(format!("{name}.gguf"));
         std::fs::write(&f, gguf_with_tensor_type(ty)).unwrap();
         let e = err_of(f.to_str().unwrap());
@@ -132,6 +132,8 @@ fn gguf_with_an_unsupported_tensor_type_is_refused_by_name() {
             e.contains(&format!("{name}.gguf")) && e.contains(&format!("'blk.0.ffn_down.weight' has type {name}")),
             "{e}"
         );
+        // ... with the list of the types kvserve loads.
+        assert!(e.contains("(F32, F16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_NL, BF16)"), "{e}");
         assert_eq!(e.lines().count(), 1, "{e}");
     }
     // A truncated header is named as such.

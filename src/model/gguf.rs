@@ -1,17 +1,19 @@
-//! GGUF models through MLX's GGUF loader: F32, F16, Q4_0, Q4_1 and Q8_0
-//! tensors (MLX maps the quantized ones to its affine quantization, group
-//! size 32). Turns one into what an MLX-format directory holds: a config,
+//! GGUF models: F32, F16, BF16, Q4_0, Q4_1 and Q8_0 tensors through MLX's
+//! GGUF loader (it maps the quantized ones to its affine quantization, group
+//! size 32); files with Q5_0, Q5_1, Q2_K-Q6_K or IQ4_NL tensors are read and
+//! converted by kvserve (gguf_quants). Turns one into what an MLX-format directory holds: a config,
 //! Hugging Face-named weights, a tokenizer.json and a tokenizer_config.json.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use mlx_rs::io::{GgufFile as Gguf, GgufMetadataValue};
+use mlx_rs::io::GgufFile as Gguf;
 use mlx_rs::{Array, Dtype};
 use serde_json::{json, Map, Value};
 
 use super::config::{ModelConfig, QuantSpec};
-use super::gguf_types::ModelShape;
+use super::gguf_quants;
+use super::gguf_types::{type_name, Header, ModelShape, Value as MetaValue};
 use super::ModelError;
 use crate::mlx::{MlxError, QuantizedMatrix};
 
@@ -31,51 +33,83 @@ fn err(path: &Path, message: impl Into<String>) -> ModelError {
     ModelError::Load { file: path.display().to_string(), message: message.into() }
 }
 
+/// The metadata, as kvserve's own header reader kept it.
 struct Meta<'a> {
-    g: &'a Gguf,
+    m: &'a HashMap<String, MetaValue>,
     path: &'a Path,
 }
 
 impl Meta<'_> {
-    fn get(&self, key: &str) -> Result<Option<GgufMetadataValue>, ModelError> {
-        self.g.get_metadata(key).map_err(|e| err(self.path, format!("metadata {key}: {e}")))
-    }
     fn string(&self, key: &str) -> Result<Option<String>, ModelError> {
-        Ok(match self.get(key)? {
-            Some(GgufMetadataValue::String(s)) => Some(s),
+        Ok(match self.m.get(key) {
+            Some(MetaValue::Str(s)) => Some(s.clone()),
             _ => None,
         })
     }
     fn strings(&self, key: &str) -> Result<Option<Vec<String>>, ModelError> {
-        Ok(match self.get(key)? {
-            Some(GgufMetadataValue::Strings(s)) => Some(s),
+        Ok(match self.m.get(key) {
+            Some(MetaValue::Array { item: 8, strings, .. }) => Some(strings.clone()),
             _ => None,
         })
     }
     fn number(&self, key: &str) -> Result<Option<f64>, ModelError> {
-        Ok(match self.get(key)? {
-            Some(GgufMetadataValue::Array(a)) if a.size() == 1 => {
-                Some(a.as_dtype(Dtype::Float64).and_then(|a| { a.eval()?; Ok(a.item_exact::<f64>()) }).map_err(MlxError::from)?)
-            }
+        Ok(match self.m.get(key) {
+            Some(MetaValue::Int(v)) => Some(*v as f64),
+            Some(MetaValue::Float(v)) => Some(*v),
             _ => None,
         })
     }
     fn ints(&self, key: &str) -> Result<Option<Vec<i32>>, ModelError> {
-        Ok(match self.get(key)? {
-            Some(GgufMetadataValue::Array(a)) => {
-                let a = a.as_dtype(Dtype::Int32).map_err(MlxError::from)?;
-                a.eval().map_err(MlxError::from)?;
-                Some(a.try_as_slice::<i32>().map_err(|e| err(self.path, format!("{key}: {e}")))?.to_vec())
+        Ok(match self.m.get(key) {
+            Some(MetaValue::Array { ints, len, .. }) if ints.len() as u64 == *len => {
+                Some(ints.iter().map(|&v| v.clamp(i32::MIN as i64, i32::MAX as i64) as i32).collect())
             }
+            Some(MetaValue::Array { .. }) => return Err(err(self.path, format!("metadata {key} is not an array of integers"))),
             _ => None,
         })
     }
     fn flag(&self, key: &str) -> Result<bool, ModelError> {
-        Ok(match self.get(key)? {
-            Some(GgufMetadataValue::Array(a)) => a.try_item_exact::<bool>().map_err(|e| err(self.path, format!("{key}: {e}")))?,
-            _ => false,
-        })
+        Ok(matches!(self.m.get(key), Some(MetaValue::Bool(true))))
     }
+}
+
+/// Every tensor of a file MLX's loader cannot convert exactly, read and
+/// converted by kvserve: dense types as float32, quantized ones as MLX
+/// affine triples under `{base}.weight` (packed), `{base}.scales` and
+/// `{base}.biases`, as MLX's loader names them. Also returns, per GGUF type,
+/// (tensors, largest error, largest error over its group's range).
+fn read_tensors(path: &Path, h: &Header) -> Result<(HashMap<String, Array>, BTreeMap<u32, (usize, f32, f32)>), ModelError> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(path).map_err(|e| err(path, e.to_string()))?;
+    let mut out = HashMap::new();
+    let mut stats: BTreeMap<u32, (usize, f32, f32)> = BTreeMap::new();
+    for t in &h.tensors {
+        let (per, bytes) = gguf_quants::block_layout(t.ty).ok_or_else(|| err(path, format!("tensor '{}' has an unloadable type", t.name)))?;
+        let n: usize = t.dims.iter().product::<u64>() as usize;
+        let mut raw = vec![0u8; n / per * bytes];
+        f.read_exact_at(&mut raw, h.data_start + t.offset).map_err(|e| err(path, format!("tensor '{}': {e}", t.name)))?;
+        let shape: Vec<i32> = t.dims.iter().rev().map(|&d| d as i32).collect();
+        let entry = stats.entry(t.ty).or_default();
+        entry.0 += 1;
+        if gguf_quants::mapping(t.ty).is_none() {
+            let values = gguf_quants::dequantize(t.ty, &raw, n);
+            out.insert(t.name.clone(), Array::from_slice(&values, &shape));
+            continue;
+        }
+        if shape.len() != 2 {
+            return Err(err(path, format!("tensor '{}' is quantized ({}) with {} dimensions; kvserve loads 2-D quantized tensors", t.name, type_name(t.ty), shape.len())));
+        }
+        let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+        let a = gguf_quants::to_affine(t.ty, &raw, rows, cols);
+        entry.1 = entry.1.max(a.max_error);
+        entry.2 = entry.2.max(a.max_rel_error);
+        let base = t.name.strip_suffix(".weight").unwrap_or(&t.name).to_string();
+        let words = (cols as i32) * a.bits / 32;
+        out.insert(format!("{base}.weight"), Array::from_slice(&a.packed, &[rows as i32, words]));
+        out.insert(format!("{base}.scales"), Array::from_slice(&a.scales, &[rows as i32, (cols / 32) as i32]));
+        out.insert(format!("{base}.biases"), Array::from_slice(&a.biases, &[rows as i32, (cols / 32) as i32]));
+    }
+    Ok((out, stats))
 }
 
 /// Hugging Face name of a GGUF tensor (without its .weight/.bias/.scales suffix).
@@ -156,13 +190,31 @@ pub fn convert(path: &Path, requant: Option<QuantSpec>) -> Result<Converted, Mod
     }
     // Everything MLX's loader trusts, and every count used below, is checked
     // here first (gguf_types), so a damaged file is an error naming the field.
-    let shape = super::gguf_types::check(path).map_err(|e| err(path, e.to_string()))?;
-    let g = Gguf::load(path).map_err(|e| err(path, format!("cannot load GGUF: {e}")))?;
-    let meta = Meta { g: &g, path };
+    let (header, shape) = super::gguf_types::check_header(path).map_err(|e| err(path, e.to_string()))?;
+    let meta = Meta { m: &header.meta, path };
     let ModelShape { arch, hidden, heads, kv_heads, layers, head_dim, ffn, vocab, .. } = shape.clone();
     let key = |k: &str| format!("{arch}.{k}");
 
-    let arrays = g.arrays().map_err(|e| err(path, format!("cannot read tensors: {e}")))?;
+    // MLX's loader reads the types it converts exactly (memory-mapped);
+    // a file with any other type is read and converted here.
+    let arrays = if header.tensors.iter().all(|t| gguf_quants::MLX_NATIVE.contains(&t.ty)) {
+        let g = Gguf::load(path).map_err(|e| err(path, format!("cannot load GGUF: {e}")))?;
+        g.arrays().map_err(|e| err(path, format!("cannot read tensors: {e}")))?
+    } else {
+        let (arrays, stats) = read_tensors(path, &header)?;
+        for (ty, (n, error, rel)) in stats {
+            let how = match gguf_quants::mapping(ty) {
+                None => "dense, float32".to_string(),
+                Some(gguf_quants::Mapping::Exact { bits }) => format!("MLX affine {bits}-bit, groups of 32, exact"),
+                Some(gguf_quants::Mapping::Requantized) => format!(
+                    "requantized to MLX affine 8-bit, groups of 32: largest error {error:.3e}, at most {:.3}% of a group's range",
+                    100.0 * rel
+                ),
+            };
+            eprintln!("{}: {n} {} tensor{} -> {how}", path.display(), type_name(ty), if n == 1 { "" } else { "s" });
+        }
+        arrays
+    };
     let mut weights = HashMap::new();
     let mut quant_layers: HashMap<String, QuantSpec> = HashMap::new();
     // Group GGUF tensors by base name.

@@ -20,7 +20,7 @@ pub enum GgufError {
     #[error("cannot load GGUF: {0}")]
     Format(String),
     /// A tensor of a type kvserve has no kernel for.
-    #[error("tensor '{tensor}' has type {ty}, which kvserve does not load (F32, F16, BF16, Q4_0, Q4_1, Q8_0); convert the model to one of these")]
+    #[error("tensor '{tensor}' has type {ty}, which kvserve does not load ({}); convert the model to one of these", loaded_types())]
     UnsupportedType { tensor: String, ty: String },
     /// A metadata key or a tensor that is missing, malformed, or disagrees
     /// with the rest of the header. `field` is the key or `tensor 'name'`.
@@ -53,17 +53,14 @@ pub fn type_name(t: u32) -> String {
     NAMES.get(t as usize).map_or_else(|| format!("type {t}"), |n| n.to_string())
 }
 
-/// (values per block, bytes per block) of the tensor types kvserve loads:
-/// F32, F16, BF16 dense; Q4_0, Q4_1, Q8_0 as MLX affine quantization.
+/// (values per block, bytes per block) of the tensor types kvserve loads.
 fn block_layout(t: u32) -> Option<(u64, u64)> {
-    match t {
-        0 => Some((1, 4)),
-        1 | 30 => Some((1, 2)),
-        2 => Some((32, 18)),
-        3 => Some((32, 20)),
-        8 => Some((32, 34)),
-        _ => None,
-    }
+    super::gguf_quants::block_layout(t).map(|(n, b)| (n as u64, b as u64))
+}
+
+/// The tensor types kvserve loads, by name, for messages.
+pub fn loaded_types() -> String {
+    super::gguf_quants::LOADED.iter().map(|t| type_name(*t)).collect::<Vec<_>>().join(", ")
 }
 
 /// Architectures whose GGUF tensors kvserve maps to its own layers.
@@ -94,7 +91,7 @@ pub enum Value {
     Float(f64),
     Bool(bool),
     Str(String),
-    Array { item: u32, len: u64, ints: Vec<i64> },
+    Array { item: u32, len: u64, ints: Vec<i64>, strings: Vec<String> },
 }
 
 impl Value {
@@ -176,10 +173,6 @@ impl<R: Read> Reader<R> {
         self.pos += n;
         Ok(String::from_utf8_lossy(&b).into_owned())
     }
-    fn skip_string(&mut self, what: &str) -> Result<()> {
-        let n = self.u64(what)?;
-        self.skip(n, what)
-    }
 
     /// One metadata value of type `t` for `key`.
     fn value(&mut self, t: u32, key: &str, depth: u32) -> Result<Value> {
@@ -217,6 +210,7 @@ impl<R: Read> Reader<R> {
                     ));
                 }
                 let mut ints = Vec::new();
+                let mut strings = Vec::new();
                 match item {
                     // Integers are kept (token types); up to a bound, so a
                     // huge byte array cannot ask for eight times its size.
@@ -228,10 +222,17 @@ impl<R: Read> Reader<R> {
                         }
                     }
                     0..=7 | 10..=12 => self.skip(len * min, key)?,
-                    8 => (0..len).try_for_each(|_| self.skip_string(key))?,
+                    // Strings are kept (the tokenizer's tokens and merges):
+                    // their lengths were checked against the file above.
+                    8 => {
+                        strings.reserve(len as usize);
+                        for _ in 0..len {
+                            strings.push(self.string(key)?);
+                        }
+                    }
                     _ => (0..len).try_for_each(|_| self.value(9, key, depth + 1).map(drop))?,
                 }
-                Value::Array { item, len, ints }
+                Value::Array { item, len, ints, strings }
             }
             _ => return Err(field(key, format!("has value type {t}, which is not a GGUF type"))),
         })
@@ -366,6 +367,13 @@ pub fn check(path: &Path) -> Result<ModelShape> {
     check_model(&read_header(path)?)
 }
 
+/// [`check`], also returning the header (metadata and tensor infos).
+pub fn check_header(path: &Path) -> Result<(Header, ModelShape)> {
+    let h = read_header(path)?;
+    let shape = check_model(&h)?;
+    Ok((h, shape))
+}
+
 struct Meta<'a>(&'a HashMap<String, Value>);
 
 impl Meta<'_> {
@@ -403,7 +411,7 @@ impl Meta<'_> {
     fn array(&self, key: &str, items: &[u32], what: &str) -> Result<Option<(u64, &[i64])>> {
         match self.0.get(key) {
             None => Ok(None),
-            Some(Value::Array { item, len, ints }) if items.contains(item) => Ok(Some((*len, ints))),
+            Some(Value::Array { item, len, ints, .. }) if items.contains(item) => Ok(Some((*len, ints))),
             Some(v) => Err(field(key, format!("is {}; it must be an array of {what}", describe(v)))),
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod gguf;
+pub mod gguf_quants;
 pub mod gguf_types;
 pub mod layers;
 pub mod llama;
