@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::ModelError;
 
 /// Architectures kvserve runs (the `model_type` of `config.json`).
-pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "qwen3_moe"];
+pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "qwen3_moe", "glm4_moe"];
 
 /// Quantization of one layer: MLX affine, `bits` per value, one scale and
 /// bias per `group_size` values.
@@ -162,12 +162,29 @@ pub struct MoeConfig {
     pub sparse_step: i32,
     pub mlp_only_layers: Vec<i32>,
     pub norm_topk_prob: bool,
+    /// Layers before this one keep a dense MLP (glm4_moe's first_k_dense_replace).
+    pub first_dense: i32,
+    /// How the router turns gate logits into experts and weights.
+    pub router: Router,
+    /// Width multiple of the always-on shared expert MLP (0: none).
+    pub shared_experts: i32,
+}
+
+/// A mixture-of-experts router.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Router {
+    /// qwen3_moe: softmax over all experts, the top-k kept.
+    Softmax,
+    /// glm4_moe ("noaux_tc"): sigmoid scores plus a learned correction bias
+    /// choose the experts, within the `topk_group` best of `n_group` groups;
+    /// the weights are the sigmoid scores, times `routed_scaling_factor`.
+    SigmoidGrouped { n_group: i32, topk_group: i32, routed_scaling_factor: f32 },
 }
 
 impl MoeConfig {
     /// Whether decoder layer `i` uses experts rather than a dense MLP.
     pub fn is_sparse(&self, i: i32) -> bool {
-        !self.mlp_only_layers.contains(&i) && self.num_experts > 0 && (i + 1) % self.sparse_step.max(1) == 0
+        i >= self.first_dense && !self.mlp_only_layers.contains(&i) && self.num_experts > 0 && (i + 1) % self.sparse_step.max(1) == 0
     }
 }
 
@@ -194,8 +211,11 @@ pub struct ModelConfig {
     /// Bias on the output projection (llama attention_bias).
     pub o_bias: bool,
     pub mlp_bias: bool,
-    /// RMS norms on queries and keys per head (qwen3).
+    /// RMS norms on queries and keys per head (qwen3; glm4_moe's use_qk_norm).
     pub qk_norm: bool,
+    /// How many of each head's dimensions rotary embedding turns (head_dim,
+    /// or head_dim * partial_rotary_factor for glm4_moe).
+    pub rope_dims: i32,
     pub moe: Option<MoeConfig>,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
@@ -239,7 +259,9 @@ impl ModelConfig {
                 "num_key_value_heads {num_kv_heads} does not divide num_attention_heads {num_heads}"
             )));
         }
-        let is_moe = model_type == "qwen3_moe";
+        let is_glm = model_type == "glm4_moe";
+        let experts_key = if is_glm { "n_routed_experts" } else { "num_experts" };
+        let is_moe = model_type == "qwen3_moe" || is_glm;
         // A dense model's MLP width; qwen3_moe's experts have their own.
         let intermediate_size = match f.int("intermediate_size", 1, MAX_WIDTH)? {
             Some(n) => n,
@@ -302,8 +324,27 @@ impl ModelConfig {
         let is_qwen2 = model_type == "qwen2";
         let is_qwen3 = model_type.starts_with("qwen3");
         let moe = if is_moe {
+            let router = if is_glm {
+                let method = obj.get("topk_method").and_then(Value::as_str).unwrap_or("noaux_tc");
+                let scoring = obj.get("scoring_func").and_then(Value::as_str).unwrap_or("sigmoid");
+                if method != "noaux_tc" || scoring != "sigmoid" {
+                    return Err(bad(format!("glm4_moe with topk_method '{method}' and scoring_func '{scoring}' is not supported (noaux_tc, sigmoid)")));
+                }
+                let n_group = f.int("n_group", 1, MAX_EXPERTS)?.unwrap_or(1);
+                let topk_group = f.int("topk_group", 1, MAX_EXPERTS)?.unwrap_or(n_group);
+                if topk_group > n_group {
+                    return Err(bad(format!("topk_group {topk_group} is more than n_group {n_group}")));
+                }
+                let routed_scaling_factor = f.float("routed_scaling_factor", |x| x.is_finite() && x > 0.0, "a positive number")?.unwrap_or(1.0);
+                Router::SigmoidGrouped { n_group, topk_group, routed_scaling_factor }
+            } else {
+                Router::Softmax
+            };
             Some(MoeConfig {
-                num_experts: f.int("num_experts", 0, MAX_EXPERTS)?.unwrap_or(0),
+                router,
+                first_dense: f.int("first_k_dense_replace", 0, MAX_LAYERS)?.unwrap_or(0),
+                shared_experts: if is_glm { f.int("n_shared_experts", 0, MAX_EXPERTS)?.unwrap_or(0) } else { 0 },
+                num_experts: f.int(experts_key, 0, MAX_EXPERTS)?.unwrap_or(0),
                 experts_per_token: f.int("num_experts_per_tok", 0, MAX_EXPERTS)?.unwrap_or(0),
                 intermediate_size: f.int("moe_intermediate_size", 1, MAX_WIDTH)?.unwrap_or(0),
                 sparse_step: f.int("decoder_sparse_step", 1, MAX_LAYERS)?.unwrap_or(1),
@@ -316,13 +357,33 @@ impl ModelConfig {
         if let Some(m) = &moe {
             if m.num_experts <= 0 || m.experts_per_token <= 0 || m.experts_per_token > m.num_experts {
                 return Err(bad(format!(
-                    "qwen3_moe needs 0 < num_experts_per_tok ({}) <= num_experts ({})",
+                    "{model_type} needs 0 < num_experts_per_tok ({}) <= {experts_key} ({})",
                     m.experts_per_token, m.num_experts
                 )));
             }
+            if let Router::SigmoidGrouped { n_group, topk_group, .. } = m.router {
+                let per_group = m.num_experts / n_group;
+                if m.num_experts % n_group != 0 || per_group < 2 || topk_group * per_group < m.experts_per_token {
+                    return Err(bad(format!(
+                        "n_group {n_group} must divide the {} experts into groups of 2 or more, and topk_group {topk_group} groups must hold num_experts_per_tok {}",
+                        m.num_experts, m.experts_per_token
+                    )));
+                }
+            }
         }
+        let rope_dims = if is_glm {
+            let factor = f.float("partial_rotary_factor", |x| x > 0.0 && x <= 1.0, "in (0, 1]")?.unwrap_or(1.0);
+            let d = (head_dim as f32 * factor) as i32;
+            if d < 2 || d % 2 != 0 {
+                return Err(bad(format!("head_dim {head_dim} times partial_rotary_factor {factor} is {d}; rotary embeddings need an even number")));
+            }
+            d
+        } else {
+            head_dim
+        };
         Ok(ModelConfig {
-            qk_norm: is_qwen3,
+            qk_norm: is_qwen3 || (is_glm && f.flag("use_qk_norm")?.unwrap_or(false)),
+            rope_dims,
             model_type,
             hidden_size,
             num_layers,
@@ -338,7 +399,7 @@ impl ModelConfig {
             context_length,
             tie_word_embeddings: f.flag("tie_word_embeddings")?.unwrap_or(!is_qwen3),
             qkv_bias: is_qwen2 || attention_bias,
-            o_bias: !is_qwen2 && attention_bias,
+            o_bias: !is_qwen2 && !is_glm && attention_bias,
             mlp_bias: f.flag("mlp_bias")?.unwrap_or(false),
             moe,
             eos_token_ids: token_ids(obj.get("eos_token_id")),
@@ -372,6 +433,32 @@ mod tests {
         let mut v = base("llama");
         v["head_dim"] = Value::Null;
         assert_eq!(parse(v).unwrap().head_dim, 16);
+    }
+
+    #[test]
+    fn glm4_moe_reads_its_router_partial_rotary_and_biases() {
+        let mut v = base("glm4_moe");
+        for (k, x) in [("head_dim", json!(32)), ("n_routed_experts", json!(8)), ("num_experts_per_tok", json!(2)), ("moe_intermediate_size", json!(64)),
+            ("n_group", json!(4)), ("topk_group", json!(2)), ("n_shared_experts", json!(1)), ("routed_scaling_factor", json!(2.5)),
+            ("first_k_dense_replace", json!(1)), ("use_qk_norm", json!(true)), ("attention_bias", json!(true)), ("partial_rotary_factor", json!(0.5))] {
+            v[k] = x;
+        }
+        let c = parse(v.clone()).unwrap();
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!(m.router, Router::SigmoidGrouped { n_group: 4, topk_group: 2, routed_scaling_factor: 2.5 });
+        assert_eq!((m.num_experts, m.shared_experts, m.first_dense), (8, 1, 1));
+        assert!(!m.is_sparse(0) && m.is_sparse(1));
+        assert_eq!((c.rope_dims, c.head_dim, c.qk_norm, c.qkv_bias, c.o_bias), (16, 32, true, true, false));
+        // Groups that cannot hold the experts chosen, another router: named.
+        let mut bad = v.clone();
+        bad["n_group"] = json!(3);
+        assert!(parse(bad).unwrap_err().contains("n_group 3 must divide the 8 experts"));
+        let mut bad = v.clone();
+        bad["topk_method"] = json!("greedy");
+        assert!(parse(bad).unwrap_err().contains("topk_method 'greedy'"));
+        let mut bad = v;
+        bad["partial_rotary_factor"] = json!(0.03);
+        assert!(parse(bad).unwrap_err().contains("partial_rotary_factor"));
     }
 
     #[test]

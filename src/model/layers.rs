@@ -331,7 +331,7 @@ pub struct Rope {
 
 impl Rope {
     pub fn new(cfg: &ModelConfig) -> Self {
-        let dims = cfg.head_dim;
+        let dims = cfg.rope_dims;
         let (scale, freqs) = match cfg.rope_scaling {
             RopeScaling::None => (1.0, None),
             RopeScaling::Linear(f) => (1.0 / f, None),
@@ -690,7 +690,7 @@ impl Mlp {
 /// What follows attention in a block: a dense MLP or a mixture of experts.
 pub enum FeedForward {
     Dense(Mlp),
-    Moe(super::qwen3_moe::SparseMoe),
+    Moe(Box<super::qwen3_moe::SparseMoe>),
 }
 
 impl FeedForward {

@@ -2,6 +2,7 @@
 //! shared layers.
 
 pub mod config;
+pub mod glm4_moe;
 pub mod gguf;
 pub mod gguf_quants;
 pub mod gguf_types;
@@ -135,6 +136,7 @@ pub fn build_with(cfg: &ModelConfig, weights: HashMap<String, Array>, dense_pref
         "qwen2" => qwen2::build(cfg, &mut w)?,
         "qwen3" => qwen3::build(cfg, &mut w)?,
         "qwen3_moe" => qwen3_moe::build(cfg, &mut w)?,
+        "glm4_moe" => glm4_moe::build(cfg, &mut w)?,
         other => return Err(ModelError::Invalid(format!("unknown architecture '{other}'"))),
     };
     let mut left: Vec<&String> = w.names().collect();

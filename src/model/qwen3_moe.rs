@@ -1,11 +1,13 @@
 //! qwen3_moe: Qwen3 attention with a sparse mixture of experts in place of the
 //! dense MLP. A softmax router picks the top-k experts per token; the experts'
-//! stacked (quantized) weights are applied with `gather_qmm`.
+//! stacked (quantized) weights are applied with `gather_qmm`. The same
+//! [`SparseMoe`] serves glm4_moe with its sigmoid, group-limited router and a
+//! shared expert.
 
 use mlx_rs::ops::{self, indexing::IndexOp};
 use mlx_rs::Array;
 
-use super::config::{ModelConfig, MoeConfig};
+use super::config::{ModelConfig, MoeConfig, Router};
 use super::layers::{FeedForward, Linear, Mlp, Transformer, Weights};
 use super::ModelError;
 use crate::mlx::{MlxError, QuantizedMatrix};
@@ -42,10 +44,15 @@ pub struct SparseMoe {
     down_proj: ExpertWeight,
     top_k: i32,
     norm_topk_prob: bool,
+    router: Router,
+    /// glm4_moe: added to the sigmoid scores to choose experts (not to weigh them).
+    correction_bias: Option<Array>,
+    /// glm4_moe: an MLP every token goes through besides its experts.
+    shared: Option<Mlp>,
 }
 
 impl SparseMoe {
-    fn load(w: &mut Weights, p: &str, moe: &MoeConfig) -> Result<Self, ModelError> {
+    pub(crate) fn load(w: &mut Weights, p: &str, moe: &MoeConfig) -> Result<Self, ModelError> {
         Ok(SparseMoe {
             gate: w.linear(&format!("{p}.gate"), false)?,
             gate_proj: ExpertWeight::load(w, &format!("{p}.switch_mlp.gate_proj"))?,
@@ -53,25 +60,72 @@ impl SparseMoe {
             down_proj: ExpertWeight::load(w, &format!("{p}.switch_mlp.down_proj"))?,
             top_k: moe.experts_per_token,
             norm_topk_prob: moe.norm_topk_prob,
+            router: moe.router.clone(),
+            correction_bias: match moe.router {
+                Router::Softmax => None,
+                Router::SigmoidGrouped { .. } => Some(w.take(&format!("{p}.gate.e_score_correction_bias"))?),
+            },
+            shared: if moe.shared_experts > 0 { Some(Mlp::load(w, &format!("{p}.shared_experts"), false)?) } else { None },
         })
     }
 
-    pub fn forward(&self, x: &Array) -> Result<Array, MlxError> {
-        let gates = ops::softmax_axis(self.gate.forward(x)?, -1, true)?;
-        let n = gates.shape()[gates.ndim() - 1];
+    /// The experts each token goes to, `[B, L, k]`, and their weights.
+    fn route(&self, x: &Array) -> Result<(Array, Array), MlxError> {
+        let logits = self.gate.forward(x)?;
+        let n = logits.shape()[logits.ndim() - 1];
         let k = self.top_k;
-        let inds = ops::argpartition_axis(&gates, n - k, -1)?.index((.., .., (n - k)..));
-        let mut scores = gates.take_along_axis(&inds, -1)?;
-        if self.norm_topk_prob {
-            scores = ops::divide(&scores, scores.sum_axis(-1, true)?)?;
+        match self.router {
+            Router::Softmax => {
+                let gates = ops::softmax_axis(logits, -1, true)?;
+                let inds = ops::argpartition_axis(&gates, n - k, -1)?.index((.., .., (n - k)..));
+                let mut scores = gates.take_along_axis(&inds, -1)?;
+                if self.norm_topk_prob {
+                    scores = ops::divide(&scores, scores.sum_axis(-1, true)?)?;
+                }
+                Ok((inds, scores))
+            }
+            Router::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } => {
+                let orig = ops::sigmoid(logits.as_dtype(mlx_rs::Dtype::Float32)?)?;
+                let mut choice = ops::add(&orig, self.correction_bias.as_ref().expect("loaded with the router"))?;
+                if n_group > 1 {
+                    // Keep the topk_group groups whose two best scores sum highest; zero the rest.
+                    let shape = choice.shape().to_vec();
+                    let per = n / n_group;
+                    let mut grouped_shape = shape[..shape.len() - 1].to_vec();
+                    grouped_shape.extend([n_group, per]);
+                    let grouped = choice.reshape(&grouped_shape)?;
+                    let top2 = ops::argpartition_axis(&grouped, per - 2, -1)?.index((.., .., .., (per - 2)..));
+                    let group_scores = grouped.take_along_axis(&top2, -1)?.sum_axis(-1, true)?;
+                    let drop = n_group - topk_group;
+                    if drop > 0 {
+                        let dropped = ops::argpartition_axis(&group_scores, drop - 1, -2)?.index((.., .., ..drop, ..));
+                        let grouped = grouped.put_along_axis(&dropped, Array::from_f32(0.0), -2)?;
+                        choice = grouped.reshape(&shape)?;
+                    }
+                }
+                let inds = ops::argpartition_axis(&ops::negative(&choice)?, k - 1, -1)?.index((.., .., ..k));
+                let mut scores = orig.take_along_axis(&inds, -1)?;
+                if k > 1 && self.norm_topk_prob {
+                    scores = ops::divide(&scores, scores.sum_axis(-1, true)?)?;
+                }
+                Ok((inds, ops::multiply(&scores, Array::from_f32(routed_scaling_factor))?))
+            }
         }
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Array, MlxError> {
+        let (inds, scores) = self.route(x)?;
         // [B, L, D] -> [B, L, 1, 1, D]: one row per (token, expert) pair.
         let xe = x.expand_dims_axes(&[-2, -3])?;
         let g = self.gate_proj.forward(&xe, &inds)?;
         let u = self.up_proj.forward(&xe, &inds)?;
         let h = ops::multiply(mlx_rs::nn::silu(g)?, u)?;
         let y = self.down_proj.forward(&h, &inds)?.squeeze_axes(&[-2])?;
-        Ok(ops::multiply(&y, scores.expand_dims(-1)?)?.sum_axis(-2, None)?)
+        let y = ops::multiply(&y, scores.expand_dims(-1)?)?.sum_axis(-2, None)?.as_dtype(y.dtype())?;
+        match &self.shared {
+            Some(m) => Ok(ops::add(&y, m.forward(x)?)?),
+            None => Ok(y),
+        }
     }
 }
 
@@ -104,7 +158,7 @@ pub fn build(cfg: &ModelConfig, w: &mut Weights) -> Result<Transformer, ModelErr
     let moe = cfg.moe.clone().expect("qwen3_moe config");
     Transformer::load(cfg, w, |w, i, p| {
         if moe.is_sparse(i) {
-            Ok(FeedForward::Moe(SparseMoe::load(w, p, &moe)?))
+            Ok(FeedForward::Moe(Box::new(SparseMoe::load(w, p, &moe)?)))
         } else {
             Ok(FeedForward::Dense(Mlp::load(w, p, false)?))
         }

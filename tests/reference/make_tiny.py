@@ -88,6 +88,29 @@ MODELS = {
         },
         (64, 4),
     ),
+    "glm4_moe_q4": (
+        "glm4_moe",
+        {
+            "num_hidden_layers": 3,
+            "rope_theta": 1000000.0,
+            "rope_scaling": None,
+            "tie_word_embeddings": False,
+            "head_dim": 32,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "norm_topk_prob": True,
+            "n_group": 4,
+            "topk_group": 2,
+            "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5,
+            "first_k_dense_replace": 1,
+            "use_qk_norm": True,
+            "attention_bias": True,
+            "partial_rotary_factor": 0.5,
+        },
+        (64, 4),
+    ),
 }
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 3, 128, 64, 31, 200, 11, 0, 19, 77, 301, 150, 22, 9]
@@ -105,6 +128,11 @@ def build(name, module_name, extra, quant, out: Path):
     model.load_weights(
         [(k, v * 4.0 if "norm" not in k else v) for k, v in params], strict=True
     )
+    # glm4_moe's router correction starts at zero: give it values, so that
+    # choosing experts by score + bias but weighing them by score is tested.
+    bias = [(k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(model.parameters()) if k.endswith("e_score_correction_bias")]
+    if bias:
+        model.load_weights(bias, strict=False)
     if quant is not None:
         group_size, bits = quant
         model, config = quantize_model(model, config, group_size, bits)
