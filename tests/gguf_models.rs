@@ -56,3 +56,29 @@ fn every_converted_type_equals_the_gguf_package_on_a_whole_model() {
     assert!(diff < 1e-4 * spread, "logits differ by {diff} (span {spread})");
     assert_eq!(ta, tb, "greedy tokens");
 }
+
+/// `kvserve convert` writes the mixed-type model as an MLX folder; mlx-lm
+/// 0.32.2 loads that folder and its logits match kvserve's on it (both with
+/// f16 keys and values).
+#[test]
+fn the_converted_folder_loads_in_mlx_lm_with_the_same_logits() {
+    let src = common::fixtures().join("gguf").join("mixed.gguf");
+    let dir = std::env::temp_dir().join(format!("kvserve-gguf-convert-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let c = gguf::convert(&src, None).unwrap();
+    gguf::write_dir(&c, &dir).unwrap();
+    let cfg = model::load_config(&dir).unwrap();
+    let m = model::build(&cfg, model::load_safetensors_dir(&dir).unwrap()).unwrap();
+    let prompt: Vec<i32> = (0..24).map(|i| 3 + (i * 104729) % 49000).collect();
+    let (ours, _) = run(&m, &prompt, 1);
+    let ids = prompt.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(",");
+    let out = dir.join("mlx_lm_logits.json");
+    common::run_reference_script("mlx_lm_logits.py", &[dir.display().to_string(), ids, out.display().to_string()], "done: mlx-lm logits");
+    let theirs: Vec<f32> = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+    let spread = theirs.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x)) - theirs.iter().fold(f32::INFINITY, |m, x| m.min(*x));
+    eprintln!("kvserve vs mlx-lm on the converted folder: max logit difference {diff:.3e} (span {spread:.3})");
+    assert_eq!(ours.len(), theirs.len());
+    assert!(spread > 1.0 && diff < 1e-4 * spread, "logits differ by {diff} (span {spread})");
+    let _ = std::fs::remove_dir_all(&dir);
+}
