@@ -14,7 +14,7 @@ use kvserve::model::{self, source, Transformer};
 use mlx_rs::ops::indexing::{argmax_axis, IndexOp};
 use mlx_rs::Array;
 
-const TINY: &[&str] = &["llama_q4", "llama3_q8_untied", "llama_f32", "qwen2_q4", "qwen3_q4", "qwen3_moe_q4", "glm4_moe_q4"];
+const TINY: &[&str] = &["llama_q4", "llama3_q8_untied", "llama_f32", "qwen2_q4", "qwen3_q4", "qwen3_moe_q4", "glm4_moe_q4", "gpt_oss_q4"];
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kvserve-exact-{name}-{}", std::process::id()));

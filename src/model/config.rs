@@ -8,7 +8,7 @@ use serde_json::Value;
 use super::ModelError;
 
 /// Architectures kvserve runs (the `model_type` of `config.json`).
-pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "qwen3_moe", "glm4_moe"];
+pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "qwen3_moe", "glm4_moe", "gpt_oss"];
 
 /// Quantization of one layer: MLX affine, `bits` per value, one scale and
 /// bias per `group_size` values.
@@ -84,6 +84,20 @@ pub enum RopeScaling {
     /// Positions divided by `factor`.
     Linear(f32),
     Llama3(Llama3Rope),
+    Yarn(YarnRope),
+}
+
+/// YaRN (mlx-lm's YarnRoPE): per-frequency interpolation between the
+/// original and the scaled periods, and an attention scale (`mscale`) on the
+/// rotated part of queries and keys.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct YarnRope {
+    pub factor: f32,
+    pub original_max_position_embeddings: f32,
+    pub beta_fast: f32,
+    pub beta_slow: f32,
+    pub mscale: f32,
+    pub mscale_all_dim: f32,
 }
 
 // Bounds on what config.json may claim: far above any real model, low enough
@@ -168,6 +182,23 @@ pub struct MoeConfig {
     pub router: Router,
     /// Width multiple of the always-on shared expert MLP (0: none).
     pub shared_experts: i32,
+    /// The experts' gated activation.
+    pub activation: ExpertActivation,
+    /// Biases on the router and on each expert's projections (gpt_oss).
+    pub biases: bool,
+    /// Weight names under `mlp.`: the router's and the stacked experts'
+    /// (`gate`, `switch_mlp`; gpt_oss: `router`, `experts`).
+    pub router_name: &'static str,
+    pub experts_name: &'static str,
+}
+
+/// The experts' activation of (gate, up).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ExpertActivation {
+    /// `silu(gate) * up`.
+    Swiglu,
+    /// gpt_oss: `(clip(up, -7, 7) + 1) * g * sigmoid(1.702 g)` with `g = min(gate, 7)`.
+    SwigluOai,
 }
 
 /// A mixture-of-experts router.
@@ -175,6 +206,8 @@ pub struct MoeConfig {
 pub enum Router {
     /// qwen3_moe: softmax over all experts, the top-k kept.
     Softmax,
+    /// gpt_oss: the top-k gate logits, then a softmax over those k.
+    TopKSoftmax,
     /// glm4_moe ("noaux_tc"): sigmoid scores plus a learned correction bias
     /// choose the experts, within the `topk_group` best of `n_group` groups;
     /// the weights are the sigmoid scores, times `routed_scaling_factor`.
@@ -216,6 +249,10 @@ pub struct ModelConfig {
     /// How many of each head's dimensions rotary embedding turns (head_dim,
     /// or head_dim * partial_rotary_factor for glm4_moe).
     pub rope_dims: i32,
+    /// Learned per-head attention sinks (gpt_oss).
+    pub sinks: bool,
+    /// Per layer: the sliding window it attends within, or None (full).
+    pub windows: Vec<Option<i32>>,
     pub moe: Option<MoeConfig>,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
@@ -260,8 +297,13 @@ impl ModelConfig {
             )));
         }
         let is_glm = model_type == "glm4_moe";
-        let experts_key = if is_glm { "n_routed_experts" } else { "num_experts" };
-        let is_moe = model_type == "qwen3_moe" || is_glm;
+        let is_oss = model_type == "gpt_oss";
+        let experts_key = match model_type.as_str() {
+            "glm4_moe" => "n_routed_experts",
+            "gpt_oss" => "num_local_experts",
+            _ => "num_experts",
+        };
+        let is_moe = model_type == "qwen3_moe" || is_glm || is_oss;
         // A dense model's MLP width; qwen3_moe's experts have their own.
         let intermediate_size = match f.int("intermediate_size", 1, MAX_WIDTH)? {
             Some(n) => n,
@@ -315,8 +357,25 @@ impl ModelConfig {
                         }
                         RopeScaling::Llama3(s)
                     }
+                    "yarn" => {
+                        let nonneg = |k: &str, d: f32| match m.get(k) {
+                            None | Some(Value::Null) => Ok(d),
+                            Some(v) => match v.as_f64().map(|x| x as f32) {
+                                Some(x) if x.is_finite() && x >= 0.0 => Ok(x),
+                                _ => Err(bad(format!("rope_scaling.{k} is {v}; it must be a number of 0 or more"))),
+                            },
+                        };
+                        RopeScaling::Yarn(YarnRope {
+                            factor: num("factor", 1.0)?,
+                            original_max_position_embeddings: num("original_max_position_embeddings", 4096.0)?,
+                            beta_fast: num("beta_fast", 32.0)?,
+                            beta_slow: num("beta_slow", 1.0)?,
+                            mscale: nonneg("mscale", 1.0)?,
+                            mscale_all_dim: nonneg("mscale_all_dim", 0.0)?,
+                        })
+                    }
                     "default" => RopeScaling::None,
-                    other => return Err(bad(format!("rope_scaling type '{other}' is not supported (linear, llama3)"))),
+                    other => return Err(bad(format!("rope_scaling type '{other}' is not supported (linear, llama3, yarn)"))),
                 }
             }
             Some(other) => return Err(bad(format!("rope_scaling must be an object, got {other}"))),
@@ -337,6 +396,8 @@ impl ModelConfig {
                 }
                 let routed_scaling_factor = f.float("routed_scaling_factor", |x| x.is_finite() && x > 0.0, "a positive number")?.unwrap_or(1.0);
                 Router::SigmoidGrouped { n_group, topk_group, routed_scaling_factor }
+            } else if is_oss {
+                Router::TopKSoftmax
             } else {
                 Router::Softmax
             };
@@ -344,9 +405,13 @@ impl ModelConfig {
                 router,
                 first_dense: f.int("first_k_dense_replace", 0, MAX_LAYERS)?.unwrap_or(0),
                 shared_experts: if is_glm { f.int("n_shared_experts", 0, MAX_EXPERTS)?.unwrap_or(0) } else { 0 },
+                activation: if is_oss { ExpertActivation::SwigluOai } else { ExpertActivation::Swiglu },
+                biases: is_oss,
+                router_name: if is_oss { "router" } else { "gate" },
+                experts_name: if is_oss { "experts" } else { "switch_mlp" },
                 num_experts: f.int(experts_key, 0, MAX_EXPERTS)?.unwrap_or(0),
                 experts_per_token: f.int("num_experts_per_tok", 0, MAX_EXPERTS)?.unwrap_or(0),
-                intermediate_size: f.int("moe_intermediate_size", 1, MAX_WIDTH)?.unwrap_or(0),
+                intermediate_size: f.int(if is_oss { "intermediate_size" } else { "moe_intermediate_size" }, 1, MAX_WIDTH)?.unwrap_or(0),
                 sparse_step: f.int("decoder_sparse_step", 1, MAX_LAYERS)?.unwrap_or(1),
                 mlp_only_layers: f.ints("mlp_only_layers")?,
                 norm_topk_prob: f.flag("norm_topk_prob")?.unwrap_or(false),
@@ -381,7 +446,31 @@ impl ModelConfig {
         } else {
             head_dim
         };
+        let windows = if is_oss {
+            let window = f.int("sliding_window", 1, i32::MAX.into())?.unwrap_or(128);
+            let types: Vec<String> = match obj.get("layer_types") {
+                None | Some(Value::Null) => (0..num_layers).map(|i| if i % 2 == 0 { "sliding_attention" } else { "full_attention" }.to_string()).collect(),
+                Some(Value::Array(a)) => a.iter().map(|v| v.as_str().unwrap_or("?").to_string()).collect(),
+                Some(v) => return Err(bad(format!("layer_types is {v}; it must be a list of \"sliding_attention\" or \"full_attention\""))),
+            };
+            if types.len() != num_layers as usize {
+                return Err(bad(format!("layer_types lists {} layers; num_hidden_layers is {num_layers}", types.len())));
+            }
+            types
+                .iter()
+                .enumerate()
+                .map(|(i, t)| match t.as_str() {
+                    "sliding_attention" => Ok(Some(window)),
+                    "full_attention" => Ok(None),
+                    other => Err(bad(format!("layer_types[{i}] is '{other}'; it must be \"sliding_attention\" or \"full_attention\""))),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            vec![None; num_layers as usize]
+        };
         Ok(ModelConfig {
+            sinks: is_oss,
+            windows,
             qk_norm: is_qwen3 || (is_glm && f.flag("use_qk_norm")?.unwrap_or(false)),
             rope_dims,
             model_type,
@@ -397,9 +486,9 @@ impl ModelConfig {
             rope_traditional,
             rope_scaling,
             context_length,
-            tie_word_embeddings: f.flag("tie_word_embeddings")?.unwrap_or(!is_qwen3),
-            qkv_bias: is_qwen2 || attention_bias,
-            o_bias: !is_qwen2 && !is_glm && attention_bias,
+            tie_word_embeddings: f.flag("tie_word_embeddings")?.unwrap_or(!is_qwen3 && !is_oss),
+            qkv_bias: is_qwen2 || is_oss || attention_bias,
+            o_bias: is_oss || (!is_qwen2 && !is_glm && attention_bias),
             mlp_bias: f.flag("mlp_bias")?.unwrap_or(false),
             moe,
             eos_token_ids: token_ids(obj.get("eos_token_id")),

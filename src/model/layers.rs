@@ -327,6 +327,8 @@ pub struct Rope {
     freqs: Option<Array>,
     /// `1 / period` of each rotated pair, as MLX's rope computes it (f32).
     inv_freq: Vec<f32>,
+    /// YaRN's scale on the rotated part of queries and keys (1: none).
+    mscale: f32,
 }
 
 impl Rope {
@@ -356,6 +358,29 @@ impl Rope {
                     .collect();
                 (1.0, Some(freqs))
             }
+            RopeScaling::Yarn(y) => {
+                // mlx-lm's YarnRoPE, in f64 then rounded as its f32 arrays are.
+                let (d, base) = (dims as f64, cfg.rope_theta as f64);
+                let corr = |rot: f64| d * (y.original_max_position_embeddings as f64 / (rot * 2.0 * std::f64::consts::PI)).ln() / (2.0 * base.ln());
+                let low = corr(y.beta_fast as f64).floor().max(0.0);
+                let high = corr(y.beta_slow as f64).ceil().min(d - 1.0);
+                let high = if high == low { high + 0.001 } else { high };
+                let freqs: Vec<f32> = (0..dims / 2)
+                    .map(|i| {
+                        let extra = (base as f32).powf((2 * i) as f32 / dims as f32);
+                        let inter = y.factor * extra;
+                        let ramp = (((i as f64 - low) / (high - low)) as f32).clamp(0.0, 1.0);
+                        let mask = 1.0 - ramp;
+                        (inter * extra) / (inter * mask + extra * (1.0 - mask))
+                    })
+                    .collect();
+                (1.0, Some(freqs))
+            }
+        };
+        let yarn_mscale = |scale: f32, m: f32| if scale <= 1.0 { 1.0 } else { 0.1 * m * scale.ln() + 1.0 };
+        let mscale = match cfg.rope_scaling {
+            RopeScaling::Yarn(y) => yarn_mscale(y.factor, y.mscale) / yarn_mscale(y.factor, y.mscale_all_dim),
+            _ => 1.0,
         };
         let half = (dims / 2).max(1);
         // MLX: `exp(-i * (log(base) / half))`, or the reciprocal of the given periods.
@@ -364,7 +389,7 @@ impl Rope {
             None => (0..half).map(|i| (-(i as f32) * (cfg.rope_theta.ln() / half as f32)).exp()).collect(),
         };
         let freqs = freqs.map(|f| Array::from_slice(&f, &[dims / 2]));
-        Rope { dims, traditional: cfg.rope_traditional, base: cfg.rope_theta, scale, freqs, inv_freq }
+        Rope { dims, traditional: cfg.rope_traditional, base: cfg.rope_theta, scale, freqs, inv_freq, mscale }
     }
 
     /// Rotate `heads` rows of `d` values at position `pos` in place, as
@@ -387,11 +412,29 @@ impl Rope {
 
     pub fn forward(&self, x: &Array, offset: i32) -> std::result::Result<Array, MlxError> {
         let base = if self.freqs.is_some() { None } else { Some(self.base) };
+        let scaled;
+        let x = if self.mscale != 1.0 {
+            let d = x.shape()[x.ndim() - 1];
+            let m = Array::from_f32(self.mscale).as_dtype(x.dtype())?;
+            scaled = if self.dims >= d {
+                ops::multiply(x, &m)?
+            } else {
+                let head = ops::multiply(x.index((.., .., .., ..self.dims)), &m)?;
+                ops::concatenate(&[head, x.index((.., .., .., self.dims..))], -1)?
+            };
+            &scaled
+        } else {
+            x
+        };
         Ok(fast::rope(x, self.dims, self.traditional, base, self.scale, offset, self.freqs.as_ref())?)
     }
 }
 
 pub struct Attention {
+    /// Learned per-head logits that join every softmax (gpt_oss), `[heads]`.
+    sinks: Option<Array>,
+    /// Attend only to the last `window` positions (gpt_oss's sliding layers).
+    window: Option<i32>,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -487,7 +530,12 @@ fn softmax_row(row: &mut [f32], visible: usize) {
 }
 
 impl Attention {
-    pub fn load(w: &mut Weights, p: &str, cfg: &ModelConfig) -> Result<Self> {
+    pub fn load(w: &mut Weights, p: &str, cfg: &ModelConfig, layer: usize) -> Result<Self> {
+        let sinks = if cfg.sinks { Some(w.take(&format!("{p}.sinks"))?) } else { None };
+        let window = cfg.windows.get(layer).copied().flatten();
+        // kvserve's own attention (CPU chunks, host decode) has no sinks,
+        // windows or YaRN scale: those layers go through MLX's attention.
+        let plain = sinks.is_none() && window.is_none() && !matches!(cfg.rope_scaling, super::config::RopeScaling::Yarn(_));
         let norm = |w: &mut Weights, name: &str| -> Result<Option<RmsNorm>> {
             if cfg.qk_norm {
                 Ok(Some(w.rms_norm(&format!("{p}.{name}"), cfg.rms_norm_eps)?))
@@ -496,6 +544,8 @@ impl Attention {
             }
         };
         Ok(Attention {
+            sinks,
+            window,
             q_proj: w.linear(&format!("{p}.q_proj"), cfg.qkv_bias)?,
             k_proj: w.linear(&format!("{p}.k_proj"), cfg.qkv_bias)?,
             v_proj: w.linear(&format!("{p}.v_proj"), cfg.qkv_bias)?,
@@ -507,7 +557,7 @@ impl Attention {
             n_kv_heads: cfg.num_kv_heads,
             head_dim: cfg.head_dim,
             scale: (cfg.head_dim as f32).powf(-0.5),
-            cpu_chunk_attention: w.cpu_dense_prefill,
+            cpu_chunk_attention: w.cpu_dense_prefill && plain,
             host_decode: false,
         }
         .with_host_decode())
@@ -619,11 +669,24 @@ impl Attention {
             let q = self.rope.forward(&row(&q), offset)?;
             let k = self.rope.forward(&row(&k), offset)?;
             let (k, v) = kv.update_and_fetch(k, row(&v))?;
-            outs.push(fast::scaled_dot_product_attention(&q, &k, &v, self.scale, None, None)?);
+            let (k, v) = self.windowed(k, v)?;
+            outs.push(fast::scaled_dot_product_attention(&q, &k, &v, self.scale, None, self.sinks.as_ref())?);
         }
         let o = ops::concatenate(&outs, 0)?;
         let o = o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, 1, self.n_heads * self.head_dim])?;
         self.o_proj.forward(&o)
+    }
+
+    /// A single query's keys and values: the last `window` of them on a
+    /// sliding layer (the cache keeps every position, so snapshots stay exact).
+    fn windowed(&self, k: Array, v: Array) -> std::result::Result<(Array, Array), MlxError> {
+        match self.window {
+            Some(w) if k.shape()[2] > w => {
+                let start = k.shape()[2] - w;
+                Ok((k.index((.., .., start.., ..)), v.index((.., .., start.., ..))))
+            }
+            _ => Ok((k, v)),
+        }
     }
 
     /// Queries, keys and values of `x` (`[b, l, hidden]`), each
@@ -655,9 +718,17 @@ impl Attention {
         };
         let o = if host_chunk {
             chunk_attention(&q, &k, &v, self.scale, offset)?
+        } else if let (Some(window), true) = (self.window, l > 1) {
+            // Query at position offset + i sees keys j with j <= offset + i < j + window.
+            let t = k.shape()[2];
+            let qpos = ops::add(ops::arange::<_, i32>(0, l, None)?, Array::from_int(offset))?.reshape(&[l, 1])?;
+            let kpos = ops::arange::<_, i32>(0, t, None)?.reshape(&[1, t])?;
+            let mask = ops::logical_and(ops::ge(&qpos, &kpos)?, ops::lt(&qpos, ops::add(&kpos, Array::from_int(window))?)?)?;
+            fast::scaled_dot_product_attention(&q, &k, &v, self.scale, ScaledDotProductAttentionMask::Array(&mask), self.sinks.as_ref())?
         } else {
+            let (k, v) = if l == 1 { self.windowed(k, v)? } else { (k, v) };
             let mask = (l > 1).then_some(ScaledDotProductAttentionMask::Causal);
-            fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask, None)?
+            fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask, self.sinks.as_ref())?
         };
         let o = o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, self.n_heads * self.head_dim])?;
         self.o_proj.forward(&o)
@@ -828,7 +899,7 @@ impl Transformer {
             let p = format!("model.layers.{i}");
             blocks.push(Block {
                 input_norm: w.rms_norm(&format!("{p}.input_layernorm"), cfg.rms_norm_eps)?,
-                attn: Attention::load(w, &format!("{p}.self_attn"), cfg)?,
+                attn: Attention::load(w, &format!("{p}.self_attn"), cfg, i as usize)?,
                 post_attn_norm: w.rms_norm(&format!("{p}.post_attention_layernorm"), cfg.rms_norm_eps)?,
                 ff: ff(w, i, &format!("{p}.mlp"))?,
             });

@@ -6,6 +6,7 @@ pub mod glm4_moe;
 pub mod gguf;
 pub mod gguf_quants;
 pub mod gguf_types;
+pub mod gpt_oss;
 pub mod layers;
 pub mod llama;
 pub mod qwen2;
@@ -137,6 +138,7 @@ pub fn build_with(cfg: &ModelConfig, weights: HashMap<String, Array>, dense_pref
         "qwen3" => qwen3::build(cfg, &mut w)?,
         "qwen3_moe" => qwen3_moe::build(cfg, &mut w)?,
         "glm4_moe" => glm4_moe::build(cfg, &mut w)?,
+        "gpt_oss" => gpt_oss::build(cfg, &mut w)?,
         other => return Err(ModelError::Invalid(format!("unknown architecture '{other}'"))),
     };
     let mut left: Vec<&String> = w.names().collect();

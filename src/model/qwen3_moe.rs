@@ -7,33 +7,45 @@
 use mlx_rs::ops::{self, indexing::IndexOp};
 use mlx_rs::Array;
 
-use super::config::{ModelConfig, MoeConfig, Router};
+use super::config::{ExpertActivation, ModelConfig, MoeConfig, Router};
 use super::layers::{FeedForward, Linear, Mlp, Transformer, Weights};
 use super::ModelError;
 use crate::mlx::{MlxError, QuantizedMatrix};
 
-/// Experts' weights stacked on a leading axis: `[experts, out, in]`.
-enum ExpertWeight {
+/// Experts' weights stacked on a leading axis: `[experts, out, in]`, and
+/// their biases `[experts, out]` (gpt_oss).
+struct ExpertWeight {
+    w: ExpertMatrix,
+    bias: Option<Array>,
+}
+
+enum ExpertMatrix {
     Dense(Array),
     Quantized(QuantizedMatrix),
 }
 
 impl ExpertWeight {
-    fn load(w: &mut Weights, prefix: &str) -> Result<Self, ModelError> {
-        Ok(match w.quantized(prefix)? {
-            Some(q) => ExpertWeight::Quantized(q),
-            None => ExpertWeight::Dense(w.take(&format!("{prefix}.weight"))?),
-        })
+    fn load(w: &mut Weights, prefix: &str, bias: bool) -> Result<Self, ModelError> {
+        let m = match w.quantized(prefix)? {
+            Some(q) => ExpertMatrix::Quantized(q),
+            None => ExpertMatrix::Dense(w.take(&format!("{prefix}.weight"))?),
+        };
+        let bias = if bias { Some(w.take(&format!("{prefix}.bias"))?) } else { None };
+        Ok(ExpertWeight { w: m, bias })
     }
 
     /// `x [.., 1, in]` through the experts named by `idx [.., k]` -> `[.., k, 1, out]`.
     fn forward(&self, x: &Array, idx: &Array) -> Result<Array, MlxError> {
-        Ok(match self {
-            ExpertWeight::Dense(w) => ops::gather_mm(x, w.swap_axes(-1, -2)?, None, idx, false)?,
-            ExpertWeight::Quantized(q) => ops::gather_qmm(
+        let y = match &self.w {
+            ExpertMatrix::Dense(w) => ops::gather_mm(x, w.swap_axes(-1, -2)?, None, idx, false)?,
+            ExpertMatrix::Quantized(q) => ops::gather_qmm(
                 x, &q.packed, &q.scales, &q.biases, None, idx, true, q.group_size, q.bits, false,
             )?,
-        })
+        };
+        match &self.bias {
+            Some(b) => Ok(ops::add(&y, b.take_axis(idx, 0)?.expand_dims(-2)?)?),
+            None => Ok(y),
+        }
     }
 }
 
@@ -44,6 +56,7 @@ pub struct SparseMoe {
     down_proj: ExpertWeight,
     top_k: i32,
     norm_topk_prob: bool,
+    activation: ExpertActivation,
     router: Router,
     /// glm4_moe: added to the sigmoid scores to choose experts (not to weigh them).
     correction_bias: Option<Array>,
@@ -53,16 +66,18 @@ pub struct SparseMoe {
 
 impl SparseMoe {
     pub(crate) fn load(w: &mut Weights, p: &str, moe: &MoeConfig) -> Result<Self, ModelError> {
+        let experts = format!("{p}.{}", moe.experts_name);
         Ok(SparseMoe {
-            gate: w.linear(&format!("{p}.gate"), false)?,
-            gate_proj: ExpertWeight::load(w, &format!("{p}.switch_mlp.gate_proj"))?,
-            up_proj: ExpertWeight::load(w, &format!("{p}.switch_mlp.up_proj"))?,
-            down_proj: ExpertWeight::load(w, &format!("{p}.switch_mlp.down_proj"))?,
+            gate: w.linear(&format!("{p}.{}", moe.router_name), moe.biases)?,
+            gate_proj: ExpertWeight::load(w, &format!("{experts}.gate_proj"), moe.biases)?,
+            up_proj: ExpertWeight::load(w, &format!("{experts}.up_proj"), moe.biases)?,
+            down_proj: ExpertWeight::load(w, &format!("{experts}.down_proj"), moe.biases)?,
+            activation: moe.activation,
             top_k: moe.experts_per_token,
             norm_topk_prob: moe.norm_topk_prob,
             router: moe.router.clone(),
             correction_bias: match moe.router {
-                Router::Softmax => None,
+                Router::Softmax | Router::TopKSoftmax => None,
                 Router::SigmoidGrouped { .. } => Some(w.take(&format!("{p}.gate.e_score_correction_bias"))?),
             },
             shared: if moe.shared_experts > 0 { Some(Mlp::load(w, &format!("{p}.shared_experts"), false)?) } else { None },
@@ -83,6 +98,11 @@ impl SparseMoe {
                     scores = ops::divide(&scores, scores.sum_axis(-1, true)?)?;
                 }
                 Ok((inds, scores))
+            }
+            Router::TopKSoftmax => {
+                let inds = ops::argpartition_axis(&logits, n - k, -1)?.index((.., .., (n - k)..));
+                let top = logits.take_along_axis(&inds, -1)?;
+                Ok((inds, ops::softmax_axis(top, -1, true)?))
             }
             Router::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } => {
                 let orig = ops::sigmoid(logits.as_dtype(mlx_rs::Dtype::Float32)?)?;
@@ -119,7 +139,16 @@ impl SparseMoe {
         let xe = x.expand_dims_axes(&[-2, -3])?;
         let g = self.gate_proj.forward(&xe, &inds)?;
         let u = self.up_proj.forward(&xe, &inds)?;
-        let h = ops::multiply(mlx_rs::nn::silu(g)?, u)?;
+        let h = match self.activation {
+            ExpertActivation::Swiglu => ops::multiply(mlx_rs::nn::silu(g)?, u)?,
+            ExpertActivation::SwigluOai => {
+                let limit = Array::from_f32(7.0);
+                let g = ops::minimum(&g, &limit)?;
+                let u = ops::clip(&u, (-7.0f32, 7.0f32))?;
+                let glu = ops::multiply(&g, ops::sigmoid(ops::multiply(&g, Array::from_f32(1.702))?)?)?;
+                ops::multiply(ops::add(&u, Array::from_f32(1.0))?, glu)?
+            }
+        };
         let y = self.down_proj.forward(&h, &inds)?.squeeze_axes(&[-2])?;
         let y = ops::multiply(&y, scores.expand_dims(-1)?)?.sum_axis(-2, None)?.as_dtype(y.dtype())?;
         match &self.shared {

@@ -111,6 +111,26 @@ MODELS = {
         },
         (64, 4),
     ),
+    "gpt_oss_q4": (
+        "gpt_oss",
+        {
+            "num_hidden_layers": 4,
+            "head_dim": 32,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "intermediate_size": 64,
+            "sliding_window": 8,
+            "rope_theta": 150000.0,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "original_max_position_embeddings": 4096,
+            },
+        },
+        (64, 4),
+    ),
 }
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 3, 128, 64, 31, 200, 11, 0, 19, 77, 301, 150, 22, 9]
@@ -128,11 +148,13 @@ def build(name, module_name, extra, quant, out: Path):
     model.load_weights(
         [(k, v * 4.0 if "norm" not in k else v) for k, v in params], strict=True
     )
-    # glm4_moe's router correction starts at zero: give it values, so that
-    # choosing experts by score + bias but weighing them by score is tested.
-    bias = [(k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(model.parameters()) if k.endswith("e_score_correction_bias")]
-    if bias:
-        model.load_weights(bias, strict=False)
+    # Parameters that start at zero (glm4_moe's router correction, gpt_oss's
+    # attention sinks and expert biases) get values, so that what they do is
+    # tested.
+    zero = [(k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(model.parameters())
+            if "norm" not in k and not mx.any(v != 0).item()]
+    if zero:
+        model.load_weights(zero, strict=False)
     if quant is not None:
         group_size, bits = quant
         model, config = quantize_model(model, config, group_size, bits)
