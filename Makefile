@@ -16,22 +16,34 @@ MODEL ?= $(DEFAULT_MODEL)
 KVSERVE := target/release/kvserve
 
 # MLX backend: cpu, cuda13 (NVIDIA driver 580+; `cuda` is the same) or cuda12
-# (driver 525+). auto, the default: the CUDA version nvidia-smi reports for the
-# driver picks cuda13 or cuda12; no NVIDIA GPU, cpu.
-BACKEND ?= auto
+# (driver 525+; untested). auto: the CUDA version nvidia-smi reports for the
+# driver picks cuda13 or cuda12; no NVIDIA GPU, cpu. auto is the default for
+# build, run, generate and claude; test, fixtures, venv and the benchmarks
+# default to cpu (the suite and its references are the CPU's; BACKEND=cuda13
+# make test is written but has not run).
+BACKEND ?= $(if $(filter test fixtures venv bench bench-compare,$(MAKECMDGOALS)),cpu,auto)
 ifeq ($(BACKEND),auto)
 override BACKEND := $(shell bash scripts/backend.sh)
 endif
 ifeq ($(BACKEND),cuda)
 override BACKEND := cuda13
 endif
-export MLX_BACKEND := $(if $(filter cpu,$(BACKEND)),,$(BACKEND))
-ifneq ($(BACKEND),cpu)
+ifeq ($(filter $(BACKEND),cpu cuda12 cuda13),)
+$(error BACKEND='$(BACKEND)': use auto, cpu, cuda (= cuda13) or cuda12)
+endif
+ifeq ($(BACKEND),cpu)
+# (unset, not empty: cargo reruns mlx-sys's build script when it changes)
+unexport MLX_BACKEND
+else
+export MLX_BACKEND := $(BACKEND)
 # A GPU backend builds in its own target folder (switching never rebuilds the
-# CPU build), and its test reference is mlx-lm computing on the same GPU.
+# CPU build), and its test reference is mlx-lm computing on the same GPU, in
+# a venv of its own.
 export CARGO_TARGET_DIR := $(CURDIR)/target/$(BACKEND)
 KVSERVE := target/$(BACKEND)/release/kvserve
 FIXTURES := target/fixtures-$(BACKEND)
+VENV := .venv-$(BACKEND)
+PYTHON := $(VENV)/bin/python
 export KVSERVE_FIXTURES := $(CURDIR)/$(FIXTURES)
 export KVSERVE_REF_DEVICE := gpu
 endif
@@ -61,7 +73,7 @@ ifneq ($(BACKEND),cpu)
 venv: $(VENV)/.$(BACKEND)
 $(VENV)/.$(BACKEND): $(VENV)/.installed | vendor
 	site=$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
-	wheel=vendor/mlx/mlx-$(subst cuda,cuda-,$(BACKEND))-0.32.2; \
+	wheel=vendor/mlx/mlx-$(subst cuda,cuda-,$(BACKEND))-$$(sed -n 's/^MLX_VERSION=//p' vendor/pins.env); \
 	cp $$wheel/mlx/lib/libmlx.so $$site/mlx/lib/libmlx.so && cp -R $$wheel/mlx_$(subst cuda,cuda_,$(BACKEND)).libs $$site/ && \
 	rm -rf $$site/mlx/include && cp -R $$wheel/mlx/include $$site/mlx/include && \
 	if [ -d $$wheel/nvidia ]; then ln -sfn $(CURDIR)/$$wheel/nvidia $$site/nvidia; fi

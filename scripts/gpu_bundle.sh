@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare, on any Linux x86_64 machine (no GPU needed), everything
 # scripts/gpu_check.sh needs on a GPU machine that has no network:
-#   .gpu/part1/libmlx.so.xz.aa  .gpu/part2/libmlx.so.xz.ab
+#   .gpu/part1/libmlx.so.xz.0  .gpu/part2/libmlx.so.xz.1
 #       the CUDA wheel's libmlx.so, stripped and xz-compressed (116 MB to about
 #       67 MB), cut in two so that each half travels in a call under 64 MiB;
 #   .gpu/part2/bundle.tar.xz

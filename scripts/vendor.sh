@@ -77,10 +77,15 @@ for key in "${keys[@]}"; do vendor_wheel "$key"; done
 # folder here: the pinned runtime wheels go there unless the system's loader
 # already finds every library (a CUDA toolkit install, a distribution package).
 if [ -n "${runtime:-}" ]; then
+    need readelf "install binutils (Debian: apt-get install binutils)"
+    ldconfig_bin=$(command -v ldconfig || echo /sbin/ldconfig)
+    known=$("$ldconfig_bin" -p 2>/dev/null || true)
+    needed=$(readelf -d "$wheel_dir/mlx/lib/libmlx.so" | sed -n 's/.*NEEDED.*\[\(lib\(cu\|nccl\|nvrtc\)[^]]*\)\].*/\1/p')
+    [ -n "$needed" ] || die "readelf lists no CUDA libraries in $wheel_dir/mlx/lib/libmlx.so: not the CUDA wheel?"
     missing=()
-    for lib in $(readelf -d "$wheel_dir/mlx/lib/libmlx.so" 2>/dev/null | sed -n 's/.*NEEDED.*\[\(lib\(cu\|nccl\|nvrtc\)[^]]*\)\].*/\1/p'); do
+    for lib in $needed; do
         [ "$lib" = libcuda.so.1 ] && continue   # the driver's own library
-        ldconfig -p 2>/dev/null | grep -q "^\s*$lib " || missing+=("$lib")
+        case "$known" in *"$lib "*) ;; *) missing+=("$lib") ;; esac
     done
     req="$vendor/cuda$runtime-runtime.txt"
     stamp="$wheel_dir/nvidia/.complete"

@@ -13,12 +13,23 @@ fn check_passes_every_point() {
     let text = String::from_utf8_lossy(&out.stdout);
     eprintln!("{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches("[pass]").count(), 9, "{text}");
-    // The backend line names the wheel linked and the device MLX computes on (here the CPU, by name).
+    // The backend line names the wheel linked and the device MLX computes on,
+    // by name; on a GPU build BLAS is not used (an [info] line, not a pass).
+    let linked = kvserve::mlx::LINKED_BACKEND;
+    let on_gpu = linked != "cpu";
+    assert_eq!(text.matches("[pass]").count(), if on_gpu { 8 } else { 9 }, "{text}");
+    let wheel = match linked {
+        "cpu" => "mlx-cpu",
+        "cuda13" => "mlx-cuda-13",
+        "cuda12" => "mlx-cuda-12",
+        _ => "mlx-metal",
+    };
+    let prefix = format!("[pass] MLX backend {linked} ({wheel} wheel), computing on {}: ", if on_gpu { "gpu" } else { "cpu" });
     let backend = text.lines().find(|l| l.starts_with("[pass] MLX backend ")).unwrap_or_else(|| panic!("no backend line: {text}"));
-    let device = backend.strip_prefix("[pass] MLX backend cpu (mlx-cpu wheel), computing on cpu: ").unwrap_or_else(|| panic!("{backend}"));
+    let device = backend.strip_prefix(prefix.as_str()).unwrap_or_else(|| panic!("{backend}"));
     assert!(!device.trim().is_empty() && device != "unnamed device", "{backend}");
-    for point in ["loads and computes", "BLAS is the fast one", "the model loads", "renders a conversation with tools", "a generation produces text", "is a cache hit", "answers the Anthropic and OpenAI APIs", "Claude Code is installed"] {
+    let blas = if on_gpu { "[info] BLAS: not used" } else { "BLAS is the fast one" };
+    for point in ["loads and computes", blas, "the model loads", "renders a conversation with tools", "a generation produces text", "is a cache hit", "answers the Anthropic and OpenAI APIs", "Claude Code is installed"] {
         assert!(text.contains(point), "missing {point:?}: {text}");
     }
     // A model that does not exist: a failure with the fix, exit code 1.

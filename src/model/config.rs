@@ -304,6 +304,15 @@ impl ModelConfig {
             _ => "num_experts",
         };
         let is_moe = model_type == "qwen3_moe" || is_glm || is_oss;
+        if is_glm {
+            // mlx-lm's glm4_moe has no defaults for these, and Hugging Face's
+            // differ from any kvserve could pick (a wrong one builds a wrong model).
+            for key in ["tie_word_embeddings", "partial_rotary_factor", "norm_topk_prob", "first_k_dense_replace", "n_shared_experts", "n_group", "topk_group", "routed_scaling_factor", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "use_qk_norm", "attention_bias"] {
+                if obj.get(key).is_none_or(Value::is_null) {
+                    return Err(bad(format!("{key} is missing; glm4_moe needs it")));
+                }
+            }
+        }
         // A dense model's MLP width; qwen3_moe's experts have their own.
         let intermediate_size = match f.int("intermediate_size", 1, MAX_WIDTH)? {
             Some(n) => n,
@@ -486,7 +495,8 @@ impl ModelConfig {
             rope_traditional,
             rope_scaling,
             context_length,
-            tie_word_embeddings: f.flag("tie_word_embeddings")?.unwrap_or(!is_qwen3 && !is_oss),
+            // gpt_oss always has its own head (mlx-lm reads no such key for it).
+            tie_word_embeddings: !is_oss && f.flag("tie_word_embeddings")?.unwrap_or(!is_qwen3),
             qkv_bias: is_qwen2 || is_oss || attention_bias,
             o_bias: is_oss || (!is_qwen2 && !is_glm && attention_bias),
             mlp_bias: f.flag("mlp_bias")?.unwrap_or(false),
@@ -529,7 +539,8 @@ mod tests {
         let mut v = base("glm4_moe");
         for (k, x) in [("head_dim", json!(32)), ("n_routed_experts", json!(8)), ("num_experts_per_tok", json!(2)), ("moe_intermediate_size", json!(64)),
             ("n_group", json!(4)), ("topk_group", json!(2)), ("n_shared_experts", json!(1)), ("routed_scaling_factor", json!(2.5)),
-            ("first_k_dense_replace", json!(1)), ("use_qk_norm", json!(true)), ("attention_bias", json!(true)), ("partial_rotary_factor", json!(0.5))] {
+            ("first_k_dense_replace", json!(1)), ("use_qk_norm", json!(true)), ("attention_bias", json!(true)), ("partial_rotary_factor", json!(0.5)),
+            ("norm_topk_prob", json!(true)), ("tie_word_embeddings", json!(false))] {
             v[k] = x;
         }
         let c = parse(v.clone()).unwrap();
@@ -545,9 +556,34 @@ mod tests {
         let mut bad = v.clone();
         bad["topk_method"] = json!("greedy");
         assert!(parse(bad).unwrap_err().contains("topk_method 'greedy'"));
-        let mut bad = v;
+        let mut bad = v.clone();
         bad["partial_rotary_factor"] = json!(0.03);
         assert!(parse(bad).unwrap_err().contains("partial_rotary_factor"));
+        let mut bad = v;
+        bad.as_object_mut().unwrap().remove("norm_topk_prob");
+        assert_eq!(parse(bad).unwrap_err(), "config.json: norm_topk_prob is missing; glm4_moe needs it");
+    }
+
+    #[test]
+    fn gpt_oss_reads_windows_sinks_and_yarn() {
+        let mut v = base("gpt_oss");
+        for (k, x) in [("head_dim", json!(32)), ("num_hidden_layers", json!(4)), ("num_local_experts", json!(8)), ("num_experts_per_tok", json!(2)),
+            ("sliding_window", json!(8)), ("tie_word_embeddings", json!(true)),
+            ("rope_scaling", json!({"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096}))] {
+            v[k] = x;
+        }
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.windows, vec![Some(8), None, Some(8), None]);
+        assert!(c.sinks && c.qkv_bias && c.o_bias && !c.tie_word_embeddings);
+        let m = c.moe.as_ref().unwrap();
+        assert_eq!((m.router.clone(), m.activation, m.biases, m.router_name, m.experts_name), (Router::TopKSoftmax, ExpertActivation::SwigluOai, true, "router", "experts"));
+        assert!(matches!(c.rope_scaling, RopeScaling::Yarn(y) if y.factor == 32.0 && y.mscale == 1.0 && y.mscale_all_dim == 0.0));
+        let mut bad = v.clone();
+        bad["layer_types"] = json!(["sliding_attention", "full_attention"]);
+        assert_eq!(parse(bad).unwrap_err(), "config.json: layer_types lists 2 layers; num_hidden_layers is 4");
+        let mut bad = v;
+        bad["layer_types"] = json!(["sliding_attention", "full_attention", "local", "full_attention"]);
+        assert!(parse(bad).unwrap_err().contains("layer_types[2] is 'local'"));
     }
 
     #[test]

@@ -85,7 +85,11 @@ fn read_tensors(path: &Path, h: &Header) -> Result<(HashMap<String, Array>, BTre
     let mut stats: BTreeMap<u32, (usize, f32, f32)> = BTreeMap::new();
     for t in &h.tensors {
         let (per, bytes) = gguf_quants::block_layout(t.ty).ok_or_else(|| err(path, format!("tensor '{}' has an unloadable type", t.name)))?;
-        let n: usize = t.dims.iter().product::<u64>() as usize;
+        // The header check bounds each dimension and the byte size; arrays
+        // built here also need the element count within i32 (mlx-rs shapes).
+        let n = t.dims.iter().try_fold(1u64, |n, d| n.checked_mul(*d)).filter(|n| *n <= i32::MAX as u64).ok_or_else(|| {
+            err(path, format!("tensor '{}' has shape {:?}: more than {} elements, which kvserve's GGUF reader cannot hold in one array", t.name, t.dims, i32::MAX))
+        })? as usize;
         let mut raw = vec![0u8; n / per * bytes];
         f.read_exact_at(&mut raw, h.data_start + t.offset).map_err(|e| err(path, format!("tensor '{}': {e}", t.name)))?;
         let shape: Vec<i32> = t.dims.iter().rev().map(|&d| d as i32).collect();
@@ -104,7 +108,8 @@ fn read_tensors(path: &Path, h: &Header) -> Result<(HashMap<String, Array>, BTre
         entry.1 = entry.1.max(a.max_error);
         entry.2 = entry.2.max(a.max_rel_error);
         let base = t.name.strip_suffix(".weight").unwrap_or(&t.name).to_string();
-        let words = (cols as i32) * a.bits / 32;
+        // Within i32: rows * cols is at most i32::MAX (above).
+        let words = (cols * a.bits as usize / 32) as i32;
         out.insert(format!("{base}.weight"), Array::from_slice(&a.packed, &[rows as i32, words]));
         out.insert(format!("{base}.scales"), Array::from_slice(&a.scales, &[rows as i32, (cols / 32) as i32]));
         out.insert(format!("{base}.biases"), Array::from_slice(&a.biases, &[rows as i32, (cols / 32) as i32]));

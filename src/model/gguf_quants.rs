@@ -11,8 +11,9 @@
 //!
 //! Q2_K, Q3_K and Q6_K scale sub-blocks of 16 values separately; MLX's
 //! groups are 32 or larger, so two sub-blocks share a group. Their values
-//! are requantized to 8 bits over each group's range (the error is at most
-//! half of range/255: four times finer than Q6_K's own 6-bit step).
+//! are requantized to 8 bits over each group's range: the error is at most
+//! half of range/255 (1/510 of the group's range), finer than the coarser
+//! sub-block's own step but not always than the finer one's.
 //!
 //! Formats as ggml defines them (ggml-common.h, ggml-quants.c); checked
 //! against the `gguf` Python package's `dequantize` in tests/gguf_quants.rs.

@@ -225,7 +225,9 @@ impl<R: Read> Reader<R> {
                     // Strings are kept (the tokenizer's tokens and merges):
                     // their lengths were checked against the file above.
                     8 => {
-                        strings.reserve(len as usize);
+                        // (a count the file cannot hold was refused above; the
+                        // reservation is still capped, as a String is 24 bytes)
+                        strings.reserve(len.min(1 << 16) as usize);
                         for _ in 0..len {
                             strings.push(self.string(key)?);
                         }
