@@ -13,7 +13,7 @@ use serde_json::{json, Map, Value};
 
 use super::config::{ModelConfig, QuantSpec};
 use super::gguf_quants;
-use super::gguf_types::{type_name, Header, ModelShape, Value as MetaValue};
+use super::gguf_types::{type_name, Header, ModelShape, TensorInfo, Value as MetaValue};
 use super::ModelError;
 use crate::mlx::{MlxError, QuantizedMatrix};
 
@@ -79,42 +79,69 @@ impl Meta<'_> {
 /// `{base}.biases`, as MLX's loader names them. Also returns, per GGUF type,
 /// (tensors, largest error, largest error over its group's range).
 fn read_tensors(path: &Path, h: &Header) -> Result<(HashMap<String, Array>, BTreeMap<u32, (usize, f32, f32)>), ModelError> {
-    use std::os::unix::fs::FileExt;
     let f = std::fs::File::open(path).map_err(|e| err(path, e.to_string()))?;
     let mut out = HashMap::new();
     let mut stats: BTreeMap<u32, (usize, f32, f32)> = BTreeMap::new();
-    for t in &h.tensors {
-        let (per, bytes) = gguf_quants::block_layout(t.ty).ok_or_else(|| err(path, format!("tensor '{}' has an unloadable type", t.name)))?;
-        // The header check bounds each dimension and the byte size; arrays
-        // built here also need the element count within i32 (mlx-rs shapes).
-        let n = t.dims.iter().try_fold(1u64, |n, d| n.checked_mul(*d)).filter(|n| *n <= i32::MAX as u64).ok_or_else(|| {
-            err(path, format!("tensor '{}' has shape {:?}: more than {} elements, which kvserve's GGUF reader cannot hold in one array", t.name, t.dims, i32::MAX))
-        })? as usize;
-        let mut raw = vec![0u8; n / per * bytes];
-        f.read_exact_at(&mut raw, h.data_start + t.offset).map_err(|e| err(path, format!("tensor '{}': {e}", t.name)))?;
-        let shape: Vec<i32> = t.dims.iter().rev().map(|&d| d as i32).collect();
-        let entry = stats.entry(t.ty).or_default();
-        entry.0 += 1;
-        if gguf_quants::mapping(t.ty).is_none() {
-            let values = gguf_quants::dequantize(t.ty, &raw, n);
-            out.insert(t.name.clone(), Array::from_slice(&values, &shape));
-            continue;
+    // Tensors are read and converted on every core, a batch at a time (so
+    // at most a batch of raw and converted copies is held); MLX arrays are
+    // made here, on this thread.
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
+    for batch in h.tensors.chunks(threads) {
+        let done: Vec<Result<(Decoded, &TensorInfo), ModelError>> = std::thread::scope(|s| {
+            let f = &f;
+            let jobs: Vec<_> = batch.iter().map(|t| s.spawn(move || decode_tensor(path, f, h, t).map(|d| (d, t)))).collect();
+            jobs.into_iter().map(|j| j.join().unwrap_or_else(|_| Err(err(path, "a tensor conversion thread panicked")))).collect()
+        });
+        for r in done {
+            let (d, t) = r?;
+            let entry = stats.entry(t.ty).or_default();
+            entry.0 += 1;
+            match d {
+                Decoded::Dense(values, shape) => {
+                    out.insert(t.name.clone(), Array::from_slice(&values, &shape));
+                }
+                Decoded::Affine(a, rows, cols) => {
+                    entry.1 = entry.1.max(a.max_error);
+                    entry.2 = entry.2.max(a.max_rel_error);
+                    let base = t.name.strip_suffix(".weight").unwrap_or(&t.name).to_string();
+                    // Within i32: rows * cols is at most i32::MAX (decode_tensor).
+                    let words = (cols * a.bits as usize / 32) as i32;
+                    out.insert(format!("{base}.weight"), Array::from_slice(&a.packed, &[rows as i32, words]));
+                    out.insert(format!("{base}.scales"), Array::from_slice(&a.scales, &[rows as i32, (cols / 32) as i32]));
+                    out.insert(format!("{base}.biases"), Array::from_slice(&a.biases, &[rows as i32, (cols / 32) as i32]));
+                }
+            }
         }
-        if shape.len() != 2 {
-            return Err(err(path, format!("tensor '{}' is quantized ({}) with {} dimensions; kvserve loads 2-D quantized tensors", t.name, type_name(t.ty), shape.len())));
-        }
-        let (rows, cols) = (shape[0] as usize, shape[1] as usize);
-        let a = gguf_quants::to_affine(t.ty, &raw, rows, cols);
-        entry.1 = entry.1.max(a.max_error);
-        entry.2 = entry.2.max(a.max_rel_error);
-        let base = t.name.strip_suffix(".weight").unwrap_or(&t.name).to_string();
-        // Within i32: rows * cols is at most i32::MAX (above).
-        let words = (cols * a.bits as usize / 32) as i32;
-        out.insert(format!("{base}.weight"), Array::from_slice(&a.packed, &[rows as i32, words]));
-        out.insert(format!("{base}.scales"), Array::from_slice(&a.scales, &[rows as i32, (cols / 32) as i32]));
-        out.insert(format!("{base}.biases"), Array::from_slice(&a.biases, &[rows as i32, (cols / 32) as i32]));
     }
     Ok((out, stats))
+}
+
+/// One tensor, read and converted: dense values with their MLX shape, or
+/// the affine triple with (rows, cols).
+enum Decoded {
+    Dense(Vec<f32>, Vec<i32>),
+    Affine(gguf_quants::Affine, usize, usize),
+}
+
+fn decode_tensor(path: &Path, f: &std::fs::File, h: &Header, t: &TensorInfo) -> Result<Decoded, ModelError> {
+    use std::os::unix::fs::FileExt;
+    let (per, bytes) = gguf_quants::block_layout(t.ty).ok_or_else(|| err(path, format!("tensor '{}' has an unloadable type", t.name)))?;
+    // The header check bounds each dimension and the byte size; arrays
+    // built here also need the element count within i32 (mlx-rs shapes).
+    let n = t.dims.iter().try_fold(1u64, |n, d| n.checked_mul(*d)).filter(|n| *n <= i32::MAX as u64).ok_or_else(|| {
+        err(path, format!("tensor '{}' has shape {:?}: more than {} elements, which kvserve's GGUF reader cannot hold in one array", t.name, t.dims, i32::MAX))
+    })? as usize;
+    let mut raw = vec![0u8; n / per * bytes];
+    f.read_exact_at(&mut raw, h.data_start + t.offset).map_err(|e| err(path, format!("tensor '{}': {e}", t.name)))?;
+    let shape: Vec<i32> = t.dims.iter().rev().map(|&d| d as i32).collect();
+    if gguf_quants::mapping(t.ty).is_none() {
+        return Ok(Decoded::Dense(gguf_quants::dequantize(t.ty, &raw, n), shape));
+    }
+    if shape.len() != 2 {
+        return Err(err(path, format!("tensor '{}' is quantized ({}) with {} dimensions; kvserve loads 2-D quantized tensors", t.name, type_name(t.ty), shape.len())));
+    }
+    let (rows, cols) = (shape[0] as usize, shape[1] as usize);
+    Ok(Decoded::Affine(gguf_quants::to_affine(t.ty, &raw, rows, cols), rows, cols))
 }
 
 /// Hugging Face name of a GGUF tensor (without its .weight/.bias/.scales suffix).
