@@ -366,7 +366,6 @@ impl Engine {
 mod tests {
     use super::*;
     use crate::engine::generate::GenerateOptions;
-    use crate::engine::types::Event;
     use std::path::Path;
     use tokio::sync::mpsc as tmpsc;
 
