@@ -8,7 +8,8 @@ mod common;
 
 use std::process::Command;
 
-const FAKE_CLAUDE: &str = r#"#!/usr/bin/env python3
+/// What every stand-in for Claude Code here starts with: the server's /health, or None.
+const HEALTH_PY: &str = r#"#!/usr/bin/env python3
 import json, os, signal, sys, time, urllib.request
 url = os.environ["ANTHROPIC_BASE_URL"]
 def health():
@@ -17,7 +18,9 @@ def health():
             return json.load(r)
     except Exception:
         return None
-old = health()["pid"]
+"#;
+
+const FAKE_CLAUDE: &str = r#"old = health()["pid"]
 os.kill(old, signal.SIGKILL)
 deadline = time.time() + 120
 new = None
@@ -58,7 +61,7 @@ fn with_fake_claude(name: &str, script: &str) -> (std::path::PathBuf, Command) {
 
 #[test]
 fn a_server_killed_during_a_session_is_started_again_on_the_same_port() {
-    let (dir, mut cmd) = with_fake_claude("restart", FAKE_CLAUDE);
+    let (dir, mut cmd) = with_fake_claude("restart", &format!("{HEALTH_PY}{FAKE_CLAUDE}"));
     let out = cmd.output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "kvserve claude failed ({}): {stdout}\n{stderr}", out.status);
@@ -78,16 +81,7 @@ fn a_server_killed_during_a_session_is_started_again_on_the_same_port() {
 
 /// Kills the server each time it comes back; prints how many kills it took
 /// until the server stayed down.
-const KILLER_CLAUDE: &str = r#"#!/usr/bin/env python3
-import json, os, signal, time, urllib.request
-url = os.environ["ANTHROPIC_BASE_URL"]
-def health():
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5) as r:
-            return json.load(r)
-    except Exception:
-        return None
-kills, seen = 0, set()
+const KILLER_CLAUDE: &str = r#"kills, seen = 0, set()
 deadline = time.time() + 60
 while time.time() < deadline:
     h = health()
@@ -104,7 +98,7 @@ print(f"kills {kills}; up after: {health() is not None}")
 
 #[test]
 fn a_server_that_keeps_dying_is_given_up_after_three_exits_in_a_minute() {
-    let (dir, mut cmd) = with_fake_claude("giveup", KILLER_CLAUDE);
+    let (dir, mut cmd) = with_fake_claude("giveup", &format!("{HEALTH_PY}{KILLER_CLAUDE}"));
     let out = cmd.output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -115,10 +109,7 @@ fn a_server_that_keeps_dying_is_given_up_after_three_exits_in_a_minute() {
 }
 
 /// Prints the server's pid and its own, then waits to be killed.
-const WAITING_CLAUDE: &str = r#"#!/usr/bin/env python3
-import json, os, time, urllib.request
-with urllib.request.urlopen(os.environ["ANTHROPIC_BASE_URL"] + "/health", timeout=5) as r:
-    print("server", json.load(r)["pid"], "claude", os.getpid(), flush=True)
+const WAITING_CLAUDE: &str = r#"print("server", health()["pid"], "claude", os.getpid(), flush=True)
 time.sleep(120)
 "#;
 
@@ -129,7 +120,7 @@ fn running(pid: u32) -> bool {
 
 #[test]
 fn the_server_stops_when_kvserve_claude_is_killed_without_a_chance_to_stop_it() {
-    let (dir, mut cmd) = with_fake_claude("orphan", WAITING_CLAUDE);
+    let (dir, mut cmd) = with_fake_claude("orphan", &format!("{HEALTH_PY}{WAITING_CLAUDE}"));
     let mut launcher = cmd
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

@@ -364,12 +364,8 @@ pub struct ModelShape {
     pub pad: Option<u32>,
 }
 
-/// Read `path`'s header and check it describes a model kvserve can build.
-pub fn check(path: &Path) -> Result<ModelShape> {
-    check_model(&read_header(path)?)
-}
-
-/// [`check`], also returning the header (metadata and tensor infos).
+/// Read `path`'s header and check it describes a model kvserve can build;
+/// returns the header (metadata and tensor infos) and the model's shape.
 pub fn check_header(path: &Path) -> Result<(Header, ModelShape)> {
     let h = read_header(path)?;
     let shape = check_model(&h)?;
@@ -765,7 +761,7 @@ mod tests {
         static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let f = dir.join(format!("{}.gguf", N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
         std::fs::write(&f, bytes).unwrap();
-        let r = check(&f);
+        let r = check_header(&f).map(|(_, shape)| shape);
         std::fs::remove_file(&f).unwrap();
         r
     }

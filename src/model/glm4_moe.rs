@@ -5,8 +5,7 @@
 //! router ("noaux_tc") and a shared expert ([`super::qwen3_moe::SparseMoe`]).
 
 use super::config::ModelConfig;
-use super::layers::{FeedForward, Mlp, Transformer, Weights};
-use super::qwen3_moe::{sanitize as stack_experts, SparseMoe};
+use super::layers::{Transformer, Weights};
 use super::ModelError;
 
 pub fn build(cfg: &ModelConfig, w: &mut Weights) -> Result<Transformer, ModelError> {
@@ -24,13 +23,5 @@ pub fn build(cfg: &ModelConfig, w: &mut Weights) -> Result<Transformer, ModelErr
     for k in extra {
         w.remove(&k);
     }
-    stack_experts(cfg, w)?;
-    let moe = cfg.moe.clone().expect("glm4_moe config");
-    Transformer::load(cfg, w, |w, i, p| {
-        if moe.is_sparse(i) {
-            Ok(FeedForward::Moe(Box::new(SparseMoe::load(w, p, &moe)?)))
-        } else {
-            Ok(FeedForward::Dense(Mlp::load(w, p, false)?))
-        }
-    })
+    super::qwen3_moe::build(cfg, w)
 }

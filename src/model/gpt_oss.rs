@@ -11,8 +11,7 @@
 //! MXFP4 release is not read.
 
 use super::config::ModelConfig;
-use super::layers::{FeedForward, Transformer, Weights};
-use super::qwen3_moe::SparseMoe;
+use super::layers::{Transformer, Weights};
 use super::ModelError;
 
 pub fn build(cfg: &ModelConfig, w: &mut Weights) -> Result<Transformer, ModelError> {
@@ -21,6 +20,6 @@ pub fn build(cfg: &ModelConfig, w: &mut Weights) -> Result<Transformer, ModelErr
             "this gpt_oss checkpoint is the original release (interleaved gate_up_proj, MXFP4); convert it with mlx-lm to affine quantization first".into(),
         ));
     }
-    let moe = cfg.moe.clone().expect("gpt_oss config");
-    Transformer::load(cfg, w, |w, _, p| Ok(FeedForward::Moe(Box::new(SparseMoe::load(w, p, &moe)?))))
+    // Every layer is sparse (no first_k_dense_replace, no mlp_only_layers).
+    super::qwen3_moe::build(cfg, w)
 }

@@ -4,7 +4,7 @@
 //! [`SparseMoe`] serves glm4_moe with its sigmoid, group-limited router and a
 //! shared expert.
 
-use mlx_rs::ops::{self, indexing::IndexOp};
+use mlx_rs::ops::{self, indexing::{Ellipsis, IndexOp}};
 use mlx_rs::Array;
 
 use super::config::{ExpertActivation, ModelConfig, MoeConfig, Router};
@@ -49,6 +49,15 @@ impl ExpertWeight {
     }
 }
 
+/// The `k` largest entries along the last axis: (indices, values), in
+/// argpartition's order.
+fn top_k(a: &Array, k: i32) -> Result<(Array, Array), MlxError> {
+    let n = a.shape()[a.ndim() - 1];
+    let inds = ops::argpartition_axis(a, n - k, -1)?.index((Ellipsis, (n - k)..));
+    let values = a.take_along_axis(&inds, -1)?;
+    Ok((inds, values))
+}
+
 pub struct SparseMoe {
     gate: Linear,
     gate_proj: ExpertWeight,
@@ -65,7 +74,7 @@ pub struct SparseMoe {
 }
 
 impl SparseMoe {
-    pub(crate) fn load(w: &mut Weights, p: &str, moe: &MoeConfig) -> Result<Self, ModelError> {
+    fn load(w: &mut Weights, p: &str, moe: &MoeConfig) -> Result<Self, ModelError> {
         let experts = format!("{p}.{}", moe.experts_name);
         Ok(SparseMoe {
             gate: w.linear(&format!("{p}.{}", moe.router_name), moe.biases)?,
@@ -91,17 +100,14 @@ impl SparseMoe {
         let k = self.top_k;
         match self.router {
             Router::Softmax => {
-                let gates = ops::softmax_axis(logits, -1, true)?;
-                let inds = ops::argpartition_axis(&gates, n - k, -1)?.index((.., .., (n - k)..));
-                let mut scores = gates.take_along_axis(&inds, -1)?;
+                let (inds, mut scores) = top_k(&ops::softmax_axis(logits, -1, true)?, k)?;
                 if self.norm_topk_prob {
                     scores = ops::divide(&scores, scores.sum_axis(-1, true)?)?;
                 }
                 Ok((inds, scores))
             }
             Router::TopKSoftmax => {
-                let inds = ops::argpartition_axis(&logits, n - k, -1)?.index((.., .., (n - k)..));
-                let top = logits.take_along_axis(&inds, -1)?;
+                let (inds, top) = top_k(&logits, k)?;
                 Ok((inds, ops::softmax_axis(top, -1, true)?))
             }
             Router::SigmoidGrouped { n_group, topk_group, routed_scaling_factor } => {
@@ -114,8 +120,7 @@ impl SparseMoe {
                     let mut grouped_shape = shape[..shape.len() - 1].to_vec();
                     grouped_shape.extend([n_group, per]);
                     let grouped = choice.reshape(&grouped_shape)?;
-                    let top2 = ops::argpartition_axis(&grouped, per - 2, -1)?.index((.., .., .., (per - 2)..));
-                    let group_scores = grouped.take_along_axis(&top2, -1)?.sum_axis(-1, true)?;
+                    let group_scores = top_k(&grouped, 2)?.1.sum_axis(-1, true)?;
                     let drop = n_group - topk_group;
                     if drop > 0 {
                         let dropped = ops::argpartition_axis(&group_scores, drop - 1, -2)?.index((.., .., ..drop, ..));
@@ -182,9 +187,11 @@ pub fn sanitize(cfg: &ModelConfig, w: &mut Weights) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// A decoder whose sparse layers are [`SparseMoe`] (qwen3_moe, and glm4_moe
+/// and gpt_oss after their own checks), the others a dense MLP.
 pub fn build(cfg: &ModelConfig, w: &mut Weights) -> Result<Transformer, ModelError> {
     sanitize(cfg, w)?;
-    let moe = cfg.moe.clone().expect("qwen3_moe config");
+    let moe = cfg.moe.clone().expect("config.rs gives every mixture-of-experts model_type a MoE config");
     Transformer::load(cfg, w, |w, i, p| {
         if moe.is_sparse(i) {
             Ok(FeedForward::Moe(Box::new(SparseMoe::load(w, p, &moe)?)))
