@@ -13,7 +13,7 @@ use mlx_rs::ops::indexing::{argmax_axis, IndexOp};
 use mlx_rs::Array;
 use serde_json::Value;
 
-const MODELS: &[&str] = &["llama_q4", "llama3_q8_untied", "llama_f32", "qwen2_q4", "qwen3_q4", "qwen3_moe_q4", "glm4_moe_q4", "gpt_oss_q4"];
+const MODELS: &[&str] = &["llama_q4", "llama3_q8_untied", "llama_f32", "qwen2_q4", "qwen3_q4", "qwen3_moe_q4", "glm4_moe_q4", "gpt_oss_q4", "qwen3_5_q4", "qwen3_5_moe_q4"];
 /// fp32 everywhere; differences come from summation order only.
 const LOGIT_TOL: f32 = 2e-3;
 /// The CPU's dense prefill (dequantize + BLAS) sums in another order than

@@ -25,11 +25,19 @@ pub const STEP: i32 = 256;
 
 /// Keys and values of one attention layer, `[B, kv_heads, capacity, head_dim]`
 /// buffers of which the first `offset` tokens are valid.
+///
+/// A linear-attention layer (qwen3_5's gated delta net) keeps no keys and
+/// values but a recurrent state of fixed size: the last inputs of its short
+/// convolution and the delta rule's state matrix, exact at `offset` and at
+/// no other position (it cannot be trimmed; see [`trim_to`](Self::trim_to)).
 #[derive(Clone, Default)]
 pub struct LayerKv {
     keys: Option<Array>,
     values: Option<Array>,
     offset: i32,
+    /// `(conv, state)`: `[B, kernel - 1, conv_dim]` in the compute dtype and
+    /// `[B, v_heads, v_dim, k_dim]` in f32, as mlx-lm's ArraysCache holds them.
+    recurrent: Option<(Array, Array)>,
 }
 
 impl LayerKv {
@@ -126,25 +134,74 @@ impl LayerKv {
     }
 
     /// Keep only the first `len` tokens (the buffers keep their capacity;
-    /// later writes overwrite the rest).
+    /// later writes overwrite the rest). A recurrent state holds only its
+    /// own position: trimming it to any other but 0 is an error.
     pub fn trim_to(&mut self, len: i32) -> Result<(), MlxError> {
         let len = len.clamp(0, self.offset);
         if len == 0 {
             *self = Self::default();
             return Ok(());
         }
+        if self.recurrent.is_some() && len != self.offset {
+            return Err(MlxError {
+                message: format!("a recurrent state of {} tokens cannot be trimmed to {len}", self.offset),
+                location: std::panic::Location::caller(),
+            });
+        }
         self.offset = len;
         Ok(())
     }
 
-    /// Bytes held by the key and value buffers (capacity, not just offset).
+    /// Bytes held by the key and value buffers (capacity, not just offset)
+    /// and the recurrent state.
     pub fn nbytes(&self) -> usize {
+        self.arrays().map(Array::nbytes).sum()
+    }
+
+    /// Bytes of the key and value buffers only (they grow with the tokens).
+    pub fn kv_nbytes(&self) -> usize {
         self.keys.as_ref().map_or(0, Array::nbytes) + self.values.as_ref().map_or(0, Array::nbytes)
     }
 
-    /// The buffers, to evaluate before a snapshot is kept.
+    /// The buffers and states, to evaluate before a snapshot is kept.
     pub fn arrays(&self) -> impl Iterator<Item = &Array> {
-        self.keys.iter().chain(self.values.iter())
+        self.keys.iter().chain(self.values.iter()).chain(self.recurrent.iter().flat_map(|(c, s)| [c, s]))
+    }
+
+    /// The recurrent state `(conv, state)`, if this is a linear-attention layer that holds tokens.
+    pub fn recurrent(&self) -> Option<(&Array, &Array)> {
+        self.recurrent.as_ref().map(|(c, s)| (c, s))
+    }
+
+    /// Whether this layer holds a recurrent state (that cannot be trimmed).
+    pub fn is_recurrent(&self) -> bool {
+        self.recurrent.is_some()
+    }
+
+    /// The recurrent state after `added` more tokens.
+    pub fn set_recurrent(&mut self, conv: Array, state: Array, added: i32) {
+        self.recurrent = Some((conv, state));
+        self.offset += added;
+    }
+
+    /// A layer holding exactly this recurrent state, at `offset` tokens.
+    pub fn from_recurrent(conv: Array, state: Array, offset: i32) -> Self {
+        LayerKv { keys: None, values: None, offset, recurrent: Some((conv, state)) }
+    }
+
+    /// A copy holding only what is valid (the first `offset` tokens of the
+    /// buffers, lazily; a recurrent state by reference, as it is never
+    /// written in place): what a snapshot taken in the middle of a prompt
+    /// keeps, instead of the whole buffers the prompt goes on writing.
+    pub fn compact(&self) -> Self {
+        match (&self.recurrent, self.state()) {
+            (Some(_), _) => self.clone(),
+            (None, Some((k, v))) => match (k.contiguous(), v.contiguous()) {
+                (Ok(k), Ok(v)) => LayerKv { keys: Some(k), values: Some(v), offset: self.offset, recurrent: None },
+                _ => self.clone(),
+            },
+            (None, None) => LayerKv::new(),
+        }
     }
 
     /// A snapshot: references to the current buffers, unaffected by later
@@ -168,7 +225,7 @@ impl LayerKv {
     /// Other dtypes are converted to [`KV_DTYPE`] (lazily).
     pub fn from_state(keys: Array, values: Array) -> Result<Self, MlxError> {
         let offset = keys.shape()[2];
-        Ok(LayerKv { keys: Some(stored(keys)?), values: Some(stored(values)?), offset })
+        Ok(LayerKv { keys: Some(stored(keys)?), values: Some(stored(values)?), offset, recurrent: None })
     }
 }
 

@@ -74,20 +74,45 @@ pub struct OnDisk {
     pub tokens: Vec<u32>,
 }
 
-/// One tensor of a snapshot file: `[B, kv_heads, tokens, head_dim]` values
-/// in the file's dtype at bytes `start..end` of the data section.
+/// What a tensor of a snapshot file holds: an attention layer's keys or
+/// values (`[B, kv_heads, tokens, head_dim]` in the file's dtype), or a
+/// linear-attention layer's recurrent state (the convolution's last inputs,
+/// `[B, kernel - 1, conv_dim]`, and the state matrices, `[B, heads, v_dim,
+/// k_dim]`, each in its own dtype, exact as computed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Keys,
+    Values,
+    Conv,
+    State,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Keys => "keys",
+            Kind::Values => "values",
+            Kind::Conv => "conv",
+            Kind::State => "state",
+        }
+    }
+}
+
+/// One tensor of a snapshot file, at bytes `start..end` of the data section.
 #[derive(Debug, Clone, PartialEq)]
 struct Tensor {
     layer: usize,
-    values: bool,
-    shape: [i32; 4],
+    kind: Kind,
+    /// Its dtype's name (`float16`, `bfloat16`, `float32`).
+    dtype: &'static str,
+    shape: Vec<i32>,
     start: u64,
     end: u64,
 }
 
 impl Tensor {
     fn name(&self) -> String {
-        format!("{}.{}", self.layer, if self.values { "values" } else { "keys" })
+        format!("{}.{}", self.layer, self.kind.name())
     }
 }
 
@@ -125,6 +150,16 @@ fn tensor_dtype(name: &str) -> (&'static str, u64) {
     }
 }
 
+/// The dtype name of a safetensors dtype kvserve writes.
+fn dtype_name(safetensors: &str) -> Option<&'static str> {
+    match safetensors {
+        "F16" => Some("float16"),
+        "BF16" => Some("bfloat16"),
+        "F32" => Some("float32"),
+        _ => None,
+    }
+}
+
 /// The checksum over everything that decides what a snapshot means: its
 /// metadata, the layout of its tensors, and their bytes.
 fn checksum(fingerprint: &str, dtype: &str, tokens: &[u32], tensors: &[Tensor], data: &[&[u8]]) -> String {
@@ -141,8 +176,12 @@ fn checksum(fingerprint: &str, dtype: &str, tokens: &[u32], tensors: &[Tensor], 
         let name = t.name();
         h.update((name.len() as u64).to_le_bytes());
         h.update(name.as_bytes());
-        for d in t.shape {
+        for d in &t.shape {
             h.update(d.to_le_bytes());
+        }
+        // A recurrent state's own dtype (keys and values have the file's, hashed above).
+        if matches!(t.kind, Kind::Conv | Kind::State) {
+            h.update(t.dtype.as_bytes());
         }
         h.update(t.start.to_le_bytes());
         h.update(t.end.to_le_bytes());
@@ -191,19 +230,27 @@ fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Header, 
     for (name, v) in header.iter().filter(|(k, _)| *k != "__metadata__") {
         let (layer, kind) = name.split_once('.').ok_or(format!("unexpected tensor {name:?}"))?;
         let layer: usize = layer.parse().map_err(|_| format!("unexpected tensor {name:?}"))?;
-        let values = match kind {
-            "keys" => false,
-            "values" => true,
+        let kind = match kind {
+            "keys" => Kind::Keys,
+            "values" => Kind::Values,
+            "conv" => Kind::Conv,
+            "state" => Kind::State,
             _ => return Err(format!("unexpected tensor {name:?}")),
         };
-        if v["dtype"].as_str() != Some(tensor_dtype(&dtype).0) {
-            return Err(format!("tensor {name} has dtype {}, expected {} (the file's {dtype})", v["dtype"], tensor_dtype(&dtype).0));
-        }
-        let shape = match v["shape"].as_array().map(|s| s.iter().map(dim).collect::<Option<Vec<i32>>>()) {
-            Some(Some(s)) if s.len() == 4 => [s[0], s[1], s[2], s[3]],
-            _ => return Err(format!("tensor {name} has shape {}, expected 4 positive dimensions", v["shape"])),
+        let kv = matches!(kind, Kind::Keys | Kind::Values);
+        // Keys and values are in the file's dtype; a recurrent state in its own.
+        let tdtype = match v["dtype"].as_str() {
+            Some(d) if kv && d == tensor_dtype(&dtype).0 => dtype_name(d).expect("one of the three"),
+            Some(d) if !kv && dtype_name(d).is_some() => dtype_name(d).expect("checked"),
+            _ if kv => return Err(format!("tensor {name} has dtype {}, expected {} (the file's {dtype})", v["dtype"], tensor_dtype(&dtype).0)),
+            _ => return Err(format!("tensor {name} has dtype {}, expected F16, BF16 or F32", v["dtype"])),
         };
-        if shape[2] != n_tokens {
+        let rank = if kind == Kind::Conv { 3 } else { 4 };
+        let shape = match v["shape"].as_array().map(|s| s.iter().map(dim).collect::<Option<Vec<i32>>>()) {
+            Some(Some(s)) if s.len() == rank => s,
+            _ => return Err(format!("tensor {name} has shape {}, expected {rank} positive dimensions", v["shape"])),
+        };
+        if kv && shape[2] != n_tokens {
             return Err(format!("tensor {name} holds {} tokens; the file lists {n_tokens}", shape[2]));
         }
         let (start, end) = match v["data_offsets"].as_array().map(Vec::as_slice) {
@@ -215,14 +262,14 @@ fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Header, 
         };
         // MLX sizes arrays with i32 element counts.
         let elements = shape.iter().try_fold(1i32, |n, &d| n.checked_mul(d)).ok_or(format!("tensor {name} has shape {shape:?}: too large"))?;
-        let bytes = u64::try_from(elements).ok().and_then(|n| n.checked_mul(tensor_dtype(&dtype).1)).ok_or(format!("tensor {name} is too large"))?;
+        let bytes = u64::try_from(elements).ok().and_then(|n| n.checked_mul(tensor_dtype(tdtype).1)).ok_or(format!("tensor {name} is too large"))?;
         if end.checked_sub(start) != Some(bytes) {
             return Err(format!("tensor {name} has data_offsets [{start}, {end}] for {bytes} bytes of shape {shape:?}"));
         }
         if end > data_len {
             return Err(format!("tensor {name} ends at byte {end} of {data_len}: the file is truncated"));
         }
-        tensors.push(Tensor { layer, values, shape, start, end });
+        tensors.push(Tensor { layer, kind, dtype: tdtype, shape, start, end });
     }
     // The data section is exactly the tensors, back to back, in order.
     tensors.sort_by_key(|t| t.start);
@@ -236,14 +283,15 @@ fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Header, 
     if at != data_len {
         return Err(format!("the tensors cover {at} bytes of {data_len}: the file has bytes after the last tensor"));
     }
-    // Two tensors, keys and values, for each layer 0..layers, agreeing in batch, heads and tokens.
+    // Two tensors for each layer 0..layers: keys and values agreeing in
+    // batch, heads and tokens, or a recurrent state's conv and state.
     let layers = tensors.len() / 2;
     if layers == 0 {
         return Err("the file holds no layers".into());
     }
-    let mut by_name: BTreeMap<(usize, bool), &Tensor> = BTreeMap::new();
+    let mut by_name: BTreeMap<(usize, Kind), &Tensor> = BTreeMap::new();
     for t in &tensors {
-        if t.layer >= layers || by_name.insert((t.layer, t.values), t).is_some() {
+        if t.layer >= layers || by_name.insert((t.layer, t.kind), t).is_some() {
             return Err(format!("tensor {} does not fit {layers} layers of keys and values", t.name()));
         }
     }
@@ -251,9 +299,18 @@ fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Header, 
         return Err(format!("{} tensors for {layers} layers", tensors.len()));
     }
     for i in 0..layers {
-        let (k, v) = (by_name[&(i, false)], by_name[&(i, true)]);
-        if k.shape[..3] != v.shape[..3] {
-            return Err(format!("layer {i}: keys {:?} and values {:?} disagree", k.shape, v.shape));
+        match (by_name.get(&(i, Kind::Keys)), by_name.get(&(i, Kind::Values)), by_name.get(&(i, Kind::Conv)), by_name.get(&(i, Kind::State))) {
+            (Some(k), Some(v), None, None) => {
+                if k.shape[..3] != v.shape[..3] {
+                    return Err(format!("layer {i}: keys {:?} and values {:?} disagree", k.shape, v.shape));
+                }
+            }
+            (None, None, Some(c), Some(st)) => {
+                if c.shape[0] != st.shape[0] {
+                    return Err(format!("layer {i}: conv {:?} and state {:?} disagree", c.shape, st.shape));
+                }
+            }
+            _ => return Err(format!("layer {i} holds neither keys and values nor a recurrent state")),
         }
     }
     Ok(Header { fingerprint, dtype, tokens, checksum, tensors, layers, data_start, data_len })
@@ -351,11 +408,6 @@ pub fn load(path: &Path, layers: usize, tokens: usize, fingerprint: &str) -> Res
     if h.tokens.len() != tokens {
         return Err(file_err(path, format!("holds {} tokens, expected {tokens}", h.tokens.len())));
     }
-    let dtype = match h.dtype.as_str() {
-        "float16" => Dtype::Float16,
-        "bfloat16" => Dtype::Bfloat16,
-        _ => Dtype::Float32,
-    };
     // The tensors tile the data section (checked by parse_header).
     let n = usize::try_from(h.data_len).map_err(|_| file_err(path, "too large"))?;
     let mut data = vec![0u8; n];
@@ -367,24 +419,38 @@ pub fn load(path: &Path, layers: usize, tokens: usize, fingerprint: &str) -> Res
     let array = |t: &Tensor| -> Result<Array, StoreError> {
         // In bounds and a whole number of elements: checked by parse_header.
         let bytes = &data[t.start as usize..t.end as usize];
+        let dtype = match t.dtype {
+            "float16" => Dtype::Float16,
+            "bfloat16" => Dtype::Bfloat16,
+            _ => Dtype::Float32,
+        };
         Ok(match dtype {
             Dtype::Float16 => Array::from_slice(&pod_vec::<half::f16>(bytes), &t.shape),
             Dtype::Bfloat16 => Array::from_slice(&pod_vec::<half::bf16>(bytes), &t.shape),
             _ => Array::from_slice(&pod_vec::<f32>(bytes), &t.shape),
         })
     };
-    let mut arrays: BTreeMap<(usize, bool), Array> = BTreeMap::new();
+    let mut arrays: BTreeMap<(usize, Kind), Array> = BTreeMap::new();
     for t in &h.tensors {
-        arrays.insert((t.layer, t.values), array(t)?);
+        arrays.insert((t.layer, t.kind), array(t)?);
     }
     let mut out = Vec::with_capacity(layers);
     for i in 0..layers {
-        // parse_header checked that both exist for every layer.
-        let (Some(k), Some(v)) = (arrays.remove(&(i, false)), arrays.remove(&(i, true))) else {
-            return Err(file_err(path, format!("layer {i} is missing")));
+        // parse_header checked that one pair or the other exists for every layer.
+        let kv = (arrays.remove(&(i, Kind::Keys)), arrays.remove(&(i, Kind::Values)));
+        let rec = (arrays.remove(&(i, Kind::Conv)), arrays.remove(&(i, Kind::State)));
+        let layer = match (kv, rec) {
+            ((Some(k), Some(v)), _) => {
+                mlx_rs::transforms::eval([&k, &v]).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+                LayerKv::from_state(k, v)?
+            }
+            (_, (Some(c), Some(s))) => {
+                mlx_rs::transforms::eval([&c, &s]).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
+                LayerKv::from_recurrent(c, s, tokens as i32)
+            }
+            _ => return Err(file_err(path, format!("layer {i} is missing"))),
         };
-        mlx_rs::transforms::eval([&k, &v]).map_err(|e| file_err(path, format!("cannot read: {e}")))?;
-        out.push(LayerKv::from_state(k, v)?);
+        out.push(layer);
     }
     Ok(out)
 }
@@ -418,7 +484,7 @@ impl PendingWrite {
             }),
         );
         for t in &self.tensors {
-            header.insert(t.name(), json!({"dtype": tensor_dtype(self.dtype).0, "shape": t.shape, "data_offsets": [t.start, t.end]}));
+            header.insert(t.name(), json!({"dtype": tensor_dtype(t.dtype).0, "shape": t.shape, "data_offsets": [t.start, t.end]}));
         }
         let mut h = serde_json::to_vec(&Value::Object(header)).expect("header serializes");
         while h.len() % 8 != 0 {
@@ -702,25 +768,30 @@ impl Store {
         let mut dtype = Dtype::Float32;
         let mut offset = 0u64;
         for (i, l) in layers.iter().enumerate() {
-            let (k, v) = l.state().ok_or_else(|| file_err(&path, format!("layer {i} is empty")))?;
-            dtype = k.dtype();
-            for (values, a) in [(false, k), (true, v)] {
+            let pair = match l.recurrent() {
+                Some((c, st)) => [(Kind::Conv, c.clone()), (Kind::State, st.clone())],
+                None => {
+                    let (k, v) = l.state().ok_or_else(|| file_err(&path, format!("layer {i} is empty")))?;
+                    dtype = k.dtype();
+                    [(Kind::Keys, k), (Kind::Values, v)]
+                }
+            };
+            for (kind, a) in pair {
                 let a = match a.dtype() {
                     Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32 => a,
                     _ => a.as_dtype(Dtype::Float32).map_err(MlxError::from)?,
                 };
                 let a = a.contiguous().map_err(MlxError::from)?;
                 a.eval().map_err(MlxError::from)?;
-                let s = a.shape();
-                let shape: [i32; 4] = s.try_into().map_err(|_| file_err(&path, format!("layer {i} has shape {s:?}")))?;
+                let shape = a.shape().to_vec();
                 // safetensors is little-endian, as every platform MLX runs on.
-                let bytes: Vec<u8> = match a.dtype() {
-                    Dtype::Float16 => bytemuck::cast_slice::<half::f16, u8>(a.as_slice::<half::f16>()).to_vec(),
-                    Dtype::Bfloat16 => bytemuck::cast_slice::<half::bf16, u8>(a.as_slice::<half::bf16>()).to_vec(),
-                    _ => bytemuck::cast_slice::<f32, u8>(a.as_slice::<f32>()).to_vec(),
+                let (bytes, tdtype): (Vec<u8>, &'static str) = match a.dtype() {
+                    Dtype::Float16 => (bytemuck::cast_slice::<half::f16, u8>(a.as_slice::<half::f16>()).to_vec(), "float16"),
+                    Dtype::Bfloat16 => (bytemuck::cast_slice::<half::bf16, u8>(a.as_slice::<half::bf16>()).to_vec(), "bfloat16"),
+                    _ => (bytemuck::cast_slice::<f32, u8>(a.as_slice::<f32>()).to_vec(), "float32"),
                 };
                 let end = offset + bytes.len() as u64;
-                tensors.push(Tensor { layer: i, values, shape, start: offset, end });
+                tensors.push(Tensor { layer: i, kind, dtype: tdtype, shape, start: offset, end });
                 offset = end;
                 data.push(bytes);
             }

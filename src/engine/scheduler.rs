@@ -101,7 +101,7 @@ impl Scheduler {
         // KV bytes per token.
         let mut kv = new_cache(model.num_layers());
         prefill(&model, &mut kv, &[tokenizer.eos_ids.first().copied().unwrap_or(0)], 1).map_err(|e| e.to_string())?;
-        let kv_bytes_per_token = kv.iter().map(LayerKv::nbytes).sum::<usize>() / STEP as usize;
+        let kv_bytes_per_token = kv.iter().map(LayerKv::kv_nbytes).sum::<usize>() / STEP as usize;
         let trained = model.config.context_length.max(1) as usize;
         let context = cfg.context_override.unwrap_or(trained);
         if context > trained {
@@ -263,12 +263,8 @@ impl Scheduler {
             s.finish = Some(FinishReason::Length);
         } else {
             // Room for the whole prompt at once (one copy instead of one per chunk).
-            let cfg = &self.model.config;
-            for l in s.live.iter_mut() {
-                if let Err(e) = l.reserve(n as i32, cfg.num_kv_heads, cfg.head_dim) {
-                    s.failed = Some(e.to_string());
-                    break;
-                }
+            if let Err(e) = self.model.reserve(&mut s.live, n as i32) {
+                s.failed = Some(e.to_string());
             }
         }
         self.running.push(s);

@@ -8,7 +8,26 @@ use serde_json::Value;
 use super::ModelError;
 
 /// Architectures kvserve runs (the `model_type` of `config.json`).
-pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "qwen3_moe", "glm4_moe", "gpt_oss"];
+pub const SUPPORTED: &[&str] = &["llama", "qwen2", "qwen3", "qwen3_moe", "glm4_moe", "gpt_oss", "qwen3_5", "qwen3_5_moe"];
+
+/// Linear attention (qwen3_5's gated delta net) on every layer but each
+/// `full_attention_interval`-th.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinearAttnConfig {
+    pub num_v_heads: i32,
+    pub num_k_heads: i32,
+    pub head_k_dim: i32,
+    pub head_v_dim: i32,
+    pub conv_kernel: i32,
+    pub full_attention_interval: i32,
+}
+
+impl LinearAttnConfig {
+    /// Whether decoder layer `i` is a linear-attention layer.
+    pub fn is_linear(&self, i: i32) -> bool {
+        (i + 1) % self.full_attention_interval != 0
+    }
+}
 
 /// Quantization of one layer: MLX affine, `bits` per value, one scale and
 /// bias per `group_size` values.
@@ -182,6 +201,11 @@ pub struct MoeConfig {
     pub router: Router,
     /// Width multiple of the always-on shared expert MLP (0: none).
     pub shared_experts: i32,
+    /// The shared expert's weight name under `mlp.` (`shared_experts`;
+    /// qwen3_5_moe: `shared_expert`, its output scaled by
+    /// `sigmoid(shared_expert_gate(x))`).
+    pub shared_name: &'static str,
+    pub shared_gate: bool,
     /// The experts' gated activation.
     pub activation: ExpertActivation,
     /// Biases on the router and on each expert's projections (gpt_oss).
@@ -253,6 +277,11 @@ pub struct ModelConfig {
     pub sinks: bool,
     /// Per layer: the sliding window it attends within, or None (full).
     pub windows: Vec<Option<i32>>,
+    /// qwen3_5: gated delta-net layers between the full-attention ones.
+    pub linear: Option<LinearAttnConfig>,
+    /// qwen3_5: `q_proj` also gives a per-head gate; attention's output is
+    /// scaled by its sigmoid before `o_proj`.
+    pub attn_output_gate: bool,
     pub moe: Option<MoeConfig>,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
@@ -274,8 +303,18 @@ impl ModelConfig {
     /// before any arithmetic on it.
     pub fn parse(text: &str, file: &str) -> Result<Self, ModelError> {
         let bad = |msg: String| ModelError::Config { file: file.to_string(), message: msg };
-        let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let obj = value.as_object().ok_or_else(|| bad("is not a JSON object".into()))?;
+        let mut value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let top = value.as_object_mut().ok_or_else(|| bad("is not a JSON object".into()))?;
+        // Qwen3.5's checkpoints (vision-language ones) nest the language
+        // model's fields under text_config; they win over the top level's.
+        if let Some(Value::Object(text_cfg)) = top.remove("text_config") {
+            for (k, v) in text_cfg {
+                if k != "model_type" {
+                    top.insert(k, v);
+                }
+            }
+        }
+        let obj = &*top;
         let f = Fields { obj, file };
         let model_type = f.string("model_type")?;
         if !SUPPORTED.contains(&model_type.as_str()) {
@@ -285,7 +324,7 @@ impl ModelConfig {
                 SUPPORTED.join(", ")
             )));
         }
-        let quantization = Quantization::parse(value.get("quantization")).map_err(bad)?;
+        let quantization = Quantization::parse(obj.get("quantization")).map_err(bad)?;
         let hidden_size = f.require("hidden_size", 1, MAX_WIDTH)?;
         let num_layers = f.require("num_hidden_layers", 1, MAX_LAYERS)?;
         let vocab_size = f.require("vocab_size", 1, MAX_VOCAB)?;
@@ -303,7 +342,8 @@ impl ModelConfig {
             "gpt_oss" => "num_local_experts",
             _ => "num_experts",
         };
-        let is_moe = model_type == "qwen3_moe" || is_glm || is_oss;
+        let is_qwen35 = model_type.starts_with("qwen3_5");
+        let is_moe = model_type == "qwen3_moe" || is_glm || is_oss || model_type == "qwen3_5_moe" || (is_qwen35 && f.int("num_experts", 0, MAX_EXPERTS)?.unwrap_or(0) > 0);
         if is_glm {
             // mlx-lm's glm4_moe has no defaults for these, and Hugging Face's
             // differ from any kvserve could pick (a wrong one builds a wrong model).
@@ -337,7 +377,29 @@ impl ModelConfig {
         let context_length = f.int("max_position_embeddings", 1, i32::MAX.into())?.unwrap_or(4096);
         let rope_traditional = f.flag("rope_traditional")?.unwrap_or(false);
         let attention_bias = f.flag("attention_bias")?.unwrap_or(false);
-        let rope_scaling = match obj.get("rope_scaling") {
+        // qwen3_5 reads theta, the rotated fraction and the scaling from
+        // rope_parameters (mlx-lm's defaults when it is absent; the top
+        // level's rope_theta is not read).
+        let qwen35_rope = if is_qwen35 {
+            match obj.get("rope_parameters") {
+                None | Some(Value::Null) => Some(serde_json::json!({"type": "default", "rope_theta": 100000.0, "partial_rotary_factor": 0.25})),
+                Some(Value::Object(m)) => Some(Value::Object(m.clone())),
+                Some(other) => return Err(bad(format!("rope_parameters must be an object, got {other}"))),
+            }
+        } else {
+            None
+        };
+        let rope_theta = match &qwen35_rope {
+            Some(p) => match p.get("rope_theta") {
+                None | Some(Value::Null) => 100000.0,
+                Some(v) => match v.as_f64() {
+                    Some(x) if x.is_finite() && x > 0.0 => x as f32,
+                    _ => return Err(bad(format!("rope_parameters.rope_theta is {v}; it must be a positive number"))),
+                },
+            },
+            None => rope_theta,
+        };
+        let rope_scaling = match qwen35_rope.as_ref().or(obj.get("rope_scaling")) {
             None | Some(Value::Null) => RopeScaling::None,
             Some(Value::Object(m)) => {
                 let kind = m.get("rope_type").or_else(|| m.get("type")).and_then(Value::as_str).unwrap_or("");
@@ -413,7 +475,15 @@ impl ModelConfig {
             Some(MoeConfig {
                 router,
                 first_dense: f.int("first_k_dense_replace", 0, MAX_LAYERS)?.unwrap_or(0),
-                shared_experts: if is_glm { f.int("n_shared_experts", 0, MAX_EXPERTS)?.unwrap_or(0) } else { 0 },
+                shared_experts: if is_glm {
+                    f.int("n_shared_experts", 0, MAX_EXPERTS)?.unwrap_or(0)
+                } else if is_qwen35 {
+                    1
+                } else {
+                    0
+                },
+                shared_name: if is_qwen35 { "shared_expert" } else { "shared_experts" },
+                shared_gate: is_qwen35,
                 activation: if is_oss { ExpertActivation::SwigluOai } else { ExpertActivation::Swiglu },
                 biases: is_oss,
                 router_name: if is_oss { "router" } else { "gate" },
@@ -421,9 +491,10 @@ impl ModelConfig {
                 num_experts: f.int(experts_key, 0, MAX_EXPERTS)?.unwrap_or(0),
                 experts_per_token: f.int("num_experts_per_tok", 0, MAX_EXPERTS)?.unwrap_or(0),
                 intermediate_size: f.int(if is_oss { "intermediate_size" } else { "moe_intermediate_size" }, 1, MAX_WIDTH)?.unwrap_or(0),
-                sparse_step: f.int("decoder_sparse_step", 1, MAX_LAYERS)?.unwrap_or(1),
-                mlp_only_layers: f.ints("mlp_only_layers")?,
-                norm_topk_prob: f.flag("norm_topk_prob")?.unwrap_or(false),
+                // mlx-lm's qwen3_5 puts experts on every layer.
+                sparse_step: if is_qwen35 { 1 } else { f.int("decoder_sparse_step", 1, MAX_LAYERS)?.unwrap_or(1) },
+                mlp_only_layers: if is_qwen35 { vec![] } else { f.ints("mlp_only_layers")? },
+                norm_topk_prob: f.flag("norm_topk_prob")?.unwrap_or(is_qwen35),
             })
         } else {
             None
@@ -445,8 +516,17 @@ impl ModelConfig {
                 }
             }
         }
-        let rope_dims = if is_glm {
-            let factor = f.float("partial_rotary_factor", |x| x > 0.0 && x <= 1.0, "in (0, 1]")?.unwrap_or(1.0);
+        let rope_dims = if is_glm || is_qwen35 {
+            let factor = match &qwen35_rope {
+                Some(p) => match p.get("partial_rotary_factor") {
+                    None | Some(Value::Null) => 0.25,
+                    Some(v) => match v.as_f64() {
+                        Some(x) if x > 0.0 && x <= 1.0 => x as f32,
+                        _ => return Err(bad(format!("rope_parameters.partial_rotary_factor is {v}; it must be in (0, 1]"))),
+                    },
+                },
+                None => f.float("partial_rotary_factor", |x| x > 0.0 && x <= 1.0, "in (0, 1]")?.unwrap_or(1.0),
+            };
             let d = (head_dim as f32 * factor) as i32;
             if d < 2 || d % 2 != 0 {
                 return Err(bad(format!("head_dim {head_dim} times partial_rotary_factor {factor} is {d}; rotary embeddings need an even number")));
@@ -477,9 +557,27 @@ impl ModelConfig {
         } else {
             vec![None; num_layers as usize]
         };
+        let linear = if is_qwen35 {
+            let l = LinearAttnConfig {
+                num_v_heads: f.int("linear_num_value_heads", 1, MAX_HEADS)?.unwrap_or(64),
+                num_k_heads: f.int("linear_num_key_heads", 1, MAX_HEADS)?.unwrap_or(16),
+                head_k_dim: f.int("linear_key_head_dim", 1, MAX_HEAD_DIM)?.unwrap_or(192),
+                head_v_dim: f.int("linear_value_head_dim", 1, MAX_HEAD_DIM)?.unwrap_or(128),
+                conv_kernel: f.int("linear_conv_kernel_dim", 2, 64)?.unwrap_or(4),
+                full_attention_interval: f.int("full_attention_interval", 1, MAX_LAYERS)?.unwrap_or(4),
+            };
+            if l.num_v_heads % l.num_k_heads != 0 {
+                return Err(bad(format!("linear_num_value_heads {} must be a multiple of linear_num_key_heads {}", l.num_v_heads, l.num_k_heads)));
+            }
+            Some(l)
+        } else {
+            None
+        };
         Ok(ModelConfig {
             sinks: is_oss,
             windows,
+            linear,
+            attn_output_gate: is_qwen35,
             qk_norm: is_qwen3 || (is_glm && f.flag("use_qk_norm")?.unwrap_or(false)),
             rope_dims,
             model_type,

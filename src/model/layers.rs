@@ -51,6 +51,11 @@ impl Weights {
         self.map.insert(name, a);
     }
 
+    /// A tensor without taking it.
+    pub fn peek(&self, name: &str) -> Option<&Array> {
+        self.map.get(name)
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &String> {
         self.map.keys()
     }
@@ -435,6 +440,9 @@ pub struct Attention {
     sinks: Option<Array>,
     /// Attend only to the last `window` positions (gpt_oss's sliding layers).
     window: Option<i32>,
+    /// qwen3_5: `q_proj` gives each head's queries then a gate of the same
+    /// size; the output is scaled by `sigmoid(gate)` before `o_proj`.
+    output_gate: bool,
     q_proj: Linear,
     k_proj: Linear,
     v_proj: Linear,
@@ -546,6 +554,7 @@ impl Attention {
         Ok(Attention {
             sinks,
             window,
+            output_gate: cfg.attn_output_gate,
             q_proj: w.linear(&format!("{p}.q_proj"), cfg.qkv_bias)?,
             k_proj: w.linear(&format!("{p}.k_proj"), cfg.qkv_bias)?,
             v_proj: w.linear(&format!("{p}.v_proj"), cfg.qkv_bias)?,
@@ -570,6 +579,7 @@ impl Attention {
         };
         let norm = |n: &Option<RmsNorm>| n.as_ref().is_none_or(|n| n.weight.try_as_slice::<f32>().is_ok());
         self.host_decode = self.cpu_chunk_attention
+            && !self.output_gate
             && [&self.q_proj, &self.k_proj, &self.v_proj, &self.o_proj].into_iter().all(quantized)
             && norm(&self.q_norm)
             && norm(&self.k_norm)
@@ -660,7 +670,7 @@ impl Attention {
             return self.forward(x, kv);
         }
         let b = x.shape()[0];
-        let (q, k, v) = self.project(x)?;
+        let (q, k, v, gate) = self.project(x)?;
         let mut outs = Vec::with_capacity(kvs.len());
         for (i, kv) in kvs.iter_mut().enumerate() {
             let i = i as i32;
@@ -674,7 +684,7 @@ impl Attention {
         }
         let o = ops::concatenate(&outs, 0)?;
         let o = o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, 1, self.n_heads * self.head_dim])?;
-        self.o_proj.forward(&o)
+        self.output(o, gate)
     }
 
     /// A single query's keys and values: the last `window` of them on a
@@ -690,22 +700,44 @@ impl Attention {
     }
 
     /// Queries, keys and values of `x` (`[b, l, hidden]`), each
-    /// `[b, heads, l, head_dim]` with its norm applied (no rotary embedding yet).
-    fn project(&self, x: &Array) -> std::result::Result<(Array, Array, Array), MlxError> {
+    /// `[b, heads, l, head_dim]` with its norm applied (no rotary embedding
+    /// yet), and the output gate `[b, l, heads * head_dim]` if the layer has one.
+    fn project(&self, x: &Array) -> std::result::Result<(Array, Array, Array, Option<Array>), MlxError> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
-        let heads = |proj: &Linear, n: i32, norm: &Option<RmsNorm>| -> std::result::Result<Array, MlxError> {
-            let mut t = proj.forward(x)?.reshape(&[b, l, n, self.head_dim])?;
+        let heads = |t: Array, n: i32, norm: &Option<RmsNorm>| -> std::result::Result<Array, MlxError> {
+            let mut t = t.reshape(&[b, l, n, self.head_dim])?;
             if let Some(norm) = norm {
                 t = norm.forward(&t)?;
             }
             Ok(t.transpose_axes(&[0, 2, 1, 3])?)
         };
-        Ok((heads(&self.q_proj, self.n_heads, &self.q_norm)?, heads(&self.k_proj, self.n_kv_heads, &self.k_norm)?, heads(&self.v_proj, self.n_kv_heads, &None)?))
+        let (q, gate) = if self.output_gate {
+            let both = self.q_proj.forward(x)?.reshape(&[b, l, self.n_heads, 2 * self.head_dim])?;
+            let q = both.index((.., .., .., ..self.head_dim));
+            let gate = both.index((.., .., .., self.head_dim..)).reshape(&[b, l, self.n_heads * self.head_dim])?;
+            (q, Some(gate))
+        } else {
+            (self.q_proj.forward(x)?, None)
+        };
+        Ok((
+            heads(q, self.n_heads, &self.q_norm)?,
+            heads(self.k_proj.forward(x)?, self.n_kv_heads, &self.k_norm)?,
+            heads(self.v_proj.forward(x)?, self.n_kv_heads, &None)?,
+            gate,
+        ))
+    }
+
+    /// `o_proj` of the attention output `o` (`[b, l, heads * head_dim]`), gated if the layer is.
+    fn output(&self, o: Array, gate: Option<Array>) -> std::result::Result<Array, MlxError> {
+        match gate {
+            Some(g) => self.o_proj.forward(&ops::multiply(&o, ops::sigmoid(&g)?)?),
+            None => self.o_proj.forward(&o),
+        }
     }
 
     pub fn forward(&self, x: &Array, kv: &mut LayerKv) -> std::result::Result<Array, MlxError> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
-        let (q, k, v) = self.project(x)?;
+        let (q, k, v, gate) = self.project(x)?;
         let offset = kv.offset();
         let q = self.rope.forward(&q, offset)?;
         let k = self.rope.forward(&k, offset)?;
@@ -731,7 +763,7 @@ impl Attention {
             fast::scaled_dot_product_attention(&q, &k, &v, self.scale, mask, self.sinks.as_ref())?
         };
         let o = o.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, self.n_heads * self.head_dim])?;
-        self.o_proj.forward(&o)
+        self.output(o, gate)
     }
 }
 
@@ -773,9 +805,16 @@ impl FeedForward {
     }
 }
 
+/// What mixes positions in a block: softmax attention over a KV cache, or
+/// qwen3_5's linear attention over a recurrent state.
+pub enum Mixer {
+    Attention(Attention),
+    Linear(Box<super::gated_delta::GatedDeltaNet>),
+}
+
 pub struct Block {
     input_norm: RmsNorm,
-    attn: Attention,
+    attn: Mixer,
     post_attn_norm: RmsNorm,
     ff: FeedForward,
 }
@@ -787,7 +826,12 @@ impl Block {
                 return Ok(y);
             }
         }
-        let h = ops::add(x, self.attn.forward(&self.input_norm.forward(x)?, kv)?)?;
+        let n = self.input_norm.forward(x)?;
+        let a = match &self.attn {
+            Mixer::Attention(a) => a.forward(&n, kv)?,
+            Mixer::Linear(l) => l.forward(&n, kv)?,
+        };
+        let h = ops::add(x, a)?;
         Ok(ops::add(&h, self.ff.forward(&self.post_attn_norm.forward(&h)?)?)?)
     }
 
@@ -797,7 +841,12 @@ impl Block {
         if let Some(y) = self.forward_host(x, kvs)? {
             return Ok(y);
         }
-        let h = ops::add(x, self.attn.forward_rows(&self.input_norm.forward(x)?, kvs)?)?;
+        let n = self.input_norm.forward(x)?;
+        let a = match &self.attn {
+            Mixer::Attention(a) => a.forward_rows(&n, kvs)?,
+            Mixer::Linear(l) => l.forward_rows(&n, kvs)?,
+        };
+        let h = ops::add(x, a)?;
         Ok(ops::add(&h, self.ff.forward(&self.post_attn_norm.forward(&h)?)?)?)
     }
 
@@ -808,8 +857,9 @@ impl Block {
     /// per cache, not f32, a mixture of experts, not the CPU).
     fn forward_host(&self, x: &Array, kvs: &mut [&mut LayerKv]) -> std::result::Result<Option<Array>, MlxError> {
         let FeedForward::Dense(mlp) = &self.ff else { return Ok(None) };
+        let Mixer::Attention(attn) = &self.attn else { return Ok(None) };
         let n = kvs.len();
-        if !self.attn.cpu_chunk_attention || !cpu_kernels_enabled() || n == 0 || rows(x) as usize != n || x.shape().len() != 3 || x.dtype() != Dtype::Float32 {
+        if !attn.cpu_chunk_attention || !cpu_kernels_enabled() || n == 0 || rows(x) as usize != n || x.shape().len() != 3 || x.dtype() != Dtype::Float32 {
             return Ok(None);
         }
         let shape = x.shape().to_vec();
@@ -824,10 +874,10 @@ impl Block {
         let n1 = norm_rows(&xs, w1, self.input_norm.eps);
         // From here on the caches hold these rows: a step that cannot go on
         // is an error, never a `None` that would run the layer a second time.
-        let a = if self.attn.host_decode {
-            self.attn.decode_host(&n1, kvs)?
+        let a = if attn.host_decode {
+            attn.decode_host(&n1, kvs)?
         } else {
-            host_row(&self.attn.forward_rows(&Array::from_slice(&n1, &shape), kvs)?)?
+            host_row(&attn.forward_rows(&Array::from_slice(&n1, &shape), kvs)?)?
         };
         let h: Vec<f32> = xs.iter().zip(&a).map(|(x, a)| x + a).collect();
         let n2 = norm_rows(&h, w2, self.post_attn_norm.eps);
@@ -899,7 +949,12 @@ impl Transformer {
             let p = format!("model.layers.{i}");
             blocks.push(Block {
                 input_norm: w.rms_norm(&format!("{p}.input_layernorm"), cfg.rms_norm_eps)?,
-                attn: Attention::load(w, &format!("{p}.self_attn"), cfg, i as usize)?,
+                attn: match &cfg.linear {
+                    Some(lc) if lc.is_linear(i) => {
+                        Mixer::Linear(Box::new(super::gated_delta::GatedDeltaNet::load(w, &format!("{p}.linear_attn"), cfg, lc)?))
+                    }
+                    _ => Mixer::Attention(Attention::load(w, &format!("{p}.self_attn"), cfg, i as usize)?),
+                },
                 post_attn_norm: w.rms_norm(&format!("{p}.post_attention_layernorm"), cfg.rms_norm_eps)?,
                 ff: ff(w, i, &format!("{p}.mlp"))?,
             });
@@ -966,6 +1021,24 @@ impl Transformer {
 
     pub fn num_layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// Whether some layers keep a recurrent state (linear attention): the
+    /// model's state then cannot be trimmed back to an earlier position.
+    pub fn has_recurrent_state(&self) -> bool {
+        self.blocks.iter().any(|b| matches!(b.attn, Mixer::Linear(_)))
+    }
+
+    /// Room for `tokens` tokens in every attention layer's buffers (see
+    /// [`LayerKv::reserve`]); linear-attention layers keep a fixed-size state.
+    pub fn reserve(&self, cache: &mut [LayerKv], tokens: i32) -> std::result::Result<(), MlxError> {
+        let cfg = &self.config;
+        for (b, kv) in self.blocks.iter().zip(cache.iter_mut()) {
+            if matches!(b.attn, Mixer::Attention(_)) {
+                kv.reserve(tokens, cfg.num_kv_heads, cfg.head_dim)?;
+            }
+        }
+        Ok(())
     }
 }
 

@@ -2,6 +2,7 @@
 //! shared layers.
 
 pub mod config;
+pub mod gated_delta;
 pub mod glm4_moe;
 pub mod gguf;
 pub mod gguf_quants;
@@ -11,6 +12,7 @@ pub mod layers;
 pub mod llama;
 pub mod qwen2;
 pub mod qwen3;
+pub mod qwen3_5;
 pub mod qwen3_moe;
 pub mod source;
 
@@ -139,6 +141,7 @@ pub fn build_with(cfg: &ModelConfig, weights: HashMap<String, Array>, dense_pref
         "qwen3_moe" => qwen3_moe::build(cfg, &mut w)?,
         "glm4_moe" => glm4_moe::build(cfg, &mut w)?,
         "gpt_oss" => gpt_oss::build(cfg, &mut w)?,
+        "qwen3_5" | "qwen3_5_moe" => qwen3_5::build(cfg, &mut w)?,
         other => return Err(ModelError::Invalid(format!("unknown architecture '{other}'"))),
     };
     let mut left: Vec<&String> = w.names().collect();

@@ -69,8 +69,10 @@ pub struct SparseMoe {
     router: Router,
     /// glm4_moe: added to the sigmoid scores to choose experts (not to weigh them).
     correction_bias: Option<Array>,
-    /// glm4_moe: an MLP every token goes through besides its experts.
+    /// glm4_moe, qwen3_5_moe: an MLP every token goes through besides its experts.
     shared: Option<Mlp>,
+    /// qwen3_5_moe: the shared MLP's output is scaled by `sigmoid(shared_expert_gate(x))`.
+    shared_gate: Option<Linear>,
 }
 
 impl SparseMoe {
@@ -89,7 +91,8 @@ impl SparseMoe {
                 Router::Softmax | Router::TopKSoftmax => None,
                 Router::SigmoidGrouped { .. } => Some(w.take(&format!("{p}.gate.e_score_correction_bias"))?),
             },
-            shared: if moe.shared_experts > 0 { Some(Mlp::load(w, &format!("{p}.shared_experts"), false)?) } else { None },
+            shared: if moe.shared_experts > 0 { Some(Mlp::load(w, &format!("{p}.{}", moe.shared_name), false)?) } else { None },
+            shared_gate: if moe.shared_gate { Some(w.linear(&format!("{p}.shared_expert_gate"), false)?) } else { None },
         })
     }
 
@@ -156,9 +159,10 @@ impl SparseMoe {
         };
         let y = self.down_proj.forward(&h, &inds)?.squeeze_axes(&[-2])?;
         let y = ops::multiply(&y, scores.expand_dims(-1)?)?.sum_axis(-2, None)?.as_dtype(y.dtype())?;
-        match &self.shared {
-            Some(m) => Ok(ops::add(&y, m.forward(x)?)?),
-            None => Ok(y),
+        match (&self.shared, &self.shared_gate) {
+            (Some(m), Some(g)) => Ok(ops::add(&y, ops::multiply(ops::sigmoid(g.forward(x)?)?, m.forward(x)?)?)?),
+            (Some(m), None) => Ok(ops::add(&y, m.forward(x)?)?),
+            (None, _) => Ok(y),
         }
     }
 }

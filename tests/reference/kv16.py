@@ -14,5 +14,9 @@ class F16KVCache(cache_mod.KVCache):
 
 
 def f16_cache(model):
-    """One F16KVCache per layer of `model`."""
-    return [F16KVCache() for _ in model.layers]
+    """One F16KVCache per attention layer of `model`; linear-attention layers
+    (qwen3_5) keep mlx-lm's own recurrent state (ArraysCache)."""
+    return [
+        cache_mod.ArraysCache(size=2) if getattr(l, "is_linear", False) else F16KVCache()
+        for l in model.layers
+    ]

@@ -131,6 +131,44 @@ MODELS = {
         },
         (64, 4),
     ),
+    # Hybrids: gated delta-net layers with full attention every 2nd layer
+    # (mlx-lm's ops path on the CPU; its Metal kernel is not used).
+    "qwen3_5_q4": (
+        "qwen3_5",
+        {
+            "num_hidden_layers": 4,
+            "head_dim": 32,
+            "tie_word_embeddings": False,
+            "linear_num_value_heads": 4,
+            "linear_num_key_heads": 2,
+            "linear_key_head_dim": 32,
+            "linear_value_head_dim": 32,
+            "linear_conv_kernel_dim": 4,
+            "full_attention_interval": 2,
+            "rope_parameters": {"type": "default", "rope_theta": 100000.0, "partial_rotary_factor": 0.25},
+        },
+        (64, 4),
+    ),
+    "qwen3_5_moe_q4": (
+        "qwen3_5_moe",
+        {
+            "num_hidden_layers": 4,
+            "head_dim": 32,
+            "tie_word_embeddings": False,
+            "linear_num_value_heads": 4,
+            "linear_num_key_heads": 4,
+            "linear_key_head_dim": 32,
+            "linear_value_head_dim": 32,
+            "linear_conv_kernel_dim": 4,
+            "full_attention_interval": 2,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 64,
+            "norm_topk_prob": True,
+        },
+        (64, 4),
+    ),
 }
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 3, 128, 64, 31, 200, 11, 0, 19, 77, 301, 150, 22, 9]
@@ -151,6 +189,14 @@ def build(name, module_name, extra, quant, out: Path):
     # Parameters that start at zero (glm4_moe's router correction, gpt_oss's
     # attention sinks and expert biases) get values, so that what they do is
     # tested.
+    # Gated delta nets: decays between 0.74 and 0.98 a token at a = 0 (a
+    # fourfold A_log would erase the state at every token, and with it
+    # what the state is there to test).
+    decays = [(k, mx.log(mx.random.uniform(0.02, 0.3, v.shape))) for k, v in tree_flatten(model.parameters())
+              if k.endswith("A_log")]
+    decays += [(k, mx.zeros(v.shape)) for k, v in tree_flatten(model.parameters()) if k.endswith("dt_bias")]
+    if decays:
+        model.load_weights(decays, strict=False)
     zero = [(k, mx.random.normal(v.shape) * 0.5) for k, v in tree_flatten(model.parameters())
             if "norm" not in k and not mx.any(v != 0).item()]
     if zero:
