@@ -32,7 +32,7 @@ impl Report {
 fn generate(engine: &Engine, prompt: Vec<u32>) -> Result<(String, PromptUsage), String> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let opts = GenerateOptions { max_tokens: 8, eos_ids: engine.info.eos_ids.clone(), ..Default::default() };
-    engine.submit(Job { prompt, opts, events: tx }).map_err(|e| e.to_string())?;
+    engine.submit(Job { prompt, opts, events: tx, cache_points: vec![] }).map_err(|e| e.to_string())?;
     let (mut text, mut usage) = (String::new(), PromptUsage::default());
     while let Some(ev) = rx.blocking_recv() {
         match ev {

@@ -7,6 +7,10 @@
 //! an entry that is a strict prefix of another is redundant (trimming the
 //! longer one gives it) and is dropped. Entries handed out by a fetch are
 //! pinned until released and are never evicted.
+//!
+//! An [`exact`](PrefixCache::exact) cache holds states that cannot be
+//! trimmed (a model with recurrent layers): an entry serves only prompts it
+//! is a whole prefix of, and shorter entries on a longer one's path are kept.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -83,6 +87,8 @@ pub struct PrefixCache<S: Cached> {
     stats: CacheStats,
     /// Values removed (not demoted) since the last [`take_removed`](Self::take_removed).
     removed: Vec<S>,
+    /// Entries are served only whole (see the module's documentation).
+    exact: bool,
 }
 
 const ROOT: usize = 0;
@@ -102,7 +108,19 @@ impl<S: Cached> PrefixCache<S> {
             next_id: 1,
             stats: CacheStats::default(),
             removed: vec![],
+            exact: false,
         }
+    }
+
+    /// An empty cache of `budget` bytes whose entries cannot be trimmed:
+    /// each serves only a prompt it is a whole prefix of, and no entry is
+    /// redundant because a longer one covers it.
+    pub fn exact(budget: usize) -> Self {
+        PrefixCache { exact: true, ..Self::new(budget) }
+    }
+
+    pub fn is_exact(&self) -> bool {
+        self.exact
     }
 
     fn node(&self, i: usize) -> &Node<S> {
@@ -197,7 +215,7 @@ impl<S: Cached> PrefixCache<S> {
             i = self.node(i).parent;
         }
         let exact_len = exact.map_or(0, |i| self.node(i).depth);
-        let below = if m > exact_len { self.entry_below(partial.unwrap_or(at)) } else { None };
+        let below = if m > exact_len && !self.exact { self.entry_below(partial.unwrap_or(at)) } else { None };
         match (below, exact) {
             (Some(b), _) => Some((b, m)),
             (None, Some(e)) if exact_len > 0 => Some((e, exact_len)),
@@ -238,7 +256,7 @@ impl<S: Cached> PrefixCache<S> {
         let Some(e) = self.node_mut(n).entry.as_mut() else { return };
         e.pins = e.pins.saturating_sub(1);
         // Every leaf holds an entry, so a node with children has one below it.
-        if e.pins == 0 && !self.node(n).children.is_empty() {
+        if e.pins == 0 && !self.exact && !self.node(n).children.is_empty() {
             self.remove(id);
         }
     }
@@ -291,7 +309,7 @@ impl<S: Cached> PrefixCache<S> {
                     return Some(id);
                 }
             }
-            if let Some(b) = self.entry_below(n) {
+            if let Some(b) = self.entry_below(n).filter(|_| !self.exact) {
                 let id = self.node(b).entry.as_ref().expect("found").id;
                 self.touch(id);
                 return None;
@@ -306,7 +324,7 @@ impl<S: Cached> PrefixCache<S> {
         self.lru.insert((t, id));
         self.bytes += bytes;
         // Drop redundant prefixes (entries on the path above), unless pinned.
-        let mut i = self.node(n).parent;
+        let mut i = if self.exact { ROOT } else { self.node(n).parent };
         while i != ROOT {
             let up = self.node(i).parent;
             if let Some(e) = &self.node(i).entry {
@@ -597,6 +615,38 @@ mod tests {
         c.check().unwrap();
         let s = c.stats();
         assert_eq!((s.hits, s.misses, s.bytes), (5, 1, 90));
+    }
+
+    #[test]
+    fn an_exact_cache_serves_whole_entries_and_keeps_prefixes() {
+        let mut c = PrefixCache::exact(10_000);
+        let short = c.insert(&[1, 2], blob(&[1, 2])).unwrap();
+        let long = c.insert(&[1, 2, 3, 4, 5], blob(&[1, 2, 3, 4, 5])).unwrap();
+        // The shorter entry is not redundant: it is what a prompt leaving at token 3 can use.
+        assert_eq!(c.len(), 2);
+        let h = c.fetch_nearest(&[1, 2, 3, 9], usize::MAX).unwrap();
+        assert_eq!((h.id, h.usable, h.entry_len), (short, 2, 2), "never the longer one trimmed");
+        c.release(short);
+        assert_eq!(c.len(), 2, "released, it stays though a longer entry passes through it");
+        let h = c.fetch_nearest(&[1, 2, 3, 4, 5, 6], usize::MAX).unwrap();
+        assert_eq!((h.id, h.usable), (long, 5));
+        c.release(long);
+        // The cap: a prompt equal to the long entry must leave its last token to compute.
+        let h = c.fetch_nearest(&[1, 2, 3, 4, 5], 4).unwrap();
+        assert_eq!((h.id, h.usable), (short, 2));
+        c.release(short);
+        assert!(c.fetch_nearest(&[1, 9], usize::MAX).is_none());
+        assert_eq!(c.usable(&[1, 2, 3, 4, 7], usize::MAX), 2);
+        // A prefix inserted after the longer entry is kept too.
+        let mid = c.insert(&[1, 2, 3], blob(&[1, 2, 3])).unwrap();
+        assert_eq!(c.len(), 3);
+        assert_eq!(c.fetch_nearest(&[1, 2, 3, 8], usize::MAX).unwrap().id, mid);
+        c.release(mid);
+        c.check().unwrap();
+        // Removing the long entry leaves the prefixes.
+        c.remove(long);
+        assert_eq!(c.len(), 2);
+        c.check().unwrap();
     }
 
     #[test]

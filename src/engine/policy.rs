@@ -137,9 +137,10 @@ impl CachePolicy {
         template: Option<&str>,
         layers: usize,
         kv_bits: Option<i32>,
+        exact: bool,
         stats: Arc<Mutex<CacheStats>>,
     ) -> Self {
-        let mut cache = PrefixCache::new(budget);
+        let mut cache = if exact { PrefixCache::exact(budget) } else { PrefixCache::new(budget) };
         let store = dir.and_then(|root| {
             let fp = store::fingerprint(&model_files(model_path), template);
             let dir = if disk.per_model { root.join(&fp[..disk::KEY_LEN.min(fp.len())]) } else { root.to_path_buf() };
@@ -190,6 +191,11 @@ impl CachePolicy {
 
     pub fn budget(&self) -> usize {
         self.cache.budget()
+    }
+
+    /// Snapshots serve only whole (the model has recurrent state).
+    pub fn exact(&self) -> bool {
+        self.cache.is_exact()
     }
 
     /// The folder snapshots persist in, if any.
@@ -388,9 +394,13 @@ impl CachePolicy {
             // memory every turn, for an answer that costs little to
             // recompute if that exact request ever comes again. Another
             // conversation sharing only a prefix is copied.
+            // An exact cache (states that cannot be trimmed) keeps every
+            // snapshot where it is: the shorter ones a conversation left
+            // are what its next turns and other conversations resume from.
             let p = hit.value.prompt_len;
-            let owned = hit.usable == hit.entry_len
-                || (p > 0 && hit.usable + TAKE_OVER_SLACK >= p && hit.entry_len.saturating_sub(hit.usable) <= TAKE_OVER_TAIL);
+            let owned = !self.cache.is_exact()
+                && (hit.usable == hit.entry_len
+                    || (p > 0 && hit.usable + TAKE_OVER_SLACK >= p && hit.entry_len.saturating_sub(hit.usable) <= TAKE_OVER_TAIL));
             let (id, usable) = (hit.id, hit.usable);
             drop(hit);
             let mut held = Held { pinned: Some(id), taken_file: None };

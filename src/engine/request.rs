@@ -42,6 +42,8 @@ pub struct Prompt {
     pub ids: Vec<u32>,
     /// Tokens the answer may use (max_tokens, capped by the context left).
     pub max_tokens: usize,
+    /// See [`Job::cache_points`](super::types::Job::cache_points).
+    pub cache_points: Vec<usize>,
 }
 
 /// Why a request cannot be served; `field` names what to fix.
@@ -109,7 +111,7 @@ impl ChatRequest {
 
     /// Render and tokenize for `model`; checks the context length.
     pub fn prompt(&self, model: &ModelInfo) -> Result<Prompt, RequestError> {
-        let (text, ids, _) = self.render(model)?;
+        let (text, ids, ends) = self.render(model)?;
         if ids.len() >= model.context {
             return Err(RequestError::new(
                 "messages".to_string(),
@@ -121,7 +123,50 @@ impl ChatRequest {
             ));
         }
         let max_tokens = self.max_tokens.min(model.context - ids.len());
-        Ok(Prompt { text, ids, max_tokens })
+        let cache_points = self.cache_points(model, &text, &ends);
+        Ok(Prompt { text, ids, max_tokens, cache_points })
+    }
+
+    /// Where in the prompt (in tokens) a later request is likely to resume:
+    /// after the leading system messages and the tools (where the template
+    /// rendering them alone stops agreeing with the whole prompt), and after
+    /// each text marked with cache_control (found in order in the prompt's
+    /// text). A position counts the tokens that end at or before the point,
+    /// so a token that spans it is left to the rest; positions that would
+    /// serve no later prompt (0, or the prompt's own end) are dropped.
+    fn cache_points(&self, model: &ModelInfo, text: &str, ends: &[usize]) -> Vec<usize> {
+        let mut at_bytes = vec![];
+        let leading = self.messages.iter().take_while(|m| m.role == "system").count();
+        if let (Some(template), true) = (&model.template, leading > 0 || !self.tools.is_empty()) {
+            let head = ChatRequest { messages: self.messages[..leading].to_vec(), ..Default::default() };
+            let tools = Value::Array(self.tools.clone());
+            let rendered = template.render(&TemplateInput {
+                messages: &head.messages_json(false),
+                tools: (!self.tools.is_empty()).then_some(&tools),
+                add_generation_prompt: false,
+                bos_token: model.tokenizer.bos_token.as_deref().unwrap_or(""),
+                eos_token: model.tokenizer.eos_token.as_deref().unwrap_or(""),
+                enable_thinking: self.enable_thinking,
+            });
+            if let Ok(r) = rendered {
+                let mut common = r.bytes().zip(text.bytes()).take_while(|(a, b)| a == b).count();
+                while !text.is_char_boundary(common) {
+                    common -= 1;
+                }
+                at_bytes.push(common);
+            }
+        }
+        let mut cursor = 0;
+        for mark in self.cache_marks.iter().filter(|m| !m.is_empty()) {
+            if let Some(i) = text[cursor..].find(mark.as_str()) {
+                cursor += i + mark.len();
+                at_bytes.push(cursor);
+            }
+        }
+        let mut points: Vec<usize> = at_bytes.into_iter().map(|b| ends.partition_point(|&e| e <= b)).filter(|&p| p > 0 && p + 1 < ends.len()).collect();
+        points.sort_unstable();
+        points.dedup();
+        points
     }
 
     /// The prompt's text, token ids and each token's end offset in the text

@@ -109,7 +109,7 @@ impl Scheduler {
         }
         let kv_bits = cfg.kv_bits.map(i32::from);
         let policy =
-            CachePolicy::open(cfg.cache_bytes, cfg.cache_dir.as_deref(), &cfg.cache_disk, &path, tokenizer.chat_template.as_deref(), model.num_layers(), kv_bits, stats);
+            CachePolicy::open(cfg.cache_bytes, cfg.cache_dir.as_deref(), &cfg.cache_disk, &path, tokenizer.chat_template.as_deref(), model.num_layers(), kv_bits, model.has_recurrent_state(), stats);
         let snapshot_dir = policy.dir().map(Path::to_path_buf);
         let info = Arc::new(ModelInfo { name, path, tokenizer, template, eos_ids, context, kv_bytes_per_token, snapshot_dir });
         let s = Scheduler {
@@ -213,10 +213,22 @@ impl Scheduler {
             .filter(|&(_, c)| c >= cached + MIN_SHARED_PREFIX)
             .max_by_key(|&(_, c)| c);
         let Some((sid, c)) = best else { return false };
+        let exact = self.policy.exact();
         let s = self.running.iter_mut().find(|s| s.id == sid).expect("found above");
         if s.pos() < c {
             s.share_at = Some(s.share_at.map_or(c, |a| a.min(c)));
             return true;
+        }
+        if exact {
+            // A state that cannot be trimmed is kept only exactly at c.
+            if s.pos() == c {
+                let part: Vec<LayerKv> = s.live.iter().map(LayerKv::compact).collect();
+                let tokens = prompt[..c].to_vec();
+                if self.policy.keep(&tokens, c, &part).is_some() {
+                    tracing::info!("a request reads {c} tokens of prompt another one just computed");
+                }
+            }
+            return false;
         }
         // Past it: keep a copy of the shared part now (just those tokens:
         // not the running sequence's whole buffers, which it goes on writing).
@@ -325,12 +337,33 @@ impl Scheduler {
                 chunk = chunk.min(at - pos);
             }
         }
+        // A model whose state cannot be trimmed keeps snapshots where later
+        // requests resume: the chunk stops at the next such point (on the
+        // same terms).
+        let exact = self.policy.exact();
+        if exact {
+            if let Some(&at) = s.job.cache_points.iter().find(|&&p| p > pos) {
+                if chunk_len(at - pos, s.to_prefill()) == at - pos {
+                    chunk = chunk.min(at - pos);
+                }
+            }
+        }
         let t = Instant::now();
         let part = s.prompt()[pos..pos + chunk].to_vec();
         prefill(&self.model, &mut s.live, &part, chunk).map_err(|e| StepError(vec![s.id], e.to_string()))?;
         let secs = t.elapsed().as_secs_f64();
         self.prefill_tps = Some(chunk as f64 / secs.max(1e-6));
         tracing::debug!("prefill chunk of {chunk} tokens at {pos} in {:.0} ms ({} decoding)", secs * 1e3, decoding);
+        let end = pos + chunk;
+        if exact && (s.job.cache_points.contains(&end) || s.to_prefill() == 0) {
+            // Exactly here (the prompt's end: all but the token the first
+            // decode step feeds); the buffers the prompt goes on writing stay its own.
+            let part: Vec<LayerKv> = s.live.iter().map(LayerKv::compact).collect();
+            let tokens = s.prompt()[..end].to_vec();
+            if self.policy.keep(&tokens, end, &part).is_some() {
+                tracing::debug!("snapshot of {end} prompt tokens kept");
+            }
+        }
         Ok(())
     }
 
@@ -379,6 +412,8 @@ impl Scheduler {
         // is known to be good.
         let tokens = match &s.failed {
             None => s.held_tokens(),
+            // A state that cannot be trimmed back to what was read is not kept.
+            Some(_) if self.policy.exact() => vec![],
             Some(_) => {
                 for l in &mut s.live {
                     let _ = l.trim_to(s.read as i32);

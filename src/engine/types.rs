@@ -78,6 +78,10 @@ pub struct Job {
     pub prompt: Vec<u32>,
     pub opts: GenerateOptions,
     pub events: tmpsc::UnboundedSender<Event>,
+    /// Prompt positions a later request is likely to resume from (the end
+    /// of the system prompt and tools, each cache_control breakpoint): for a
+    /// model whose state cannot be trimmed, snapshots are kept there.
+    pub cache_points: Vec<usize>,
 }
 
 /// A tool call in a conversation (an assistant's request, or one generated).

@@ -413,7 +413,7 @@ mod tests {
         let opts = GenerateOptions { max_tokens: 8, eos_ids: engine.info.eos_ids.clone(), ..Default::default() };
         BREAK_MLX.store(true, Ordering::SeqCst);
         engine.inject_panic_in_next_job();
-        engine.submit(Job { prompt, opts, events: tx }).unwrap();
+        engine.submit(Job { prompt, opts, events: tx, cache_points: vec![] }).unwrap();
         // The engine exits the process while this waits; getting past it is a failure.
         while rx.blocking_recv().is_some() {}
         std::thread::sleep(Duration::from_secs(5));

@@ -493,7 +493,7 @@ async fn start(state: &State, request: &ChatRequest, id: &str) -> Result<Generat
         ..Default::default()
     };
     let thinking_open = prompt.text.trim_end().ends_with("<think>");
-    state.engine.submit(Job { prompt: prompt.ids, opts, events: tx })?;
+    state.engine.submit(Job { prompt: prompt.ids, opts, events: tx, cache_points: prompt.cache_points })?;
     let tools = ToolStream::new(state.tool_format, &request.tools, thinking_open, id);
     Ok(Generation::new(rx, tools))
 }

@@ -169,6 +169,24 @@ MODELS = {
         },
         (64, 4),
     ),
+    # The same hybrid with SmolLM2's vocabulary, served over HTTP with
+    # SmolLM2's tokenizer and template (tests/hybrid_session.rs).
+    "qwen3_5_vocab49152": (
+        "qwen3_5",
+        {
+            "vocab_size": 49152,
+            "num_hidden_layers": 4,
+            "head_dim": 32,
+            "tie_word_embeddings": True,
+            "linear_num_value_heads": 4,
+            "linear_num_key_heads": 2,
+            "linear_key_head_dim": 32,
+            "linear_value_head_dim": 32,
+            "full_attention_interval": 2,
+            "eos_token_id": 2,
+        },
+        (64, 4),
+    ),
 }
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 3, 128, 64, 31, 200, 11, 0, 19, 77, 301, 150, 22, 9]
