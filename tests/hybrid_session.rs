@@ -126,6 +126,23 @@ fn hybrid_session_reads_exact_snapshots_and_answers_as_without_the_cache() {
         }
         history.push(json!({"role": "assistant", "content": [{"type": "text", "text": text}]}));
     }
+    // Two new conversations at once with a system prompt not seen yet: the
+    // scheduler runs them side by side (a shared prefix is kept only at an
+    // exact position); both answer as computed whole.
+    let fresh = |q: &str| {
+        let mut body = request("e5f6", 0, &[json!({"role": "user", "content": [{"type": "text", "text": q, "cache_control": {"type": "ephemeral"}}]})]);
+        body["system"][2]["text"] = json!("# Style\nAnswer in full sentences and cite the file you read.\n".repeat(8));
+        body
+    };
+    let bodies = [fresh("What does main.rs do?"), fresh("Which tests are slow?")];
+    let answers: Vec<(Value, String, f64)> = std::thread::scope(|sc| {
+        let handles: Vec<_> = bodies.iter().map(|b| sc.spawn(|| turn(&cached.addr, b))).collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (b, (usage, text, _)) in bodies.iter().zip(&answers) {
+        eprintln!("concurrent: usage {usage}");
+        assert_eq!(text, &turn(&plain.addr, b).1, "an answer computed beside another differs from the one computed alone");
+    }
     let stats = common::get(&cached.addr, "/v1/cache/stats").json();
     eprintln!("cache after 5 turns: {stats}");
     // Snapshots at the breakpoints and prompt ends are kept beside each other
