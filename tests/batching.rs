@@ -53,7 +53,7 @@ fn submit(e: &Engine, ids: &[u32], max_tokens: usize, stop_at_eos: bool) -> Unbo
     let (tx, rx) = unbounded_channel();
     let eos_ids = if stop_at_eos { e.info.eos_ids.clone() } else { vec![] };
     let opts = GenerateOptions { max_tokens, eos_ids, ..Default::default() };
-    e.submit(Job { prompt: ids.to_vec(), opts, events: tx }).unwrap();
+    e.submit(Job { prompt: ids.to_vec(), opts, events: tx, cache_points: vec![] }).unwrap();
     rx
 }
 
@@ -227,7 +227,7 @@ fn the_queue_counts_what_waits_beyond_the_free_places() {
         std::thread::sleep(Duration::from_micros(200));
     }
     let (tx, _rx) = unbounded_channel();
-    let job = |tx: &tokio::sync::mpsc::UnboundedSender<Event>| Job { prompt: p.clone(), opts: GenerateOptions { max_tokens: 200, ..Default::default() }, events: tx.clone() };
+    let job = |tx: &tokio::sync::mpsc::UnboundedSender<Event>| Job { prompt: p.clone(), opts: GenerateOptions { max_tokens: 200, ..Default::default() }, events: tx.clone(), cache_points: vec![] };
     for i in 0..4 {
         assert!(e.submit(job(&tx)).is_ok(), "request {i} beside the running one was refused");
     }

@@ -262,7 +262,7 @@ fn dense_host(q: &QuantizedMatrix) -> std::result::Result<Array, MlxError> {
 }
 
 /// The CPU kernels are on unless `KVSERVE_KERNELS=mlx` (MLX's own, to compare).
-fn cpu_kernels_enabled() -> bool {
+pub(crate) fn cpu_kernels_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("KVSERVE_KERNELS").map_or(true, |v| v != "mlx"))
 }
