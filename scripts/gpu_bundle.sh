@@ -5,7 +5,7 @@
 #       the CUDA wheel's libmlx.so, stripped and xz-compressed (116 MB to about
 #       67 MB), cut in two so that each half travels in a call under 64 MiB;
 #   .gpu/part2/bundle.tar.xz
-#       bin/kvserve and bin/parity (tests/parity.rs), built against that
+#       bin/kvserve, bin/parity and bin/prefix_exactness (tests/), built against that
 #       libmlx.so and stripped; the wheel's bundled BLAS/LAPACK; the pinned
 #       mlx and mlx-lm wheels (benches/gpu-requirements.txt); the SmolLM2 and
 #       Qwen3 tokenizers the benchmark's models use.
@@ -29,19 +29,24 @@ qwen_tok="target/fixtures/qwen3-tokenizer"
 MLX_BACKEND="$vb" bash scripts/vendor.sh
 echo "gpu_bundle: building kvserve and the parity tests against $wheel (target dir $target)"
 CARGO_TARGET_DIR="$target" MLX_BACKEND="$vb" cargo build --release --bin kvserve
-parity="$(CARGO_TARGET_DIR="$target" MLX_BACKEND="$vb" cargo test --release --no-run --test parity --message-format=json \
-    | python3 -c 'import json,sys
+test_bin() {
+    CARGO_TARGET_DIR="$target" MLX_BACKEND="$vb" cargo test --release --no-run --test "$1" --message-format=json \
+        | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "parity": print(m["executable"])')"
-[ -x "$parity" ] || { echo "gpu_bundle: no parity test executable" >&2; exit 1; }
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]: print(m["executable"])' "$1"
+}
+parity="$(test_bin parity)"
+exactness="$(test_bin prefix_exactness)"
+[ -x "$parity" ] && [ -x "$exactness" ] || { echo "gpu_bundle: no parity or prefix_exactness test executable" >&2; exit 1; }
 
 stage="$(mktemp -d)"
 trap 'rm -rf "$stage"' EXIT
 mkdir -p "$stage/bin" "$stage/wheels" "$stage/tokenizers/smollm2" "$stage/tokenizers/qwen3"
 cp "$target/release/kvserve" "$stage/bin/kvserve"
 cp "$parity" "$stage/bin/parity"
-strip "$stage/bin/kvserve" "$stage/bin/parity"
+cp "$exactness" "$stage/bin/prefix_exactness"
+strip "$stage/bin/kvserve" "$stage/bin/parity" "$stage/bin/prefix_exactness"
 cp -R "vendor/mlx/$wheel-0.32.2/$libs" "$stage/$libs"
 # The CUDA wheel's headers (CCCL, CuTe): MLX compiles some kernels at run time
 # with NVRTC, which reads them from mlx/include beside mlx/lib.

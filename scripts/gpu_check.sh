@@ -93,6 +93,9 @@ ref_device=gpu; [ "$cpu_run" = 1 ] && ref_device=cpu
 KVSERVE_REF_DEVICE=$ref_device timeout 300 "$py" tests/reference/make_tiny.py "$w/fixtures/tiny" || die "make_tiny.py failed"
 KVSERVE_FIXTURES="$w/fixtures" timeout 300 "$w/site/bin/parity" --test-threads=1 2>&1 | tee "$out/parity.log"
 echo "parity exit ${PIPESTATUS[0]}"
+step "4b. snapshot resumes on the GPU (tiny models: exact, trimmed, from disk; qwen3_5's trims refused)"
+KVSERVE_FIXTURES="$w/fixtures" timeout 300 "$w/site/bin/prefix_exactness" --test-threads=1 --nocapture tiny 2>&1 | tee "$out/prefix_exactness.log"
+echo "prefix_exactness exit ${PIPESTATUS[0]}"
 
 step "5. benchmark: SmolLM2-135M shape"
 timeout 300 "$py" benches/gpu_bench.py --kvserve "$kv" --model "$w/models/SmolLM2-135M-shape-random" --out "$out/bench-smollm2.md" ${GPU_BENCH_ARGS:-}
