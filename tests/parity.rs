@@ -101,11 +101,24 @@ fn check(name: &str, dense_prefill: bool) {
     assert_eq!(greedy(&m, &r.prompt, r.greedy.len()), r.greedy, "{name} (dense_prefill={dense_prefill}) greedy tokens");
 }
 
+/// Run `f` for every model; the test fails after all ran, naming each
+/// model that failed (so one run, e.g. on a lent GPU, shows them all).
+fn for_every_model(f: impl Fn(&str)) {
+    let failed: Vec<String> = MODELS
+        .iter()
+        .filter_map(|name| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(name))).err().map(|e| {
+                let why = e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_default();
+                format!("{name}: {why}")
+            })
+        })
+        .collect();
+    assert!(failed.is_empty(), "{} of {} models failed:\n{}", failed.len(), MODELS.len(), failed.join("\n"));
+}
+
 #[test]
 fn every_architecture_matches_mlx_lm() {
-    for name in MODELS {
-        check(name, false);
-    }
+    for_every_model(|name| check(name, false));
 }
 
 #[test]
@@ -117,9 +130,7 @@ fn cpu_dense_prefill_path_matches_mlx_lm() {
         eprintln!("dense prefill is the CPU's path and is not used on the GPU: not compared here");
         return;
     }
-    for name in MODELS {
-        check(name, true);
-    }
+    for_every_model(|name| check(name, true));
 }
 
 #[test]
@@ -145,7 +156,7 @@ fn prefill_split_equals_prefill_at_once() {
 /// greedy token, so the rows' positions move apart.
 #[test]
 fn batched_decode_equals_each_row_alone() {
-    for name in MODELS {
+    for_every_model(|name| {
         let paths: &[bool] = if model::on_cpu() { &[false, true] } else { &[false] };
         for &dense_prefill in paths {
             let r = reference(name);
@@ -189,5 +200,5 @@ fn batched_decode_equals_each_row_alone() {
             }
             eprintln!("{name} dense_prefill={dense_prefill}: batched vs alone, largest logit difference {worst:.1e}");
         }
-    }
+    });
 }
