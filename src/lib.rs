@@ -15,4 +15,5 @@ pub mod engine;
 pub mod kernels;
 pub mod launch;
 pub mod report;
+pub mod ring;
 pub mod server;

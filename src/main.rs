@@ -29,6 +29,24 @@ enum Command {
     /// Show the MLX runtime kvserve is linked against: version, which BLAS
     /// serves matrix products, and a quick GEMM check.
     Info,
+    /// Check a group of machines over MLX's ring backend before splitting a
+    /// model over them: join as one rank (start one per hostfile entry, or
+    /// all through `mlx.launch --hostfile F -- kvserve ring`), verify an
+    /// all_sum, and measure the step latency and all_sum bandwidth.
+    Ring {
+        /// MLX's ring hostfile: a JSON list, per rank a list of "host:port".
+        #[arg(long)]
+        hostfile: PathBuf,
+        /// This process's rank (default: MLX_RANK, as mlx.launch sets it).
+        #[arg(long)]
+        rank: Option<usize>,
+        /// Seconds to wait for every neighbour to join.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// Bytes per rank in the bandwidth measurement.
+        #[arg(long, default_value_t = 4 << 20)]
+        bytes: usize,
+    },
     /// Generate text for one prompt (chat template applied) and print speeds.
     Generate {
         /// An MLX-format directory, a .gguf file, or a Hugging Face repo id in the local cache.
@@ -473,6 +491,27 @@ fn run() -> Result<()> {
     let cli = Cli::parse_from(argv);
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Ring { hostfile, rank, timeout, bytes } => {
+            use kvserve::ring;
+            let hosts = ring::Hostfile::read(&hostfile).map_err(anyhow::Error::msg)?;
+            let rank = ring::rank_of(rank, &hosts).map_err(anyhow::Error::msg)?;
+            if !(timeout.is_finite() && timeout > 0.0) {
+                bail!("--timeout must be a positive number of seconds");
+            }
+            let group = ring::join(&hosts, rank, std::time::Duration::from_secs_f64(timeout)).map_err(anyhow::Error::msg)?;
+            let m = ring::measure(&group, bytes).map_err(anyhow::Error::msg)?;
+            println!(
+                "rank {} of {}: all_sum checked ({}); step latency {:.0} us; all_sum of {:.1} MB per rank at {:.2} GB/s",
+                m.rank,
+                m.size,
+                m.sum,
+                m.latency_s * 1e6,
+                m.bytes as f64 / 1e6,
+                m.all_sum_bytes_per_s / 1e9
+            );
+            println!("{}", serde_json::to_string(&m)?);
+            Ok(())
+        }
         Command::Check { model } => kvserve::mlx::exit(if kvserve::check::run(&model, config.as_deref()) { 0 } else { 1 }),
         Command::Report { trace_dir, since, detail, json, plot } => {
             use kvserve::{report, server::trace};

@@ -65,6 +65,12 @@ fn guarded(f: impl FnOnce() -> c_int) -> Result<(), MlxError> {
     Err(MlxError { message, location: Location::caller() })
 }
 
+/// [`guarded`] for the other raw mlx-c callers of this module (distributed).
+#[track_caller]
+pub(super) fn guarded_call(f: impl FnOnce() -> c_int) -> Result<(), MlxError> {
+    guarded(f)
+}
+
 /// The MLX library version, as MLX reports it (e.g. "0.32.2").
 #[track_caller]
 pub fn mlx_version() -> Result<String, MlxError> {

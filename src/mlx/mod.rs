@@ -4,6 +4,8 @@
 //! [`os`]: the crate denies `unsafe` everywhere else.
 
 #[allow(unsafe_code)]
+pub mod distributed;
+#[allow(unsafe_code)]
 mod ffi;
 #[allow(unsafe_code)]
 pub mod os;
