@@ -223,6 +223,12 @@ impl<S: Cached> PrefixCache<S> {
         }
     }
 
+    /// Whether an entry holds exactly `tokens`.
+    pub fn holds(&self, tokens: &[u32]) -> bool {
+        let (at, partial, m) = self.walk(tokens);
+        partial.is_none() && m == tokens.len() && self.node(at).entry.is_some()
+    }
+
     /// How many tokens of `tokens` (at most `max_usable`) a fetch would serve
     /// now; no pin, no statistics.
     pub fn usable(&self, tokens: &[u32], max_usable: usize) -> usize {

@@ -264,6 +264,11 @@ impl CachePolicy {
     /// if it was kept. With `--kv-bits` it is kept packed, unless a layer
     /// cannot be (a head dimension that is not a multiple of 32): then as is.
     pub fn keep(&mut self, tokens: &[u32], prompt_len: usize, live: &[LayerKv]) -> Option<EntryId> {
+        // An entry for exactly these tokens holds this state already (and
+        // perhaps its file): keep that one.
+        if self.cache.holds(tokens) {
+            return None;
+        }
         let full = || {
             mlx_rs::transforms::eval(live.iter().flat_map(LayerKv::arrays))
                 .map_err(MlxError::from)
@@ -366,7 +371,9 @@ impl CachePolicy {
                         // Read: the last to go when the disk bound deletes.
                         disk::touch(f);
                         let l = Rc::new(Kept::Full(l));
-                        if hit.usable < hit.entry_len {
+                        // Kept in memory when it stays in the index: trimmed
+                        // for this request, or (exact) served whole and kept.
+                        if hit.usable < hit.entry_len || self.cache.is_exact() {
                             self.cache.replace(hit.id, Snapshot { layers: Some(l.clone()), file: Some(f.clone()), prompt_len: hit.value.prompt_len });
                         }
                         l

@@ -220,13 +220,10 @@ impl Scheduler {
             return true;
         }
         if exact {
-            // A state that cannot be trimmed is kept only exactly at c.
+            // A state that cannot be trimmed is kept only exactly at c (the
+            // prefill keeps it there itself when its chunk stops at c).
             if s.pos() == c {
-                let part: Vec<LayerKv> = s.live.iter().map(LayerKv::compact).collect();
-                let tokens = prompt[..c].to_vec();
-                if self.policy.keep(&tokens, c, &part).is_some() {
-                    tracing::info!("a request reads {c} tokens of prompt another one just computed");
-                }
+                keep_here(&mut self.policy, s, c);
             }
             return false;
         }
@@ -332,9 +329,11 @@ impl Scheduler {
         let mut chunk = chunk_len(target.min(self.max_chunk), s.to_prefill());
         // Stop where a waiting request's shared prefix ends, to keep it
         // there (unless that would make a chunk of the other kind).
+        let mut share_stop = None;
         if let Some(at) = s.share_at.take() {
             if at > pos && chunk_len(at - pos, s.to_prefill()) == at - pos {
                 chunk = chunk.min(at - pos);
+                share_stop = Some(at);
             }
         }
         // A model whose state cannot be trimmed keeps snapshots where later
@@ -355,14 +354,10 @@ impl Scheduler {
         self.prefill_tps = Some(chunk as f64 / secs.max(1e-6));
         tracing::debug!("prefill chunk of {chunk} tokens at {pos} in {:.0} ms ({} decoding)", secs * 1e3, decoding);
         let end = pos + chunk;
-        if exact && (s.job.cache_points.contains(&end) || s.to_prefill() == 0) {
-            // Exactly here (the prompt's end: all but the token the first
-            // decode step feeds); the buffers the prompt goes on writing stay its own.
-            let part: Vec<LayerKv> = s.live.iter().map(LayerKv::compact).collect();
-            let tokens = s.prompt()[..end].to_vec();
-            if self.policy.keep(&tokens, end, &part).is_some() {
-                tracing::debug!("snapshot of {end} prompt tokens kept");
-            }
+        // Exactly here: a cache point, a waiting request's shared prefix, or
+        // the prompt's end (all but the token the first decode step feeds).
+        if exact && (s.job.cache_points.contains(&end) || share_stop == Some(end) || s.to_prefill() == 0) {
+            keep_here(&mut self.policy, s, end);
         }
         Ok(())
     }
@@ -471,6 +466,17 @@ fn chunk_len(target: usize, left: usize) -> usize {
         left
     } else {
         c
+    }
+}
+
+/// Keep `s`'s state after its first `end` prompt tokens (where it is now)
+/// as a snapshot, copying only what is valid: the buffers the prompt goes on
+/// writing stay its own.
+fn keep_here(policy: &mut CachePolicy, s: &Sequence, end: usize) {
+    debug_assert_eq!(s.pos(), end);
+    let part: Vec<LayerKv> = s.live.iter().map(LayerKv::compact).collect();
+    if policy.keep(&s.prompt()[..end], end, &part).is_some() {
+        tracing::debug!("snapshot of {end} prompt tokens kept");
     }
 }
 

@@ -307,12 +307,26 @@ impl ModelConfig {
         let top = value.as_object_mut().ok_or_else(|| bad("is not a JSON object".into()))?;
         // Qwen3.5's checkpoints (vision-language ones) nest the language
         // model's fields under text_config; they win over the top level's.
-        if let Some(Value::Object(text_cfg)) = top.remove("text_config") {
-            for (k, v) in text_cfg {
-                if k != "model_type" {
-                    top.insert(k, v);
+        // As mlx-lm, only text_config's fields are read then; the top level
+        // gives the architecture, the quantization and, where text_config
+        // has none, the special token ids.
+        if let Some(Value::Object(mut text_cfg)) = top.remove("text_config") {
+            for k in ["model_type", "quantization", "quantization_config"] {
+                match top.remove(k) {
+                    Some(v) => {
+                        text_cfg.insert(k.to_string(), v);
+                    }
+                    None => {
+                        text_cfg.remove(k);
+                    }
                 }
             }
+            for k in ["eos_token_id", "bos_token_id"] {
+                if let (None, Some(v)) = (text_cfg.get(k), top.remove(k)) {
+                    text_cfg.insert(k.to_string(), v);
+                }
+            }
+            *top = text_cfg;
         }
         let obj = &*top;
         let f = Fields { obj, file };
@@ -383,7 +397,13 @@ impl ModelConfig {
         let qwen35_rope = if is_qwen35 {
             match obj.get("rope_parameters") {
                 None | Some(Value::Null) => Some(serde_json::json!({"type": "default", "rope_theta": 100000.0, "partial_rotary_factor": 0.25})),
-                Some(Value::Object(m)) => Some(Value::Object(m.clone())),
+                Some(Value::Object(m)) => {
+                    let mut m = m.clone();
+                    if m.get("type").is_none_or(Value::is_null) && m.get("rope_type").is_none_or(Value::is_null) {
+                        m.insert("type".into(), Value::from("default"));
+                    }
+                    Some(Value::Object(m))
+                }
                 Some(other) => return Err(bad(format!("rope_parameters must be an object, got {other}"))),
             }
         } else {
@@ -399,16 +419,18 @@ impl ModelConfig {
             },
             None => rope_theta,
         };
+        let scaling_name = if qwen35_rope.is_some() { "rope_parameters" } else { "rope_scaling" };
         let rope_scaling = match qwen35_rope.as_ref().or(obj.get("rope_scaling")) {
             None | Some(Value::Null) => RopeScaling::None,
             Some(Value::Object(m)) => {
-                let kind = m.get("rope_type").or_else(|| m.get("type")).and_then(Value::as_str).unwrap_or("");
+                // mlx-lm reads "type" first.
+                let kind = m.get("type").filter(|v| !v.is_null()).or_else(|| m.get("rope_type")).and_then(Value::as_str).unwrap_or("");
                 // Positive and finite: rotary frequencies are divided by them.
                 let num = |k: &str, d: f32| match m.get(k) {
                     None | Some(Value::Null) => Ok(d),
                     Some(v) => match v.as_f64().map(|x| x as f32) {
                         Some(x) if x.is_finite() && x > 0.0 => Ok(x),
-                        _ => Err(bad(format!("rope_scaling.{k} is {v}; it must be a positive number"))),
+                        _ => Err(bad(format!("{scaling_name}.{k} is {v}; it must be a positive number"))),
                     },
                 };
                 match kind {
@@ -422,7 +444,7 @@ impl ModelConfig {
                         };
                         if s.high_freq_factor <= s.low_freq_factor {
                             return Err(bad(format!(
-                                "rope_scaling.high_freq_factor {} must be greater than rope_scaling.low_freq_factor {}",
+                                "{scaling_name}.high_freq_factor {} must be greater than {scaling_name}.low_freq_factor {}",
                                 s.high_freq_factor, s.low_freq_factor
                             )));
                         }
@@ -433,7 +455,7 @@ impl ModelConfig {
                             None | Some(Value::Null) => Ok(d),
                             Some(v) => match v.as_f64().map(|x| x as f32) {
                                 Some(x) if x.is_finite() && x >= 0.0 => Ok(x),
-                                _ => Err(bad(format!("rope_scaling.{k} is {v}; it must be a number of 0 or more"))),
+                                _ => Err(bad(format!("{scaling_name}.{k} is {v}; it must be a number of 0 or more"))),
                             },
                         };
                         RopeScaling::Yarn(YarnRope {
@@ -445,11 +467,12 @@ impl ModelConfig {
                             mscale_all_dim: nonneg("mscale_all_dim", 0.0)?,
                         })
                     }
-                    "default" => RopeScaling::None,
-                    other => return Err(bad(format!("rope_scaling type '{other}' is not supported (linear, llama3, yarn)"))),
+                    // mlx-lm's mrope (3 sections) is plain RoPE for text.
+                    "default" | "mrope" => RopeScaling::None,
+                    other => return Err(bad(format!("{scaling_name} type '{other}' is not supported (linear, llama3, yarn)"))),
                 }
             }
-            Some(other) => return Err(bad(format!("rope_scaling must be an object, got {other}"))),
+            Some(other) => return Err(bad(format!("{scaling_name} must be an object, got {other}"))),
         };
         let is_qwen2 = model_type == "qwen2";
         let is_qwen3 = model_type.starts_with("qwen3");
@@ -630,6 +653,40 @@ mod tests {
         let mut v = base("llama");
         v["head_dim"] = Value::Null;
         assert_eq!(parse(v).unwrap().head_dim, 16);
+    }
+
+    #[test]
+    fn qwen3_5_reads_text_config_and_rope_parameters() {
+        // Hugging Face's layout: the language model's fields under text_config.
+        let v = json!({"model_type": "qwen3_5", "tie_word_embeddings": true, "eos_token_id": 7,
+            "quantization": {"group_size": 64, "bits": 4},
+            "text_config": {"model_type": "qwen3_5_text", "hidden_size": 64, "num_hidden_layers": 4, "intermediate_size": 128,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 100,
+                "linear_num_value_heads": 4, "linear_num_key_heads": 2, "linear_key_head_dim": 32, "linear_value_head_dim": 32,
+                "full_attention_interval": 2, "rope_theta": 5.0,
+                "rope_parameters": {"rope_type": "default", "mrope_section": [11, 11, 10], "rope_theta": 10000000.0, "partial_rotary_factor": 0.25}}});
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.model_type, "qwen3_5");
+        assert!(!c.tie_word_embeddings, "the top level's tie_word_embeddings is not read (mlx-lm reads text_config only)");
+        assert_eq!(c.eos_token_ids, vec![7], "special ids from the top level when text_config has none");
+        assert_eq!(c.quantization.global.map(|q| q.bits), Some(4));
+        assert_eq!((c.rope_theta, c.rope_dims, c.attn_output_gate, c.qk_norm), (10_000_000.0, 8, true, true), "theta and the rotated fraction from rope_parameters");
+        let l = c.linear.unwrap();
+        assert!(l.is_linear(0) && !l.is_linear(1) && l.is_linear(2) && !l.is_linear(3));
+        // mrope is plain RoPE for text; no rope_parameters: mlx-lm's defaults.
+        let mut m = v.clone();
+        m["text_config"]["rope_parameters"]["type"] = json!("mrope");
+        assert_eq!(parse(m).unwrap().rope_scaling, RopeScaling::None);
+        let mut d = v.clone();
+        d["text_config"].as_object_mut().unwrap().remove("rope_parameters");
+        let c = parse(d).unwrap();
+        assert_eq!((c.rope_theta, c.rope_dims), (100_000.0, 8));
+        let mut bad = v.clone();
+        bad["text_config"]["rope_parameters"]["type"] = json!("longrope");
+        assert!(parse(bad).unwrap_err().contains("rope_parameters type 'longrope' is not supported"));
+        let mut bad = v;
+        bad["text_config"]["linear_num_key_heads"] = json!(3);
+        assert!(parse(bad).unwrap_err().contains("linear_num_value_heads 4 must be a multiple of linear_num_key_heads 3"));
     }
 
     #[test]

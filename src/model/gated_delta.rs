@@ -36,6 +36,11 @@ pub struct GatedDeltaNet {
     host: bool,
 }
 
+/// Channels of the short convolution: queries, keys and values.
+fn conv_dim(c: &LinearAttnConfig) -> i32 {
+    2 * c.num_k_heads * c.head_k_dim + c.num_v_heads * c.head_v_dim
+}
+
 /// `x * c` with `c` in `x`'s dtype (as a Python float scales an MLX array).
 fn scale(x: &Array, c: f32) -> Result<Array, MlxError> {
     Ok(ops::multiply(x, Array::from_f32(c).as_dtype(x.dtype())?)?)
@@ -44,7 +49,7 @@ fn scale(x: &Array, c: f32) -> Result<Array, MlxError> {
 impl GatedDeltaNet {
     pub fn load(w: &mut Weights, p: &str, cfg: &ModelConfig, c: &LinearAttnConfig) -> Result<Self, ModelError> {
         let conv = w.take(&format!("{p}.conv1d.weight"))?;
-        let conv_dim = 2 * c.num_k_heads * c.head_k_dim + c.num_v_heads * c.head_v_dim;
+        let conv_dim = conv_dim(c);
         if conv.shape() != [conv_dim, c.conv_kernel, 1] {
             return Err(ModelError::Invalid(format!(
                 "{p}.conv1d.weight has shape {:?}; the config needs [{conv_dim}, {}, 1]",
@@ -73,7 +78,7 @@ impl GatedDeltaNet {
     }
 
     fn conv_dim(&self) -> i32 {
-        2 * self.key_dim() + self.c.num_v_heads * self.c.head_v_dim
+        conv_dim(&self.c)
     }
 
     /// `x` (`[B, S, hidden]`) from the state `(conv, S)` (zeros when
@@ -103,10 +108,12 @@ impl GatedDeltaNet {
         let k = conv_out.index((.., .., kd..2 * kd)).reshape(&[b, s, hk, dk])?;
         let v = conv_out.index((.., .., 2 * kd..)).reshape(&[b, s, hv, dv])?;
         // L2 norms with the readout scale folded into q (mlx-lm's normalize_qk).
-        let inv = (dk as f32).powf(-0.5);
-        let rms_eps = 1e-6 * inv * inv;
-        let q = scale(&mlx_rs::fast::rms_norm(&q, None, rms_eps)?, inv * inv)?;
-        let k = scale(&mlx_rs::fast::rms_norm(&k, None, rms_eps)?, inv)?;
+        // In f64 then rounded, as mlx-lm's Python floats are (for Dk = 128,
+        // f32 arithmetic would give 0.0078124995 for 1/128).
+        let inv = (dk as f64).powf(-0.5);
+        let rms_eps = (1e-6 * inv * inv) as f32;
+        let q = scale(&mlx_rs::fast::rms_norm(&q, None, rms_eps)?, (inv * inv) as f32)?;
+        let k = scale(&mlx_rs::fast::rms_norm(&k, None, rms_eps)?, inv as f32)?;
         let beta = ops::sigmoid(&beta_in)?;
         // g = exp(-exp(A_log) * softplus(a + dt_bias)), in f32.
         let softplus = ops::logaddexp(ops::add(&a, &self.dt_bias)?, Array::from_f32(0.0).as_dtype(a.dtype())?)?;
@@ -160,34 +167,17 @@ impl GatedDeltaNet {
     }
 
     /// One decode row per sequence (`x`: `[rows, 1, hidden]`, row `i` the
-    /// next token of the sequence whose state is `kvs[i]`): the rows' states
-    /// stacked into one batch, computed together, and split back.
+    /// next token of the sequence whose state is `kvs[i]`), each row on its
+    /// own state: a row's state then owns its buffers (a slice of a batched
+    /// state would keep the whole batch's buffer alive in every snapshot
+    /// taken of it, uncounted), and a row computes what it does alone.
     pub fn forward_rows(&self, x: &Array, kvs: &mut [&mut LayerKv]) -> Result<Array, MlxError> {
-        if let [kv] = kvs {
-            return self.forward(x, kv);
-        }
-        let c = &self.c;
-        let mut convs = Vec::with_capacity(kvs.len());
-        let mut states = Vec::with_capacity(kvs.len());
-        for kv in kvs.iter() {
-            match kv.recurrent() {
-                Some((cs, st)) => {
-                    convs.push(cs.clone());
-                    states.push(st.clone());
-                }
-                None => {
-                    convs.push(ops::zeros_dtype(&[1, c.conv_kernel - 1, self.conv_dim()], x.dtype())?);
-                    states.push(ops::zeros_dtype(&[1, c.num_v_heads, c.head_v_dim, c.head_k_dim], Dtype::Float32)?);
-                }
-            }
-        }
-        let (conv, st) = (ops::concatenate(&convs, 0)?, ops::concatenate(&states, 0)?);
-        let (out, conv, st) = self.run(x, Some((&conv, &st)))?;
+        let mut outs = Vec::with_capacity(kvs.len());
         for (i, kv) in kvs.iter_mut().enumerate() {
             let i = i as i32;
-            kv.set_recurrent(conv.index((i..i + 1, .., ..)), st.index((i..i + 1, .., .., ..)), 1);
+            outs.push(self.forward(&x.index((i..i + 1, .., ..)), kv)?);
         }
-        Ok(out)
+        Ok(ops::concatenate(&outs, 0)?)
     }
 }
 

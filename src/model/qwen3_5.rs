@@ -64,6 +64,9 @@ pub fn sanitize(cfg: &ModelConfig, w: &mut Weights) -> Result<(), ModelError> {
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}.mlp");
         if let Some(gu) = w.remove(&format!("{p}.experts.gate_up_proj")) {
+            if gu.ndim() != 3 || gu.shape()[1] % 2 != 0 {
+                return Err(ModelError::Invalid(format!("{p}.experts.gate_up_proj has shape {:?}; expected [experts, 2 x width, hidden]", gu.shape())));
+            }
             let mid = gu.shape()[1] / 2;
             w.insert(format!("{p}.switch_mlp.gate_proj.weight"), gu.index((.., ..mid, ..)));
             w.insert(format!("{p}.switch_mlp.up_proj.weight"), gu.index((.., mid.., ..)));
