@@ -17,7 +17,7 @@ fn qwen3() -> ModelInfo {
     let dir = common::fixtures().join("qwen3-tokenizer");
     let tokenizer = Tokenizer::load(&dir).unwrap();
     let template = Some(ChatTemplate::new(tokenizer.chat_template.as_deref().expect("Qwen3's template")).unwrap());
-    ModelInfo { name: "qwen3".into(), path: dir, tokenizer, template, eos_ids: vec![], context: 40960, kv_bytes_per_token: 0, snapshot_dir: None }
+    ModelInfo { name: "qwen3".into(), path: dir, tokenizer, template, eos_ids: vec![], context: 40960, kv_bytes_per_token: 0, snapshot_dir: None, exact_cache: false }
 }
 
 fn render(info: &ModelInfo, body: &Value) -> (String, Vec<u32>) {
@@ -83,4 +83,30 @@ fn earlier_thinking_blocks_render_the_same_every_turn_so_each_prompt_extends_the
             msgs.push(question(turn + 1));
         }
     }
+}
+
+/// For a model whose state cannot be trimmed (exact_cache), a prompt carries
+/// its cache points: after the system prompt and the tools (as Qwen3's
+/// template renders them, inside the system turn), and after each text marked
+/// with cache_control; none at 0 or at the prompt's end.
+#[test]
+fn cache_points_fall_after_system_tools_and_each_breakpoint() {
+    let info = ModelInfo { exact_cache: true, ..qwen3() };
+    let b = json!({"model": "qwen3", "max_tokens": 8,
+        "system": [{"type": "text", "text": "You are a coding agent.", "cache_control": {"type": "ephemeral"}}],
+        "tools": [{"name": "Read", "description": "Read a file.", "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}],
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Open main.rs please", "cache_control": {"type": "ephemeral"}}]}]});
+    let p = anthropic::parse(&b, false).unwrap();
+    let prompt = p.request.prompt(&info).unwrap();
+    let upto = |n: usize| info.tokenizer.decode(&prompt.ids[..n]).unwrap();
+    assert_eq!(prompt.cache_points.len(), 3, "{:?}", prompt.cache_points);
+    let (mark, tools_end, user) = (prompt.cache_points[0], prompt.cache_points[1], prompt.cache_points[2]);
+    // A token that spans the mark's end (here "." with the newlines after it) is left to the rest.
+    assert!(upto(mark).ends_with("You are a coding agent") && upto(mark + 1).contains("agent."), "{:?}", upto(mark));
+    assert!(upto(tools_end).ends_with("<|im_end|>\n") && upto(tools_end).contains("\"name\": \"Read\""), "{:?}", upto(tools_end));
+    assert!(!upto(tools_end).contains("Open main.rs"));
+    assert!(upto(user).ends_with("Open main.rs please"), "{:?}", upto(user));
+    assert!(user + 1 < prompt.ids.len());
+    // A model whose state can be trimmed gets none (no second render).
+    assert!(p.request.prompt(&qwen3()).unwrap().cache_points.is_empty());
 }

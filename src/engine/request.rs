@@ -29,9 +29,10 @@ pub struct ChatRequest {
     pub sampling: SamplingParams,
     pub stop: Vec<String>,
     pub enable_thinking: Option<bool>,
-    /// Texts (in prompt order) whose ends are cache breakpoints. Parsed, not
-    /// acted on: the one snapshot each request leaves serves every token
-    /// boundary in it by trimming.
+    /// Texts (in prompt order) whose ends are cache breakpoints. For models
+    /// whose state can be trimmed they are not needed (the one snapshot each
+    /// request leaves serves every token boundary in it); for the others
+    /// they become [`Prompt::cache_points`].
     pub cache_marks: Vec<String>,
 }
 
@@ -123,7 +124,8 @@ impl ChatRequest {
             ));
         }
         let max_tokens = self.max_tokens.min(model.context - ids.len());
-        let cache_points = self.cache_points(model, &text, &ends);
+        // Only a model whose state cannot be trimmed needs them (a second render of the template).
+        let cache_points = if model.exact_cache { self.cache_points(model, &text, &ends) } else { vec![] };
         Ok(Prompt { text, ids, max_tokens, cache_points })
     }
 

@@ -111,7 +111,8 @@ impl Scheduler {
         let policy =
             CachePolicy::open(cfg.cache_bytes, cfg.cache_dir.as_deref(), &cfg.cache_disk, &path, tokenizer.chat_template.as_deref(), model.num_layers(), kv_bits, model.has_recurrent_state(), stats);
         let snapshot_dir = policy.dir().map(Path::to_path_buf);
-        let info = Arc::new(ModelInfo { name, path, tokenizer, template, eos_ids, context, kv_bytes_per_token, snapshot_dir });
+        let exact_cache = model.has_recurrent_state();
+        let info = Arc::new(ModelInfo { name, path, tokenizer, template, eos_ids, context, kv_bytes_per_token, snapshot_dir, exact_cache });
         let s = Scheduler {
             model,
             info: info.clone(),

@@ -24,6 +24,9 @@ pub struct ModelInfo {
     pub kv_bytes_per_token: usize,
     /// Where prompt-cache snapshots persist (none: memory only).
     pub snapshot_dir: Option<PathBuf>,
+    /// The model keeps recurrent state (cannot be trimmed): requests carry
+    /// their cache points (see [`Job::cache_points`]).
+    pub exact_cache: bool,
 }
 
 /// Where a prompt's tokens came from. `cache_read + cache_creation + input == prompt`.
