@@ -14,8 +14,11 @@ fn kvserve() -> Command {
 }
 
 fn hostfile(name: &str, ranks: usize) -> PathBuf {
-    // Ports from the process id, so parallel test runs do not collide.
-    let base = 20000 + (std::process::id() % 2000) as usize * 10;
+    // Ports from the process id and the test, so neither parallel test runs
+    // nor this file's tests (run at once) share a port: a rank that meets
+    // another ring's rank joins the wrong ring.
+    let test = ["three", "alone", "ranks"].iter().position(|n| *n == name).expect("a known test");
+    let base = 20000 + (std::process::id() % 1500) as usize * 30 + test * 10;
     let list: Vec<Vec<String>> = (0..ranks).map(|r| vec![format!("127.0.0.1:{}", base + r)]).collect();
     let path = std::env::temp_dir().join(format!("kvserve-ring-{name}-{}.json", std::process::id()));
     std::fs::write(&path, serde_json::to_string(&list).unwrap()).unwrap();
