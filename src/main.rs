@@ -76,6 +76,14 @@ enum Command {
         /// Feed the prompt as is, without the chat template.
         #[arg(long)]
         raw: bool,
+        /// Split the model by layers over the ranks of this MLX ring hostfile
+        /// (pipeline parallelism; greedy only): start one process per rank,
+        /// each loading only its layers; rank 0 prints the answer.
+        #[arg(long)]
+        hostfile: Option<PathBuf>,
+        /// This process's rank with --hostfile (default: MLX_RANK).
+        #[arg(long)]
+        rank: Option<usize>,
     },
     /// Serve the OpenAI and Anthropic APIs for one model, with the prompt cache.
     #[command(args_override_self = true)]
@@ -541,9 +549,17 @@ fn run() -> Result<()> {
             kvserve::mlx::exit(code);
         }
         Command::Info => info(),
-        Command::Generate { model, prompt, system, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, raw } => {
+        Command::Generate { model, prompt, system, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, raw, hostfile, rank } => {
             let sampling = SamplingParams { temperature: temp, top_p, top_k, min_p, repetition_penalty, seed, ..Default::default() };
-            run_generate(&model, &prompt, system.as_deref(), max_tokens, sampling, raw)
+            match hostfile {
+                Some(h) => {
+                    if !sampling.is_greedy() {
+                        bail!("--hostfile generates greedily: leave out --temp and the other sampling flags");
+                    }
+                    run_pipeline_generate(&model, &prompt, system.as_deref(), max_tokens, raw, &h, rank)
+                }
+                None => run_generate(&model, &prompt, system.as_deref(), max_tokens, sampling, raw),
+            }
         }
         Command::Cache { action, cache_dir } => cache_command(action, cache_dir),
         Command::Convert { input, output, q_bits, q_group_size } => {
@@ -682,10 +698,9 @@ fn cache_command(action: CacheAction, root: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-fn run_generate(spec: &str, prompt: &str, system: Option<&str>, max_tokens: usize, sampling: SamplingParams, raw: bool) -> Result<()> {
-    let t0 = std::time::Instant::now();
-    let m = source::load(spec)?;
-    eprintln!("loaded {} in {:.1}s", m.path.display(), t0.elapsed().as_secs_f64());
+/// The prompt's token ids: `prompt` through the model's chat template (with
+/// `system` first), or as is with `raw`.
+fn prompt_ids(m: &source::LoadedModel, prompt: &str, system: Option<&str>, raw: bool) -> Result<Vec<u32>> {
     let text = if raw {
         prompt.to_string()
     } else {
@@ -708,6 +723,44 @@ fn run_generate(spec: &str, prompt: &str, system: Option<&str>, max_tokens: usiz
     if ids.is_empty() {
         bail!("the prompt is empty after tokenization");
     }
+    Ok(ids)
+}
+
+/// `kvserve generate --hostfile`: this rank's layers of the model, greedy
+/// tokens computed across the ring; rank 0 prints the answer.
+fn run_pipeline_generate(spec: &str, prompt: &str, system: Option<&str>, max_tokens: usize, raw: bool, hostfile: &std::path::Path, rank: Option<usize>) -> Result<()> {
+    use kvserve::ring;
+    let hosts = ring::Hostfile::read(hostfile).map_err(anyhow::Error::msg)?;
+    let rank = ring::rank_of(rank, &hosts).map_err(anyhow::Error::msg)?;
+    let group = ring::join(&hosts, rank, std::time::Duration::from_secs(60)).map_err(anyhow::Error::msg)?;
+    let cfg_layers = {
+        let path = source::resolve(spec)?;
+        if path.is_file() { None } else { Some(kvserve::model::load_config(&path)?.num_layers) }
+    };
+    let Some(layers) = cfg_layers else { bail!("--hostfile needs an MLX-format model directory (GGUF files are not split yet)") };
+    if (layers as usize) < hosts.size() {
+        bail!("{layers} layers cannot be split over {} ranks", hosts.size());
+    }
+    let range = ring::pipeline_range(layers, rank, hosts.size());
+    let t0 = std::time::Instant::now();
+    let m = source::load_layers(spec, Some(range.clone()))?;
+    eprintln!("rank {rank} of {}: layers {}..{} of {layers} loaded in {:.1}s", hosts.size(), range.start, range.end, t0.elapsed().as_secs_f64());
+    let ids = prompt_ids(&m, prompt, system, raw)?;
+    let t = std::time::Instant::now();
+    let tokens = ring::pipeline_generate(&group, &m.model, &ids, max_tokens, &m.eos_ids).map_err(anyhow::Error::msg)?;
+    let secs = t.elapsed().as_secs_f64();
+    if rank == 0 {
+        println!("{}", m.tokenizer.decode(&tokens)?);
+    }
+    eprintln!("rank {rank}: prompt {} tokens, {} tokens generated in {secs:.2}s", ids.len(), tokens.len());
+    Ok(())
+}
+
+fn run_generate(spec: &str, prompt: &str, system: Option<&str>, max_tokens: usize, sampling: SamplingParams, raw: bool) -> Result<()> {
+    let t0 = std::time::Instant::now();
+    let m = source::load(spec)?;
+    eprintln!("loaded {} in {:.1}s", m.path.display(), t0.elapsed().as_secs_f64());
+    let ids = prompt_ids(&m, prompt, system, raw)?;
     let ctx = m.model.config.context_length as usize;
     if ids.len() + max_tokens > ctx {
         bail!("prompt is {} tokens plus {max_tokens} to generate; model context is {ctx}", ids.len());

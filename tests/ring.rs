@@ -17,7 +17,7 @@ fn hostfile(name: &str, ranks: usize) -> PathBuf {
     // Ports from the process id and the test, so neither parallel test runs
     // nor this file's tests (run at once) share a port: a rank that meets
     // another ring's rank joins the wrong ring.
-    let test = ["three", "alone", "ranks"].iter().position(|n| *n == name).expect("a known test");
+    let test = ["three", "alone", "ranks", "pipe2", "pipe3"].iter().position(|n| *n == name).expect("a known test");
     let base = 20000 + (std::process::id() % 1500) as usize * 30 + test * 10;
     let list: Vec<Vec<String>> = (0..ranks).map(|r| vec![format!("127.0.0.1:{}", base + r)]).collect();
     let path = std::env::temp_dir().join(format!("kvserve-ring-{name}-{}.json", std::process::id()));
@@ -93,4 +93,36 @@ fn bad_hostfiles_and_ranks_are_named() {
     assert!(!out.status.success() && text(&out).contains("give --rank N or set MLX_RANK"), "{}", text(&out));
     let _ = std::fs::remove_file(bad);
     let _ = std::fs::remove_file(h);
+}
+
+/// `kvserve generate --hostfile`: SmolLM2 split by layers over 2 and over 3
+/// ranks (pipeline parallelism, each rank loading only its layers) gives
+/// the greedy answer one process gives.
+#[test]
+fn pipeline_generation_equals_one_process() {
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/SmolLM2-135M-Instruct");
+    assert!(model.join("config.json").exists(), "run `make model` first");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = ["generate", "--model", model.to_str().unwrap(), "--prompt", "Write three sentences about rivers.", "--max-tokens", "40"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let one = kvserve().args(args(&[])).output().unwrap();
+    assert!(one.status.success(), "{}", text(&one));
+    let want = String::from_utf8_lossy(&one.stdout).trim().to_string();
+    assert!(want.split_whitespace().count() > 10, "a long enough answer to compare: {want:?}");
+    for (name, ranks) in [("pipe2", 2), ("pipe3", 3)] {
+        let h = hostfile(name, ranks);
+        let children: Vec<_> = (0..ranks).map(|r| kvserve().args(args(&["--hostfile", h.to_str().unwrap(), "--rank", &r.to_string()])).output_as_child()).collect();
+        let outs: Vec<Output> = children.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+        for (r, o) in outs.iter().enumerate() {
+            assert!(o.status.success(), "{ranks} ranks, rank {r}: {}", text(o));
+            eprintln!("{}", String::from_utf8_lossy(&o.stderr).lines().filter(|l| l.starts_with("rank")).collect::<Vec<_>>().join(" | "));
+        }
+        assert_eq!(String::from_utf8_lossy(&outs[0].stdout).trim(), want, "{ranks} ranks answer as one process does");
+        let _ = std::fs::remove_file(h);
+    }
 }

@@ -31,12 +31,14 @@ pub struct Weights {
     pub dtype: Option<Dtype>,
     pub quant: super::config::Quantization,
     pub cpu_dense_prefill: bool,
+    /// The decoder layers to build (all but for one rank of a pipeline).
+    pub layers: Option<std::ops::Range<i32>>,
 }
 
 impl Weights {
     pub fn new(map: HashMap<String, Array>, quant: super::config::Quantization, cpu_dense_prefill: bool) -> Self {
         let dtype = if super::on_cpu() { Some(Dtype::Float32) } else { None };
-        Weights { map, dtype, quant, cpu_dense_prefill }
+        Weights { map, dtype, quant, cpu_dense_prefill, layers: None }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -945,7 +947,8 @@ impl Transformer {
     ) -> Result<Self> {
         let embed = w.embedding("model.embed_tokens")?;
         let mut blocks = Vec::with_capacity(cfg.num_layers as usize);
-        for i in 0..cfg.num_layers {
+        let range = w.layers.clone().unwrap_or(0..cfg.num_layers);
+        for i in range {
             let p = format!("model.layers.{i}");
             blocks.push(Block {
                 input_norm: w.rms_norm(&format!("{p}.input_layernorm"), cfg.rms_norm_eps)?,
@@ -968,16 +971,38 @@ impl Transformer {
     /// (one entry per layer). Returns logits `[1, L, vocab]`, or `[1, 1, vocab]`
     /// for the last position only when `last_only`.
     pub fn forward(&self, tokens: &Array, cache: &mut [LayerKv], last_only: bool) -> std::result::Result<Array, MlxError> {
+        let h = self.run_blocks(self.embed_tokens(tokens)?, cache)?;
+        self.head(h, last_only)
+    }
+
+    /// The token embeddings of `tokens` (`[1, L]`): `[1, L, hidden]`.
+    pub fn embed_tokens(&self, tokens: &Array) -> std::result::Result<Array, MlxError> {
+        self.embed.forward(tokens)
+    }
+
+    /// The hidden states `h` (`[1, L, hidden]`) through this model's blocks,
+    /// extending `cache` (one entry per block held).
+    pub fn run_blocks(&self, mut h: Array, cache: &mut [LayerKv]) -> std::result::Result<Array, MlxError> {
         assert_eq!(cache.len(), self.blocks.len(), "one KV state per layer");
-        let mut h = self.embed.forward(tokens)?;
+        let single = h.shape().iter().take(2).product::<i32>() == 1;
         for (block, kv) in self.blocks.iter().zip(cache.iter_mut()) {
             h = block.forward(&h, kv)?;
         }
         // The CPU decode row leaves each layer's cache write lazy: one
         // evaluation for all of them (each costs ~70 us however small).
-        if self.on_cpu && tokens.size() == 1 {
+        if self.on_cpu && single {
             mlx_rs::transforms::eval(cache.iter().flat_map(LayerKv::arrays))?;
         }
+        Ok(h)
+    }
+
+    /// The dtype hidden states have between blocks (the norms' weights').
+    pub fn activation_dtype(&self) -> Dtype {
+        self.norm.weight.dtype()
+    }
+
+    /// Final norm and output head: logits `[1, L, vocab]`, or of the last position only.
+    pub fn head(&self, mut h: Array, last_only: bool) -> std::result::Result<Array, MlxError> {
         if last_only {
             let l = h.shape()[1];
             h = h.index((.., (l - 1)..l, ..));

@@ -84,6 +84,12 @@ pub(crate) fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, ModelError> {
 /// The weights are read into memory here (not at the first request); models
 /// over [`PROGRESS_BYTES`] report each file on stderr as it is read.
 pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Array>, ModelError> {
+    load_safetensors_where(dir, &|_| true)
+}
+
+/// [`load_safetensors_dir`] keeping only the tensors `keep` accepts; the
+/// others are never read (MLX reads a tensor when it is evaluated).
+pub fn load_safetensors_where(dir: &Path, keep: &dyn Fn(&str) -> bool) -> Result<HashMap<String, Array>, ModelError> {
     let files = weight_files(dir)?;
     let mut sizes = Vec::with_capacity(files.len());
     for file in &files {
@@ -102,7 +108,8 @@ pub fn load_safetensors_dir(dir: &Path) -> Result<HashMap<String, Array>, ModelE
             file: file.display().to_string(),
             message: format!("cannot read safetensors ({e}); the file may be truncated or corrupt"),
         };
-        let part = Array::load_safetensors(file).map_err(|e| bad(&e))?;
+        let mut part = Array::load_safetensors(file).map_err(|e| bad(&e))?;
+        part.retain(|k, _| keep(k));
         let arrays: Vec<&Array> = part.values().collect();
         mlx_rs::transforms::eval(arrays).map_err(|e| bad(&e))?;
         done += size;
@@ -133,7 +140,24 @@ pub fn build(cfg: &ModelConfig, weights: HashMap<String, Array>) -> Result<Trans
 /// [`build`], choosing whether quantized layers run large batches through
 /// dequantize + GEMM (`dense_prefill`, the CPU fast path) or MLX's quantized kernel.
 pub fn build_with(cfg: &ModelConfig, weights: HashMap<String, Array>, dense_prefill: bool) -> Result<Transformer, ModelError> {
+    build_layers(cfg, weights, dense_prefill, None)
+}
+
+/// The decoder layer a tensor name belongs to (`...layers.N....`), if any.
+pub fn layer_of(name: &str) -> Option<i32> {
+    let (_, rest) = name.split_once("layers.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// [`build_with`] for the decoder layers in `range` only (one rank of a
+/// pipeline): other layers' tensors are dropped unread; the embedding, final
+/// norm and head are built on every rank.
+pub fn build_layers(cfg: &ModelConfig, mut weights: HashMap<String, Array>, dense_prefill: bool, range: Option<std::ops::Range<i32>>) -> Result<Transformer, ModelError> {
+    if let Some(r) = &range {
+        weights.retain(|k, _| layer_of(k).is_none_or(|i| r.contains(&i)));
+    }
     let mut w = layers::Weights::new(weights, cfg.quantization.clone(), dense_prefill);
+    w.layers = range;
     let model = match cfg.model_type.as_str() {
         "llama" => llama::build(cfg, &mut w)?,
         "qwen2" => qwen2::build(cfg, &mut w)?,
