@@ -103,8 +103,7 @@ impl Kind {
 struct Tensor {
     layer: usize,
     kind: Kind,
-    /// Its dtype's name (`float16`, `bfloat16`, `float32`).
-    dtype: &'static str,
+    dtype: Elem,
     shape: Vec<i32>,
     start: u64,
     end: u64,
@@ -141,22 +140,56 @@ fn pod_vec<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
     v
 }
 
-/// The safetensors dtype and element size of a file's dtype name.
-fn tensor_dtype(name: &str) -> (&'static str, u64) {
-    match name {
-        "float16" => ("F16", 2),
-        "bfloat16" => ("BF16", 2),
-        _ => ("F32", 4),
-    }
+/// The element types snapshot files hold, with their names: the file's
+/// metadata's (`float16`), safetensors' (`F16`) and MLX's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Elem {
+    F16,
+    BF16,
+    F32,
 }
 
-/// The dtype name of a safetensors dtype kvserve writes.
-fn dtype_name(safetensors: &str) -> Option<&'static str> {
-    match safetensors {
-        "F16" => Some("float16"),
-        "BF16" => Some("bfloat16"),
-        "F32" => Some("float32"),
-        _ => None,
+impl Elem {
+    const ALL: [Elem; 3] = [Elem::F16, Elem::BF16, Elem::F32];
+
+    fn name(self) -> &'static str {
+        match self {
+            Elem::F16 => "float16",
+            Elem::BF16 => "bfloat16",
+            Elem::F32 => "float32",
+        }
+    }
+
+    fn safetensors(self) -> &'static str {
+        match self {
+            Elem::F16 => "F16",
+            Elem::BF16 => "BF16",
+            Elem::F32 => "F32",
+        }
+    }
+
+    fn size(self) -> u64 {
+        match self {
+            Elem::F16 | Elem::BF16 => 2,
+            Elem::F32 => 4,
+        }
+    }
+
+    fn from_name(name: &str) -> Option<Elem> {
+        Self::ALL.into_iter().find(|e| e.name() == name)
+    }
+
+    fn from_safetensors(name: &str) -> Option<Elem> {
+        Self::ALL.into_iter().find(|e| e.safetensors() == name)
+    }
+
+    /// How an array of `dtype` is written (anything but f16/bf16 as f32).
+    fn of(dtype: Dtype) -> Elem {
+        match dtype {
+            Dtype::Float16 => Elem::F16,
+            Dtype::Bfloat16 => Elem::BF16,
+            _ => Elem::F32,
+        }
     }
 }
 
@@ -181,7 +214,7 @@ fn checksum(fingerprint: &str, dtype: &str, tokens: &[u32], tensors: &[Tensor], 
         }
         // A recurrent state's own dtype (keys and values have the file's, hashed above).
         if matches!(t.kind, Kind::Conv | Kind::State) {
-            h.update(t.dtype.as_bytes());
+            h.update(t.dtype.name().as_bytes());
         }
         h.update(t.start.to_le_bytes());
         h.update(t.end.to_le_bytes());
@@ -211,9 +244,7 @@ fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Header, 
     }
     let fingerprint = text("fingerprint")?.to_string();
     let dtype = text("dtype")?.to_string();
-    if !["float32", "float16", "bfloat16"].contains(&dtype.as_str()) {
-        return Err(format!("unknown dtype {dtype:?}"));
-    }
+    let file_elem = Elem::from_name(&dtype).ok_or(format!("unknown dtype {dtype:?}"))?;
     let tokens: Vec<u32> = serde_json::from_str(text("tokens")?).map_err(|e| format!("the token ids do not parse: {e}"))?;
     if tokens.is_empty() {
         return Err("no token ids".into());
@@ -239,10 +270,9 @@ fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Header, 
         };
         let kv = matches!(kind, Kind::Keys | Kind::Values);
         // Keys and values are in the file's dtype; a recurrent state in its own.
-        let tdtype = match v["dtype"].as_str() {
-            Some(d) if kv && d == tensor_dtype(&dtype).0 => dtype_name(d).expect("one of the three"),
-            Some(d) if !kv && dtype_name(d).is_some() => dtype_name(d).expect("checked"),
-            _ if kv => return Err(format!("tensor {name} has dtype {}, expected {} (the file's {dtype})", v["dtype"], tensor_dtype(&dtype).0)),
+        let tdtype = match v["dtype"].as_str().and_then(Elem::from_safetensors) {
+            Some(e) if !kv || e == file_elem => e,
+            _ if kv => return Err(format!("tensor {name} has dtype {}, expected {} (the file's {dtype})", v["dtype"], file_elem.safetensors())),
             _ => return Err(format!("tensor {name} has dtype {}, expected F16, BF16 or F32", v["dtype"])),
         };
         let rank = if kind == Kind::Conv { 3 } else { 4 };
@@ -262,7 +292,7 @@ fn parse_header(json: &[u8], header_len: u64, file_size: u64) -> Result<Header, 
         };
         // MLX sizes arrays with i32 element counts.
         let elements = shape.iter().try_fold(1i32, |n, &d| n.checked_mul(d)).ok_or(format!("tensor {name} has shape {shape:?}: too large"))?;
-        let bytes = u64::try_from(elements).ok().and_then(|n| n.checked_mul(tensor_dtype(tdtype).1)).ok_or(format!("tensor {name} is too large"))?;
+        let bytes = u64::try_from(elements).ok().and_then(|n| n.checked_mul(tdtype.size())).ok_or(format!("tensor {name} is too large"))?;
         if end.checked_sub(start) != Some(bytes) {
             return Err(format!("tensor {name} has data_offsets [{start}, {end}] for {bytes} bytes of shape {shape:?}"));
         }
@@ -419,15 +449,10 @@ pub fn load(path: &Path, layers: usize, tokens: usize, fingerprint: &str) -> Res
     let array = |t: &Tensor| -> Result<Array, StoreError> {
         // In bounds and a whole number of elements: checked by parse_header.
         let bytes = &data[t.start as usize..t.end as usize];
-        let dtype = match t.dtype {
-            "float16" => Dtype::Float16,
-            "bfloat16" => Dtype::Bfloat16,
-            _ => Dtype::Float32,
-        };
-        Ok(match dtype {
-            Dtype::Float16 => Array::from_slice(&pod_vec::<half::f16>(bytes), &t.shape),
-            Dtype::Bfloat16 => Array::from_slice(&pod_vec::<half::bf16>(bytes), &t.shape),
-            _ => Array::from_slice(&pod_vec::<f32>(bytes), &t.shape),
+        Ok(match t.dtype {
+            Elem::F16 => Array::from_slice(&pod_vec::<half::f16>(bytes), &t.shape),
+            Elem::BF16 => Array::from_slice(&pod_vec::<half::bf16>(bytes), &t.shape),
+            Elem::F32 => Array::from_slice(&pod_vec::<f32>(bytes), &t.shape),
         })
     };
     let mut arrays: BTreeMap<(usize, Kind), Array> = BTreeMap::new();
@@ -484,7 +509,7 @@ impl PendingWrite {
             }),
         );
         for t in &self.tensors {
-            header.insert(t.name(), json!({"dtype": tensor_dtype(t.dtype).0, "shape": t.shape, "data_offsets": [t.start, t.end]}));
+            header.insert(t.name(), json!({"dtype": t.dtype.safetensors(), "shape": t.shape, "data_offsets": [t.start, t.end]}));
         }
         let mut h = serde_json::to_vec(&Value::Object(header)).expect("header serializes");
         while h.len() % 8 != 0 {
@@ -785,10 +810,11 @@ impl Store {
                 a.eval().map_err(MlxError::from)?;
                 let shape = a.shape().to_vec();
                 // safetensors is little-endian, as every platform MLX runs on.
-                let (bytes, tdtype): (Vec<u8>, &'static str) = match a.dtype() {
-                    Dtype::Float16 => (bytemuck::cast_slice::<half::f16, u8>(a.as_slice::<half::f16>()).to_vec(), "float16"),
-                    Dtype::Bfloat16 => (bytemuck::cast_slice::<half::bf16, u8>(a.as_slice::<half::bf16>()).to_vec(), "bfloat16"),
-                    _ => (bytemuck::cast_slice::<f32, u8>(a.as_slice::<f32>()).to_vec(), "float32"),
+                let tdtype = Elem::of(a.dtype());
+                let bytes: Vec<u8> = match tdtype {
+                    Elem::F16 => bytemuck::cast_slice::<half::f16, u8>(a.as_slice::<half::f16>()).to_vec(),
+                    Elem::BF16 => bytemuck::cast_slice::<half::bf16, u8>(a.as_slice::<half::bf16>()).to_vec(),
+                    Elem::F32 => bytemuck::cast_slice::<f32, u8>(a.as_slice::<f32>()).to_vec(),
                 };
                 let end = offset + bytes.len() as u64;
                 tensors.push(Tensor { layer: i, kind, dtype: tdtype, shape, start: offset, end });
@@ -796,12 +822,7 @@ impl Store {
                 data.push(bytes);
             }
         }
-        let dtype_name = match dtype {
-            Dtype::Float16 => "float16",
-            Dtype::Bfloat16 => "bfloat16",
-            _ => "float32",
-        };
-        let w = PendingWrite { path: path.clone(), fingerprint: self.fingerprint.clone(), dtype: dtype_name, tokens: tokens.to_vec(), tensors, data };
+        let w = PendingWrite { path: path.clone(), fingerprint: self.fingerprint.clone(), dtype: Elem::of(dtype).name(), tokens: tokens.to_vec(), tensors, data };
         self.send(Job::Write(w)).map_err(|e| file_err(&path, e))?;
         Ok(path)
     }
