@@ -108,10 +108,10 @@ impl Scheduler {
             tracing::warn!("context set to {context} tokens; the model was trained on {trained}: answers past that may be poor");
         }
         let kv_bits = cfg.kv_bits.map(i32::from);
-        let policy =
-            CachePolicy::open(cfg.cache_bytes, cfg.cache_dir.as_deref(), &cfg.cache_disk, &path, tokenizer.chat_template.as_deref(), model.num_layers(), kv_bits, model.has_recurrent_state(), stats);
-        let snapshot_dir = policy.dir().map(Path::to_path_buf);
         let exact_cache = model.has_recurrent_state();
+        let policy =
+            CachePolicy::open(cfg.cache_bytes, cfg.cache_dir.as_deref(), &cfg.cache_disk, &path, tokenizer.chat_template.as_deref(), model.num_layers(), kv_bits, exact_cache, stats);
+        let snapshot_dir = policy.dir().map(Path::to_path_buf);
         let info = Arc::new(ModelInfo { name, path, tokenizer, template, eos_ids, context, kv_bytes_per_token, snapshot_dir, exact_cache });
         let s = Scheduler {
             model,
@@ -220,12 +220,9 @@ impl Scheduler {
             s.share_at = Some(s.share_at.map_or(c, |a| a.min(c)));
             return true;
         }
-        if exact {
-            // A state that cannot be trimmed is kept only exactly at c (the
-            // prefill keeps it there itself when its chunk stops at c).
-            if s.pos() == c {
-                keep_here(&mut self.policy, s, c);
-            }
+        // A state that cannot be trimmed is kept only exactly at c (the
+        // prefill keeps it there itself when its chunk stops at c).
+        if exact && s.pos() != c {
             return false;
         }
         // Past it: keep a copy of the shared part now (just those tokens:
@@ -236,10 +233,7 @@ impl Scheduler {
             .map(|l| {
                 let mut t = l.snapshot();
                 t.trim_to(c as i32)?;
-                match t.state() {
-                    Some((k, v)) => LayerKv::from_state(k, v),
-                    None => Ok(LayerKv::new()),
-                }
+                Ok::<_, crate::mlx::MlxError>(t.compact())
             })
             .collect();
         let Ok(part) = part else { return false };

@@ -141,18 +141,14 @@ impl GatedDeltaNet {
     /// [`recurrence_host`] on MLX's evaluated arrays (f32): `y` `[B, T, Hv,
     /// Dv]` and the new state; `None` if an input is not f32.
     fn recurrence(&self, q: &Array, k: &Array, v: &Array, g: &Array, beta: &Array, state: &Array) -> Result<Option<(Array, Array)>, MlxError> {
-        let host = |a: &Array| -> Result<Option<Vec<f32>>, MlxError> {
-            let a = if a.dtype() == Dtype::Float32 { a.contiguous()? } else { return Ok(None) };
-            a.eval()?;
-            Ok(a.try_as_slice::<f32>().ok().map(<[f32]>::to_vec))
-        };
+        use super::layers::host;
+        let (b, t) = (q.shape()[0], q.shape()[1]);
         let (Some(q), Some(k), Some(v), Some(g), Some(beta), Some(mut st)) = (host(q)?, host(k)?, host(v)?, host(g)?, host(beta)?, host(state)?) else {
             return Ok(None);
         };
         let c = &self.c;
-        let shape = Shape { b: state.shape()[0] as usize, t: g.len() / (state.shape()[0] as usize * c.num_v_heads as usize), hk: c.num_k_heads as usize, hv: c.num_v_heads as usize, dk: c.head_k_dim as usize, dv: c.head_v_dim as usize };
+        let shape = Shape { b: b as usize, t: t as usize, hk: c.num_k_heads as usize, hv: c.num_v_heads as usize, dk: c.head_k_dim as usize, dv: c.head_v_dim as usize };
         let y = recurrence_host(&q, &k, &v, &g, &beta, &mut st, shape);
-        let (b, t) = (shape.b as i32, shape.t as i32);
         Ok(Some((
             crate::mlx::array_from_vec(y, &[b, t, c.num_v_heads, c.head_v_dim])?,
             crate::mlx::array_from_vec(st, &[b, c.num_v_heads, c.head_v_dim, c.head_k_dim])?,

@@ -907,7 +907,7 @@ fn host_row(a: &Array) -> std::result::Result<Vec<f32>, MlxError> {
 }
 
 /// The evaluated f32 values of `a` (`None` for another dtype).
-fn host(a: &Array) -> std::result::Result<Option<Vec<f32>>, MlxError> {
+pub(crate) fn host(a: &Array) -> std::result::Result<Option<Vec<f32>>, MlxError> {
     if a.dtype() != Dtype::Float32 {
         return Ok(None);
     }
