@@ -501,12 +501,14 @@ fn run() -> Result<()> {
         Command::Serve(args) => serve(args),
         Command::Ring { hostfile, rank, timeout, bytes } => {
             use kvserve::ring;
-            let hosts = ring::Hostfile::read(&hostfile).map_err(anyhow::Error::msg)?;
-            let rank = ring::rank_of(rank, &hosts).map_err(anyhow::Error::msg)?;
-            if !(timeout.is_finite() && timeout > 0.0) {
-                bail!("--timeout must be a positive number of seconds");
+            // Bounded: Duration::from_secs_f64 panics on a value past its range.
+            if !(timeout > 0.0 && timeout <= 86_400.0) {
+                bail!("--timeout is {timeout}; it must be a number of seconds above 0, at most 86400");
             }
-            let group = ring::join(&hosts, rank, std::time::Duration::from_secs_f64(timeout)).map_err(anyhow::Error::msg)?;
+            if bytes == 0 || bytes > 1 << 30 {
+                bail!("--bytes is {bytes}; it must be from 1 to 1073741824 (1 GiB)");
+            }
+            let (_, group) = ring::connect(&hostfile, rank, std::time::Duration::from_secs_f64(timeout)).map_err(anyhow::Error::msg)?;
             let m = ring::measure(&group, bytes).map_err(anyhow::Error::msg)?;
             println!(
                 "rank {} of {}: all_sum checked ({}); step latency {:.0} us; all_sum of {:.1} MB per rank at {:.2} GB/s",
@@ -730,9 +732,8 @@ fn prompt_ids(m: &source::LoadedModel, prompt: &str, system: Option<&str>, raw: 
 /// tokens computed across the ring; rank 0 prints the answer.
 fn run_pipeline_generate(spec: &str, prompt: &str, system: Option<&str>, max_tokens: usize, raw: bool, hostfile: &std::path::Path, rank: Option<usize>) -> Result<()> {
     use kvserve::ring;
-    let hosts = ring::Hostfile::read(hostfile).map_err(anyhow::Error::msg)?;
-    let rank = ring::rank_of(rank, &hosts).map_err(anyhow::Error::msg)?;
-    let group = ring::join(&hosts, rank, std::time::Duration::from_secs(60)).map_err(anyhow::Error::msg)?;
+    let (hosts, group) = ring::connect(hostfile, rank, std::time::Duration::from_secs(60)).map_err(anyhow::Error::msg)?;
+    let rank = group.rank();
     let cfg_layers = {
         let path = source::resolve(spec)?;
         if path.is_file() { None } else { Some(kvserve::model::load_config(&path)?.num_layers) }

@@ -139,6 +139,15 @@ fn neighbours(hosts: &Hostfile, rank: usize) -> Vec<String> {
     out
 }
 
+/// Read the hostfile at `path`, settle this process's rank (`rank`, else
+/// `MLX_RANK`) and join the ring: the hostfile and the group.
+pub fn connect(path: &Path, rank: Option<usize>, timeout: Duration) -> Result<(Hostfile, Group), String> {
+    let hosts = Hostfile::read(path)?;
+    let rank = rank_of(rank, &hosts)?;
+    let group = join(&hosts, rank, timeout)?;
+    Ok((hosts, group))
+}
+
 /// What `kvserve ring` measured.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Measured {

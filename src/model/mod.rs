@@ -149,13 +149,20 @@ pub fn layer_of(name: &str) -> Option<i32> {
     rest.split('.').next()?.parse().ok()
 }
 
+/// Whether a tensor named `name` is loaded for the decoder layers in `range`
+/// (all of them when `None`; tensors of no layer always).
+pub fn in_layers(name: &str, range: &Option<std::ops::Range<i32>>) -> bool {
+    match (range, layer_of(name)) {
+        (Some(r), Some(i)) => r.contains(&i),
+        _ => true,
+    }
+}
+
 /// [`build_with`] for the decoder layers in `range` only (one rank of a
 /// pipeline): other layers' tensors are dropped unread; the embedding, final
 /// norm and head are built on every rank.
 pub fn build_layers(cfg: &ModelConfig, mut weights: HashMap<String, Array>, dense_prefill: bool, range: Option<std::ops::Range<i32>>) -> Result<Transformer, ModelError> {
-    if let Some(r) = &range {
-        weights.retain(|k, _| layer_of(k).is_none_or(|i| r.contains(&i)));
-    }
+    weights.retain(|k, _| in_layers(k, &range));
     let mut w = layers::Weights::new(weights, cfg.quantization.clone(), dense_prefill);
     w.layers = range;
     let model = match cfg.model_type.as_str() {

@@ -97,10 +97,7 @@ pub fn load_layers(spec: &str, range: Option<std::ops::Range<i32>>) -> Result<Lo
         (model, tokenizer, eos)
     } else {
         let cfg = super::load_config(&path)?;
-        let weights = super::load_safetensors_where(&path, &|k| match (&range, super::layer_of(k)) {
-            (Some(r), Some(i)) => r.contains(&i),
-            _ => true,
-        })?;
+        let weights = super::load_safetensors_where(&path, &|k| super::in_layers(k, &range))?;
         let files = super::weight_files(&path)?;
         check_shapes(&cfg, &weights, &path.join("config.json"))?;
         let model = super::build_layers(&cfg, weights, super::on_cpu(), range.clone()).map_err(|e| name_missing(e, &cfg, &|t| holder(&path, &files, t), "config.json"))?;
