@@ -396,7 +396,8 @@ impl ModelConfig {
         // level's rope_theta is not read).
         let qwen35_rope = if is_qwen35 {
             match obj.get("rope_parameters") {
-                None | Some(Value::Null) => Some(serde_json::json!({"type": "default", "rope_theta": 100000.0, "partial_rotary_factor": 0.25})),
+                // mlx-lm's defaults for theta and the fraction are read below.
+                None | Some(Value::Null) => Some(serde_json::json!({"type": "default"})),
                 Some(Value::Object(m)) => {
                     let mut m = m.clone();
                     if m.get("type").is_none_or(Value::is_null) && m.get("rope_type").is_none_or(Value::is_null) {

@@ -1028,7 +1028,7 @@ impl Transformer {
             let logits = self.forward(&Array::from_slice(tokens, &[1, 1]), cache, true)?;
             return Ok(logits.reshape(&[1, -1])?);
         }
-        let mut h = self.embed.forward(&Array::from_slice(tokens, &[b as i32, 1]))?;
+        let mut h = self.embed_tokens(&Array::from_slice(tokens, &[b as i32, 1]))?;
         for (i, block) in self.blocks.iter().enumerate() {
             let mut kvs: Vec<&mut LayerKv> = caches.iter_mut().map(|c| &mut c[i]).collect();
             h = block.forward_rows(&h, &mut kvs)?;
@@ -1036,12 +1036,7 @@ impl Transformer {
         if self.on_cpu {
             mlx_rs::transforms::eval(caches.iter().flat_map(|c| c.iter().flat_map(LayerKv::arrays)))?;
         }
-        let h = self.norm.forward(&h)?;
-        let logits = match &self.lm_head {
-            Some(head) => head.forward(&h)?,
-            None => self.embed.as_linear(&h, self.on_cpu)?,
-        };
-        Ok(logits.reshape(&[b as i32, -1])?)
+        Ok(self.head(h, false)?.reshape(&[b as i32, -1])?)
     }
 
     pub fn num_layers(&self) -> usize {
