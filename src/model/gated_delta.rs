@@ -93,7 +93,16 @@ impl GatedDeltaNet {
         let a = self.in_proj_a.forward(x)?;
         let n_keep = c.conv_kernel - 1;
         let (conv_state, rec) = match state {
-            Some((cs, st)) => (cs.clone(), st.clone()),
+            Some((cs, st)) => {
+                // A state from elsewhere (a snapshot file) must be this layer's.
+                if cs.shape() != [b, n_keep, self.conv_dim()] || st.shape() != [b, hv, dv, dk] {
+                    return Err(MlxError {
+                        message: format!("a recurrent state of shapes {:?} and {:?} does not fit this layer ([{b}, {n_keep}, {}], [{b}, {hv}, {dv}, {dk}])", cs.shape(), st.shape(), self.conv_dim()),
+                        location: std::panic::Location::caller(),
+                    });
+                }
+                (cs.clone(), st.clone())
+            }
             None => (
                 ops::zeros_dtype(&[b, n_keep, self.conv_dim()], x.dtype())?,
                 ops::zeros_dtype(&[b, hv, dv, dk], Dtype::Float32)?,
