@@ -116,6 +116,7 @@ pub fn run(model: &str, config: Option<&std::path::Path>) -> bool {
         parallel: 4,
         kv_bits: None,
         context_override: None,
+        pipeline: None,
     };
     let engine = match Engine::start(cfg) {
         Ok(e) => {

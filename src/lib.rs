@@ -15,5 +15,6 @@ pub mod engine;
 pub mod kernels;
 pub mod launch;
 pub mod report;
+pub mod pipeline;
 pub mod ring;
 pub mod server;

@@ -267,6 +267,18 @@ struct ServeArgs {
     /// Also trace request bodies and response text (API keys are redacted).
     #[arg(long)]
     trace_bodies: bool,
+    /// Split the model by layers over the ranks of this MLX ring hostfile
+    /// (pipeline parallelism): start `kvserve serve` once per rank with the
+    /// same --model and hostfile (or through `mlx.launch --hostfile F --`);
+    /// rank 0 serves HTTP, the others hold their layers and follow it.
+    #[arg(long, conflicts_with = "proxy")]
+    hostfile: Option<PathBuf>,
+    /// This process's rank with --hostfile (default: MLX_RANK, as mlx.launch sets it).
+    #[arg(long, requires = "hostfile")]
+    rank: Option<usize>,
+    /// With --hostfile: seconds every rank waits for the others to join.
+    #[arg(long, default_value_t = 120.0, requires = "hostfile")]
+    join_timeout: f64,
 }
 
 fn parse_kv_bits(s: &str) -> Result<u8, String> {
@@ -343,6 +355,27 @@ fn serve(args: ServeArgs) -> Result<()> {
     let cache_bytes = args.cache_bytes.unwrap_or_else(default_cache_bytes);
     let (cache_dir, cache_disk) = cache_folder(args.cache_dir.as_deref(), args.cache_disk_bytes)?;
     kvserve::mlx::set_cache_limit(args.mlx_cache_limit).context("cannot set MLX's cache limit")?;
+    let pipeline = match &args.hostfile {
+        None => None,
+        Some(hostfile) => {
+            if !(args.join_timeout > 0.0 && args.join_timeout <= 86_400.0) {
+                bail!("--join-timeout is {}; it must be a number of seconds above 0, at most 86400", args.join_timeout);
+            }
+            let hosts = kvserve::ring::Hostfile::read(hostfile).map_err(anyhow::Error::msg)?;
+            let rank = kvserve::ring::rank_of(args.rank, &hosts).map_err(anyhow::Error::msg)?;
+            let join_timeout = std::time::Duration::from_secs_f64(args.join_timeout);
+            if rank > 0 {
+                follow_pipeline(args.model.as_deref().expect("clap requires --model without --proxy"), hostfile, rank, join_timeout);
+            }
+            if args.kv_bits.is_some() {
+                bail!("--kv-bits is not supported with --hostfile yet: snapshots of a split model stay f16");
+            }
+            if args.cache_dir.is_some() {
+                bail!("--cache-dir is not supported with --hostfile yet: snapshots of a split model are kept in memory only");
+            }
+            Some(kvserve::engine::worker::PipelineConfig { hostfile: hostfile.clone(), join_timeout })
+        }
+    };
     let cfg = EngineConfig {
         model: args.model.clone().expect("clap requires --model without --proxy"),
         cache_bytes,
@@ -353,6 +386,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         parallel: args.parallel as usize,
         kv_bits: args.kv_bits,
         context_override: args.context,
+        pipeline,
     };
     let t0 = std::time::Instant::now();
     let engine = Engine::start(cfg).map_err(anyhow::Error::msg)?;
@@ -402,6 +436,34 @@ fn serve(args: ServeArgs) -> Result<()> {
         server::serve(listener, state, shutdown_signal()).await;
         Ok::<(), anyhow::Error>(())
     })
+}
+
+/// A rank but 0 of `kvserve serve --hostfile`: join, load this rank's
+/// layers, check every rank has the same model, then follow rank 0's steps
+/// until it stops (exit 0) or a link is lost (exit 69, every rank alike).
+fn follow_pipeline(spec: &str, hostfile: &std::path::Path, rank: usize, timeout: std::time::Duration) -> ! {
+    use kvserve::{pipeline, ring};
+    let fail = |code: i32, why: String| -> ! {
+        tracing::error!("{why}");
+        eprintln!("kvserve: {why}");
+        kvserve::mlx::exit(code)
+    };
+    let (hosts, group) = ring::connect(hostfile, Some(rank), timeout).unwrap_or_else(|e| fail(1, e));
+    let n = hosts.size();
+    let total = pipeline::layers_to_split(spec, n).unwrap_or_else(|e| fail(1, e));
+    let range = ring::pipeline_range(total, rank, n);
+    let t0 = std::time::Instant::now();
+    let m = source::load_layers(spec, Some(range.clone())).unwrap_or_else(|e| fail(1, format!("rank {rank}: {e}")));
+    pipeline::handshake(&group, &m.model, &range).unwrap_or_else(|e| fail(1, e));
+    eprintln!("rank {rank} of {n}: layers {}..{} of {total} loaded in {:.1}s; following rank 0", range.start, range.end, t0.elapsed().as_secs_f64());
+    match pipeline::follow(&group, &m.model) {
+        Ok(done) => {
+            eprintln!("rank {rank}: rank 0 stopped; {} steps, {} tokens computed here", done.steps, done.tokens);
+            drop(m);
+            kvserve::mlx::exit(0)
+        }
+        Err(e) => fail(pipeline::EXIT_RANK_LOST, format!("{e}; exiting with status {} so that a supervisor restarts the group", pipeline::EXIT_RANK_LOST)),
+    }
 }
 
 /// `--cache-dir` as the engine takes it: `auto` is the per-user root, one
@@ -734,14 +796,7 @@ fn run_pipeline_generate(spec: &str, prompt: &str, system: Option<&str>, max_tok
     use kvserve::ring;
     let (hosts, group) = ring::connect(hostfile, rank, std::time::Duration::from_secs(60)).map_err(anyhow::Error::msg)?;
     let rank = group.rank();
-    let cfg_layers = {
-        let path = source::resolve(spec)?;
-        if path.is_file() { None } else { Some(kvserve::model::load_config(&path)?.num_layers) }
-    };
-    let Some(layers) = cfg_layers else { bail!("--hostfile needs an MLX-format model directory (GGUF files are not split yet)") };
-    if (layers as usize) < hosts.size() {
-        bail!("{layers} layers cannot be split over {} ranks", hosts.size());
-    }
+    let layers = kvserve::pipeline::layers_to_split(spec, hosts.size()).map_err(anyhow::Error::msg)?;
     let range = ring::pipeline_range(layers, rank, hosts.size());
     let t0 = std::time::Instant::now();
     let m = source::load_layers(spec, Some(range.clone()))?;

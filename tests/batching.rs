@@ -34,6 +34,7 @@ fn engine_queue(parallel: usize, queue: usize, kv_bits: Option<u8>) -> Engine {
         parallel,
         kv_bits,
         context_override: None,
+        pipeline: None,
     })
     .expect("the engine starts (run `make model` first)")
 }

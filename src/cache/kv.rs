@@ -38,6 +38,10 @@ pub struct LayerKv {
     /// `(conv, state)`: `[B, kernel - 1, conv_dim]` in the compute dtype and
     /// `[B, v_heads, v_dim, k_dim]` in f32, as mlx-lm's ArraysCache holds them.
     recurrent: Option<(Array, Array)>,
+    /// Set when these layers live in other processes (the later ranks of a
+    /// pipeline, see [`remote`]): this holds only their position, and every
+    /// change to them is queued for those ranks.
+    remote: Option<remote::RemoteKv>,
 }
 
 impl LayerKv {
@@ -95,6 +99,10 @@ impl LayerKv {
     /// layer never coexist in one chunk's graph. `kv_heads` and `head_dim`
     /// shape buffers not yet made.
     pub fn reserve(&mut self, tokens: i32, kv_heads: i32, head_dim: i32) -> Result<(), MlxError> {
+        if let Some(r) = &self.remote {
+            r.reserve(tokens);
+            return Ok(());
+        }
         if tokens <= self.capacity() {
             return Ok(());
         }
@@ -138,6 +146,11 @@ impl LayerKv {
     /// own position: trimming it to any other but 0 is an error.
     pub fn trim_to(&mut self, len: i32) -> Result<(), MlxError> {
         let len = len.clamp(0, self.offset);
+        if let Some(r) = &self.remote {
+            r.trim(len);
+            self.offset = len;
+            return Ok(());
+        }
         if len == 0 {
             *self = Self::default();
             return Ok(());
@@ -155,11 +168,19 @@ impl LayerKv {
     /// Bytes held by the key and value buffers (capacity, not just offset)
     /// and the recurrent state.
     pub fn nbytes(&self) -> usize {
+        if self.remote.is_some() {
+            return self.kv_nbytes();
+        }
         self.arrays().map(Array::nbytes).sum()
     }
 
     /// Bytes of the key and value buffers only (they grow with the tokens).
+    /// For layers held by other ranks: what their buffers take there, from
+    /// the bytes per token [`remote::enable`] was given.
     pub fn kv_nbytes(&self) -> usize {
+        if self.remote.is_some() {
+            return ((self.offset + STEP - 1) / STEP * STEP) as usize * remote::bytes_per_token();
+        }
         self.keys.as_ref().map_or(0, Array::nbytes) + self.values.as_ref().map_or(0, Array::nbytes)
     }
 
@@ -186,7 +207,23 @@ impl LayerKv {
 
     /// A layer holding exactly this recurrent state, at `offset` tokens.
     pub fn from_recurrent(conv: Array, state: Array, offset: i32) -> Self {
-        LayerKv { keys: None, values: None, offset, recurrent: Some((conv, state)) }
+        LayerKv { keys: None, values: None, offset, recurrent: Some((conv, state)), remote: None }
+    }
+
+    /// Fresh state for the layers the other ranks of a pipeline hold.
+    pub fn new_remote() -> Self {
+        LayerKv { remote: Some(remote::RemoteKv::new()), ..Default::default() }
+    }
+
+    /// The id the other ranks know these layers' state by, when they hold it.
+    pub fn remote_id(&self) -> Option<u32> {
+        self.remote.as_ref().map(|r| r.id)
+    }
+
+    /// The other ranks computed `tokens` more tokens into these layers.
+    pub fn advance_remote(&mut self, tokens: i32) {
+        debug_assert!(self.remote.is_some());
+        self.offset += tokens;
     }
 
     /// A copy holding only what is valid (the first `offset` tokens of the
@@ -194,10 +231,13 @@ impl LayerKv {
     /// written in place): what a snapshot taken in the middle of a prompt
     /// keeps, instead of the whole buffers the prompt goes on writing.
     pub fn compact(&self) -> Self {
+        if let Some(r) = &self.remote {
+            return LayerKv { remote: Some(r.compact()), offset: self.offset, ..Default::default() };
+        }
         match (&self.recurrent, self.state()) {
             (Some(_), _) => self.clone(),
             (None, Some((k, v))) => match (k.contiguous(), v.contiguous()) {
-                (Ok(k), Ok(v)) => LayerKv { keys: Some(k), values: Some(v), offset: self.offset, recurrent: None },
+                (Ok(k), Ok(v)) => LayerKv { keys: Some(k), values: Some(v), offset: self.offset, recurrent: None, remote: None },
                 _ => self.clone(),
             },
             (None, None) => LayerKv::new(),
@@ -225,13 +265,116 @@ impl LayerKv {
     /// Other dtypes are converted to [`KV_DTYPE`] (lazily).
     pub fn from_state(keys: Array, values: Array) -> Result<Self, MlxError> {
         let offset = keys.shape()[2];
-        Ok(LayerKv { keys: Some(stored(keys)?), values: Some(stored(values)?), offset, recurrent: None })
+        Ok(LayerKv { keys: Some(stored(keys)?), values: Some(stored(values)?), offset, recurrent: None, remote: None })
     }
 }
 
 /// A fresh KV state for every layer of a model.
+/// A fresh KV state for every layer of a model: `layers` entries, the last
+/// of them for the layers other ranks hold when this process leads a
+/// pipeline ([`remote::enable`]).
 pub fn new_cache(layers: usize) -> Vec<LayerKv> {
-    (0..layers).map(|_| LayerKv::new()).collect()
+    let far = usize::from(remote::enabled() && layers > 0);
+    (0..layers - far).map(|_| LayerKv::new()).chain((0..far).map(|_| LayerKv::new_remote())).collect()
+}
+
+/// The KV state of layers that other processes hold (the later ranks of a
+/// pipeline, `kvserve serve --hostfile`). Rank 0 keeps one [`LayerKv`] per
+/// sequence or snapshot for all of them, holding only the position and an
+/// id; what is done to it (a copy for a snapshot, a trim, a compact copy, a
+/// drop) is queued here as words of the pipeline's protocol and reaches the
+/// other ranks, in order, with the next step they compute. So the prefix
+/// cache, its policy and the scheduler work on a split model unchanged:
+/// every rank holds its layers' share of every snapshot under the same id.
+pub mod remote {
+    use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+
+    use parking_lot::Mutex;
+
+    /// A copy `[CLONE, from, to]`: the state `from` holds, under a new id.
+    pub const CLONE: u32 = 1;
+    /// `[COMPACT, from, to]`: a copy of only the valid tokens.
+    pub const COMPACT: u32 = 2;
+    /// `[TRIM, id, len]`: keep the first `len` tokens.
+    pub const TRIM: u32 = 3;
+    /// `[FREE, id]`: the state is dropped.
+    pub const FREE: u32 = 4;
+    /// `[RESERVE, id, tokens]`: room for `tokens` tokens.
+    pub const RESERVE: u32 = 5;
+
+    static ENABLED: AtomicBool = AtomicBool::new(false);
+    static NEXT_ID: AtomicU32 = AtomicU32::new(1);
+    static BYTES_PER_TOKEN: AtomicUsize = AtomicUsize::new(0);
+    static QUEUE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+    /// From now on [`super::new_cache`] ends every cache with an entry for
+    /// the layers other ranks hold, whose KV takes `bytes_per_token` there.
+    pub fn enable(bytes_per_token: usize) {
+        BYTES_PER_TOKEN.store(bytes_per_token, Ordering::SeqCst);
+        ENABLED.store(true, Ordering::SeqCst);
+    }
+
+    pub fn enabled() -> bool {
+        ENABLED.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn bytes_per_token() -> usize {
+        BYTES_PER_TOKEN.load(Ordering::SeqCst)
+    }
+
+    /// The words queued since the last call (the other ranks apply them in order).
+    pub fn take_queued() -> Vec<u32> {
+        std::mem::take(&mut *QUEUE.lock())
+    }
+
+    pub fn has_queued() -> bool {
+        !QUEUE.lock().is_empty()
+    }
+
+    fn queue(words: &[u32]) {
+        QUEUE.lock().extend_from_slice(words);
+    }
+
+    /// One remote state's id; copies get their own, and dropping it frees it there.
+    pub(super) struct RemoteKv {
+        pub id: u32,
+    }
+
+    impl RemoteKv {
+        pub fn new() -> Self {
+            RemoteKv { id: NEXT_ID.fetch_add(1, Ordering::SeqCst) }
+        }
+
+        fn copy(&self, op: u32) -> Self {
+            let to = Self::new();
+            queue(&[op, self.id, to.id]);
+            to
+        }
+
+        pub fn compact(&self) -> Self {
+            self.copy(COMPACT)
+        }
+
+        pub fn trim(&self, len: i32) {
+            queue(&[TRIM, self.id, len.max(0) as u32]);
+        }
+
+        pub fn reserve(&self, tokens: i32) {
+            queue(&[RESERVE, self.id, tokens.max(0) as u32]);
+        }
+    }
+
+    impl Clone for RemoteKv {
+        fn clone(&self) -> Self {
+            self.copy(CLONE)
+        }
+    }
+
+    impl Drop for RemoteKv {
+        fn drop(&mut self) {
+            queue(&[FREE, self.id]);
+        }
+    }
 }
 
 /// A layer's keys and values kept quantized (`--kv-bits`): MLX's affine

@@ -96,7 +96,10 @@ struct StepError(Vec<u64>, String);
 
 impl Scheduler {
     pub fn new(cfg: &EngineConfig, stats: Arc<Mutex<CacheStats>>, queued: Arc<AtomicUsize>, load: Arc<Load>) -> Result<(Scheduler, Arc<ModelInfo>), String> {
-        let LoadedModel { model, tokenizer, template, eos_ids, path, name } = source::load(&cfg.model).map_err(|e| e.to_string())?;
+        let LoadedModel { model, tokenizer, template, eos_ids, path, name } = match &cfg.pipeline {
+            Some(p) => lead_pipeline(&cfg.model, p)?,
+            None => source::load(&cfg.model).map_err(|e| e.to_string())?,
+        };
         // Warm up (first-use costs out of the first request) and measure the
         // KV bytes per token.
         let mut kv = new_cache(model.num_layers());
@@ -128,6 +131,25 @@ impl Scheduler {
             load,
         };
         Ok((s, info))
+    }
+
+    /// Send the other ranks of a pipeline the cache operations queued since
+    /// the last step (snapshots dropped while idle free their shares).
+    pub fn flush_remote(&mut self) {
+        if let Some(stage) = self.model.stage() {
+            if let Err(e) = stage.flush() {
+                tracing::warn!("{e}");
+            }
+        }
+    }
+
+    /// Tell the other ranks of a pipeline to exit (this one is shutting down).
+    pub fn stop_followers(&mut self) {
+        if let Some(stage) = self.model.stage() {
+            if let Err(e) = stage.stop() {
+                tracing::warn!("{e}");
+            }
+        }
     }
 
     /// Nothing running or waiting.
@@ -447,6 +469,26 @@ impl Scheduler {
             crate::mlx::cache_memory().unwrap_or(0) as f64 / 1e6,
         );
     }
+}
+
+/// Rank 0 of `kvserve serve --hostfile`: join the ring, load the first
+/// layers (the other ranks load the rest), check every rank loaded the same
+/// model, and make each cache end with the other ranks' entry.
+fn lead_pipeline(spec: &str, p: &super::worker::PipelineConfig) -> Result<LoadedModel, String> {
+    let (hosts, group) = crate::ring::connect(&p.hostfile, Some(0), p.join_timeout)?;
+    let n = hosts.size();
+    let total = crate::pipeline::layers_to_split(spec, n)?;
+    let range = crate::ring::pipeline_range(total, 0, n);
+    let mut m = source::load_layers(spec, Some(range.clone())).map_err(|e| e.to_string())?;
+    let ranges = crate::pipeline::handshake(&group, &m.model, &range)?;
+    let c = &m.model.config;
+    tracing::info!("rank 0 of {n}: layers {}..{} of {total} here; {}", range.start, range.end, (1..n).map(|r| format!("rank {r}: {}..{}", ranges[r].start, ranges[r].end)).collect::<Vec<_>>().join(", "));
+    // f16 keys and values of every later layer (linear layers hold less).
+    let far_layers = (total - range.end) as usize;
+    crate::cache::kv::remote::enable(far_layers * 2 * c.num_kv_heads as usize * c.head_dim as usize * 2);
+    let (hidden, dtype) = (c.hidden_size, m.model.activation_dtype());
+    m.model.set_stage(crate::pipeline::Stage::new(group, hidden, dtype, ranges));
+    Ok(m)
 }
 
 /// The next chunk of a prompt with `left` tokens to compute, about `target`

@@ -47,6 +47,18 @@ pub struct EngineConfig {
     /// Use this context length instead of the model's own (beyond what the
     /// model was trained on, quality drops; said at start-up).
     pub context_override: Option<usize>,
+    /// Lead a pipeline over an MLX ring: this process is rank 0 and holds
+    /// the first layers; the other ranks run `kvserve serve` as followers.
+    pub pipeline: Option<PipelineConfig>,
+}
+
+/// Rank 0's part of `kvserve serve --hostfile`.
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    /// MLX's ring hostfile (every rank is started with the same one).
+    pub hostfile: PathBuf,
+    /// How long to wait for every rank to join.
+    pub join_timeout: Duration,
 }
 
 /// How the snapshot folder is used.
@@ -132,6 +144,18 @@ fn exit_mlx_failed(why: &str) -> ! {
     crate::mlx::exit(EXIT_MLX_FAILED)
 }
 
+/// A pipeline lost a rank: the requests it was computing got their error
+/// (503 from the server, as the engine now counts as stopped); give the
+/// server a moment to send those answers, then exit non-zero, which ends
+/// the other ranks too (their links close), so a supervisor restarts the group.
+fn exit_rank_lost() -> ! {
+    let why = crate::pipeline::why_broken();
+    tracing::error!("{why}");
+    eprintln!("kvserve: {why}");
+    std::thread::sleep(Duration::from_millis(1500));
+    crate::mlx::exit(crate::pipeline::EXIT_RANK_LOST)
+}
+
 /// The handle the server holds.
 pub struct Engine {
     tx: mpsc::Sender<Msg>,
@@ -191,6 +215,7 @@ fn run(rx: mpsc::Receiver<Msg>, mut s: Scheduler) {
         if s.idle() {
             if let Some(done) = shutdown.take() {
                 let _ = guarded(&mut s, "writing the snapshots", |s| s.policy.flush());
+                s.stop_followers();
                 // Free every MLX array (the model, the cache) before the
                 // caller may return from main: MLX's allocator is a static
                 // that exit tears down, and freeing into it while it is torn
@@ -230,11 +255,15 @@ fn run(rx: mpsc::Receiver<Msg>, mut s: Scheduler) {
             if let Ok(Err(why)) = guarded(&mut s, "a step", Scheduler::step) {
                 // A step's error may be MLX's own failure.
                 tracing::warn!("a step failed: {why}");
+                if crate::pipeline::broken() {
+                    exit_rank_lost();
+                }
                 if let Err(why) = mlx_works() {
                     exit_mlx_failed(&why);
                 }
             }
         }
+        s.flush_remote();
     }
 }
 
@@ -345,8 +374,9 @@ impl Engine {
         }
     }
 
+    /// The engine computes (its thread runs, and a pipeline it leads has every rank).
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::SeqCst)
+        self.alive.load(Ordering::SeqCst) && !crate::pipeline::broken()
     }
 
     /// Requests waiting for the engine (submitted, not yet running).
@@ -406,6 +436,7 @@ mod tests {
             parallel: 4,
             kv_bits: None,
             context_override: None,
+            pipeline: None,
         })
         .unwrap();
         let prompt = engine.info.tokenizer.encode("Name a colour.").unwrap();

@@ -935,6 +935,9 @@ pub struct Transformer {
     lm_head: Option<Linear>,
     /// MLX computes on the CPU (kvserve's CPU paths apply).
     on_cpu: bool,
+    /// Set on rank 0 of a pipeline: the later layers are on the other ranks,
+    /// reached through this; each cache then ends with their entry.
+    stage: Option<crate::pipeline::Stage>,
 }
 
 impl Transformer {
@@ -964,15 +967,30 @@ impl Transformer {
         }
         let norm = w.rms_norm("model.norm", cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(w.linear("lm_head", false)?) };
-        Ok(Transformer { config: cfg.clone(), embed, blocks, norm, lm_head, on_cpu: w.cpu_dense_prefill })
+        Ok(Transformer { config: cfg.clone(), embed, blocks, norm, lm_head, on_cpu: w.cpu_dense_prefill, stage: None })
     }
 
     /// Run `tokens` (`[1, L]` int32) through the model, extending `cache`
     /// (one entry per layer). Returns logits `[1, L, vocab]`, or `[1, 1, vocab]`
     /// for the last position only when `last_only`.
     pub fn forward(&self, tokens: &Array, cache: &mut [LayerKv], last_only: bool) -> std::result::Result<Array, MlxError> {
-        let h = self.run_blocks(self.embed_tokens(tokens)?, cache)?;
+        let (local, tail) = cache.split_at_mut(self.blocks.len());
+        let h = self.run_blocks(self.embed_tokens(tokens)?, local)?;
+        let h = match (&self.stage, tail) {
+            (Some(stage), [far]) => stage.forward(h, &mut [far], last_only)?,
+            _ => h,
+        };
         self.head(h, last_only)
+    }
+
+    /// Make this rank 0 of a pipeline whose other ranks hold the layers
+    /// after this model's own ([`crate::pipeline`]).
+    pub fn set_stage(&mut self, stage: crate::pipeline::Stage) {
+        self.stage = Some(stage);
+    }
+
+    pub fn stage(&self) -> Option<&crate::pipeline::Stage> {
+        self.stage.as_ref()
     }
 
     /// The token embeddings of `tokens` (`[1, L]`): `[1, L, hidden]`.
@@ -1023,12 +1041,25 @@ impl Transformer {
     pub fn decode_batch(&self, tokens: &[u32], caches: &mut [&mut [LayerKv]]) -> std::result::Result<Array, MlxError> {
         let b = tokens.len();
         assert_eq!(b, caches.len(), "one cache per row");
-        assert!(caches.iter().all(|c| c.len() == self.blocks.len()), "one KV state per layer");
+        assert!(caches.iter().all(|c| c.len() == self.num_layers()), "one KV state per layer");
         if let [cache] = caches {
             let logits = self.forward(&Array::from_slice(tokens, &[1, 1]), cache, true)?;
             return Ok(logits.reshape(&[1, -1])?);
         }
-        let mut h = self.embed_tokens(&Array::from_slice(tokens, &[b as i32, 1]))?;
+        let h = self.embed_tokens(&Array::from_slice(tokens, &[b as i32, 1]))?;
+        let n = self.blocks.len();
+        let mut local: Vec<&mut [LayerKv]> = caches.iter_mut().map(|c| &mut c[..n]).collect();
+        let mut h = self.run_rows(h, &mut local)?;
+        if let Some(stage) = &self.stage {
+            let mut tails: Vec<&mut LayerKv> = caches.iter_mut().map(|c| &mut c[n]).collect();
+            h = stage.forward(h, &mut tails, false)?;
+        }
+        Ok(self.head(h, false)?.reshape(&[b as i32, -1])?)
+    }
+
+    /// Rows of one token each (`h`: `[rows, 1, hidden]`) through this
+    /// model's blocks, row `i` extending `caches[i]` (one entry per block).
+    pub fn run_rows(&self, mut h: Array, caches: &mut [&mut [LayerKv]]) -> std::result::Result<Array, MlxError> {
         for (i, block) in self.blocks.iter().enumerate() {
             let mut kvs: Vec<&mut LayerKv> = caches.iter_mut().map(|c| &mut c[i]).collect();
             h = block.forward_rows(&h, &mut kvs)?;
@@ -1036,17 +1067,19 @@ impl Transformer {
         if self.on_cpu {
             mlx_rs::transforms::eval(caches.iter().flat_map(|c| c.iter().flat_map(LayerKv::arrays)))?;
         }
-        Ok(self.head(h, false)?.reshape(&[b as i32, -1])?)
+        Ok(h)
     }
 
+    /// KV entries a sequence's cache has: one per block held here, and one
+    /// for the layers the other ranks of a pipeline hold.
     pub fn num_layers(&self) -> usize {
-        self.blocks.len()
+        self.blocks.len() + usize::from(self.stage.is_some())
     }
 
     /// Whether some layers keep a recurrent state (linear attention): the
     /// model's state then cannot be trimmed back to an earlier position.
     pub fn has_recurrent_state(&self) -> bool {
-        self.blocks.iter().any(|b| matches!(b.attn, Mixer::Linear(_)))
+        self.blocks.iter().any(|b| matches!(b.attn, Mixer::Linear(_))) || (self.stage.is_some() && self.config.linear.is_some())
     }
 
     /// Room for `tokens` tokens in every attention layer's buffers (see
@@ -1057,6 +1090,9 @@ impl Transformer {
             if matches!(b.attn, Mixer::Attention(_)) {
                 kv.reserve(tokens, cfg.num_kv_heads, cfg.head_dim)?;
             }
+        }
+        if let (Some(_), Some(far)) = (&self.stage, cache.get_mut(self.blocks.len())) {
+            far.reserve(tokens, cfg.num_kv_heads, cfg.head_dim)?;
         }
         Ok(())
     }

@@ -130,6 +130,7 @@ impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
             SubmitError::Full(n) => ApiError::new(Kind::Overloaded, format!("server is busy: {n} requests are already waiting; retry shortly")),
+            SubmitError::Dead if crate::pipeline::broken() => ApiError::new(Kind::Unavailable, crate::pipeline::why_broken()),
             SubmitError::Dead => ApiError::new(Kind::Unavailable, "the inference engine has stopped; see the server log"),
             e @ SubmitError::Busy(..) => ApiError::new(Kind::Unavailable, e.to_string()),
         }

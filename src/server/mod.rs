@@ -538,6 +538,12 @@ where
         .expect("static response parts are valid")
 }
 
+/// A request the engine failed: 503 when the engine can compute no more
+/// (a pipeline lost a rank; the process is exiting for a restart), else 500.
+fn failed(state: &State, e: String) -> ApiError {
+    ApiError::new(if state.engine.is_alive() { Kind::Internal } else { Kind::Unavailable }, e)
+}
+
 fn record_done(state: &State, outs: &[Out], mut trace: Trace) {
     for o in outs {
         trace.on(o, &state.metrics);
@@ -559,7 +565,7 @@ async fn messages(state: &Arc<State>, body: Value) -> Result<Response<Body>, Api
     record_done(state, &outs, trace);
     anthropic::message_json(&id, &served, &outs)
         .map(|m| json_response(200, &m))
-        .map_err(|e| ApiError::new(Kind::Internal, e))
+        .map_err(|e| failed(state, e))
 }
 
 async fn count_tokens(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiError> {
@@ -584,5 +590,5 @@ async fn chat(state: &Arc<State>, body: Value) -> Result<Response<Body>, ApiErro
     record_done(state, &outs, trace);
     openai::completion_json(&id, &served, created, &outs)
         .map(|m| json_response(200, &m))
-        .map_err(|e| ApiError::new(Kind::Internal, e))
+        .map_err(|e| failed(state, e))
 }

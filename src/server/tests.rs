@@ -47,6 +47,7 @@ fn a_panicking_request_gets_a_500_and_the_engine_goes_on() {
         parallel: 4,
         kv_bits: None,
         context_override: None,
+        pipeline: None,
     })
     .unwrap();
     let name = engine.info.name.clone();

@@ -1,0 +1,295 @@
+//! Serving one model split by layers over the ranks of an MLX ring
+//! (`kvserve serve --hostfile`): pipeline parallelism.
+//!
+//! Rank 0 runs the server, the scheduler and the prompt index, and holds
+//! the embedding, the first layers and the head. Every other rank holds a
+//! contiguous range of the later layers and follows rank 0's steps. The
+//! KV state of those layers lives on the ranks that hold them: rank 0's
+//! caches end with one entry standing for all of it
+//! ([`crate::cache::kv::remote`]), so a snapshot is every rank's share
+//! under one id, and lookup, eviction and trimming stay rank 0's decisions.
+//!
+//! Everything travels over MLX's own send/recv between ring neighbours. A
+//! message from rank `r` to `r + 1` is a length (`[1]` int32), the words
+//! (`[n]` uint32: the cache operations queued since the last message, then
+//! at most one [`FORWARD`] or [`STOP`]), and for [`FORWARD`] the hidden
+//! states `[rows, tokens, hidden]`. Each rank applies the operations to its
+//! share, runs its layers and passes the message on; the last rank sends
+//! the hidden states (the last position only, when that is all the head
+//! needs) back to rank 0, its ring neighbour, which computes the logits.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use mlx_rs::ops::indexing::IndexOp;
+use mlx_rs::{Array, Dtype};
+use parking_lot::Mutex;
+
+use crate::cache::kv::{new_cache, remote, LayerKv};
+use crate::mlx::distributed::Group;
+use crate::mlx::MlxError;
+use crate::model::Transformer;
+
+/// `[FORWARD, rows, tokens, last_only, id...]`: run `rows` rows of `tokens`
+/// tokens each through this rank's layers, row `i` extending state `id[i]`.
+pub const FORWARD: u32 = 6;
+/// `[STOP]`: rank 0 is shutting down; followers exit.
+pub const STOP: u32 = 7;
+
+/// The exit status of every rank when the group has lost a rank
+/// (EX_UNAVAILABLE), so that a supervisor restarts the whole group.
+pub const EXIT_RANK_LOST: i32 = 69;
+
+static BROKEN: AtomicBool = AtomicBool::new(false);
+static WHY: Mutex<String> = Mutex::new(String::new());
+
+/// Whether the group lost a rank (no step can be computed any more).
+pub fn broken() -> bool {
+    BROKEN.load(Ordering::SeqCst)
+}
+
+/// What was lost, once [`broken`].
+pub fn why_broken() -> String {
+    WHY.lock().clone()
+}
+
+fn mlx_err(message: String) -> MlxError {
+    MlxError { message, location: std::panic::Location::caller() }
+}
+
+/// Rank 0's link to the rest of the pipeline (held by its [`Transformer`]).
+pub struct Stage {
+    group: Group,
+    hidden: i32,
+    dtype: Dtype,
+    /// The layers each rank holds, for messages.
+    ranges: Vec<std::ops::Range<i32>>,
+}
+
+impl Stage {
+    pub fn new(group: Group, hidden: i32, dtype: Dtype, ranges: Vec<std::ops::Range<i32>>) -> Stage {
+        Stage { group, hidden, dtype, ranges }
+    }
+
+    fn lost(&self, e: impl std::fmt::Display) -> MlxError {
+        let n = self.group.size();
+        let later: Vec<String> = (1..n).map(|r| format!("rank {r} (layers {}..{})", self.ranges[r].start, self.ranges[r].end)).collect();
+        let why = format!(
+            "the model's later layers are on other ranks ({}), and the link to them failed: {e}; no step can be computed without them, so every rank exits (status {EXIT_RANK_LOST}) for a supervisor to restart the group",
+            later.join(", ")
+        );
+        if !BROKEN.swap(true, Ordering::SeqCst) {
+            *WHY.lock() = why.clone();
+        }
+        mlx_err(why)
+    }
+
+    fn send_words(&self, words: &[u32]) -> Result<(), MlxError> {
+        send_message(&self.group, 1, words, None).map_err(|e| self.lost(e))
+    }
+
+    /// `h` (`[rows, tokens, hidden]`, through rank 0's layers) through every
+    /// other rank's layers, row `i` extending `tails[i]` (the remote entry
+    /// of its cache): the last rank's hidden states, of the last position
+    /// only when `last_only`.
+    pub fn forward(&self, h: Array, tails: &mut [&mut LayerKv], last_only: bool) -> Result<Array, MlxError> {
+        if broken() {
+            return Err(mlx_err(why_broken()));
+        }
+        let s = h.shape().to_vec();
+        let (rows, tokens) = (s[0], s[1]);
+        let mut words = remote::take_queued();
+        words.extend([FORWARD, rows as u32, tokens as u32, u32::from(last_only)]);
+        for t in tails.iter() {
+            words.push(t.remote_id().ok_or_else(|| mlx_err("a cache without the other ranks' entry reached the pipeline".into()))?);
+        }
+        send_message(&self.group, 1, &words, Some(&h)).map_err(|e| self.lost(e))?;
+        let back = self.group.recv(&[rows, if last_only { 1 } else { tokens }, self.hidden], self.dtype, self.group.size() - 1).map_err(|e| self.lost(e))?;
+        back.eval().map_err(|e| self.lost(e))?;
+        for t in tails.iter_mut() {
+            t.advance_remote(tokens);
+        }
+        Ok(back)
+    }
+
+    /// Send the cache operations queued since the last step (snapshots
+    /// dropped while idle free their shares on the other ranks now).
+    pub fn flush(&self) -> Result<(), MlxError> {
+        if broken() || !remote::has_queued() {
+            return Ok(());
+        }
+        self.send_words(&remote::take_queued())
+    }
+
+    /// Tell the other ranks to exit (rank 0 is shutting down).
+    pub fn stop(&self) -> Result<(), MlxError> {
+        if broken() {
+            return Ok(());
+        }
+        let mut words = remote::take_queued();
+        words.push(STOP);
+        self.send_words(&words)
+    }
+}
+
+/// One message to `dst`: the length, the words, then `h` if any.
+fn send_message(group: &Group, dst: usize, words: &[u32], h: Option<&Array>) -> Result<(), MlxError> {
+    let len = Array::from_slice(&[words.len() as i32], &[1]);
+    group.send(&len, dst)?.eval()?;
+    group.send(&Array::from_slice(words, &[words.len() as i32]), dst)?.eval()?;
+    if let Some(h) = h {
+        group.send(h, dst)?.eval()?;
+    }
+    Ok(())
+}
+
+/// The layers of the MLX model `spec`, checked to split over `ranks` ranks.
+pub fn layers_to_split(spec: &str, ranks: usize) -> Result<i32, String> {
+    let path = crate::model::source::resolve(spec).map_err(|e| e.to_string())?;
+    if path.is_file() {
+        return Err("--hostfile needs an MLX-format model directory (a GGUF file is converted whole on every rank, so it is not split)".into());
+    }
+    let layers = crate::model::load_config(&path).map_err(|e| e.to_string())?.num_layers;
+    if (layers as usize) < ranks {
+        return Err(format!("{layers} layers cannot be split over {ranks} ranks"));
+    }
+    Ok(layers)
+}
+
+/// Check that every rank loaded the same model and that their layer ranges
+/// follow each other from 0 to the last layer; every rank gets the same
+/// answer (an all_gather of each rank's numbers).
+pub fn handshake(group: &Group, model: &Transformer, range: &std::ops::Range<i32>) -> Result<Vec<std::ops::Range<i32>>, String> {
+    let c = &model.config;
+    let mine = [c.num_layers, c.hidden_size, c.vocab_size, range.start, range.end];
+    let all = group.all_gather(&Array::from_slice(&mine, &[1, 5])).map_err(|e| e.message)?;
+    all.eval().map_err(|e| e.to_string())?;
+    let v: Vec<i32> = all.as_slice::<i32>().to_vec();
+    let n = group.size();
+    let mut ranges = vec![];
+    for r in 0..n {
+        let row = &v[r * 5..r * 5 + 5];
+        if row[..3] != mine[..3] {
+            return Err(format!(
+                "rank {r} loaded a model with {} layers, hidden size {} and {} tokens; rank {} has {}, {} and {}: every rank must serve the same model",
+                row[0], row[1], row[2], group.rank(), mine[0], mine[1], mine[2]
+            ));
+        }
+        let want = if r == 0 { 0 } else { ranges.last().map_or(0, |p: &std::ops::Range<i32>| p.end) };
+        if row[3] != want {
+            return Err(format!("rank {r} holds layers {}..{}, but the previous rank's end at {want}", row[3], row[4]));
+        }
+        ranges.push(row[3]..row[4]);
+    }
+    if ranges.last().map(|r| r.end) != Some(c.num_layers) {
+        return Err(format!("the ranks hold layers up to {:?}, not all {}", ranges.last().map(|r| r.end), c.num_layers));
+    }
+    Ok(ranges)
+}
+
+/// What a follower did, for its log.
+#[derive(Debug, Default)]
+pub struct Followed {
+    pub steps: u64,
+    pub tokens: u64,
+}
+
+/// A follower's loop (every rank but 0): apply rank 0's cache operations
+/// to this rank's share, run its layers on the hidden states the previous
+/// rank sends, pass them on, until [`STOP`]. An error is a lost link (or a
+/// protocol out of step): the caller exits with [`EXIT_RANK_LOST`].
+pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
+    let (rank, n) = (group.rank(), group.size());
+    let hidden = model.config.hidden_size;
+    let dtype = model.activation_dtype();
+    let layers = model.num_layers();
+    let mut states: HashMap<u32, Vec<LayerKv>> = HashMap::new();
+    let mut done = Followed::default();
+    let lost = |e: MlxError| format!("rank {rank} of {n} lost its link to rank {}: {}", rank - 1, e.message);
+    loop {
+        let len = group.recv(&[1], Dtype::Int32, rank - 1).map_err(lost)?;
+        len.eval().map_err(|e| lost(e.into()))?;
+        let len = len.as_slice::<i32>()[0];
+        let words = group.recv(&[len], Dtype::Uint32, rank - 1).map_err(lost)?;
+        words.eval().map_err(|e| lost(e.into()))?;
+        let words: Vec<u32> = words.as_slice::<u32>().to_vec();
+        let mut i = 0;
+        let mut passed_on = false;
+        let arg = |i: usize| words.get(i).copied().ok_or_else(|| format!("rank {rank}: a message from rank 0 ended early (protocol out of step)"));
+        while i < words.len() {
+            match words[i] {
+                remote::CLONE | remote::COMPACT => {
+                    let (from, to) = (arg(i + 1)?, arg(i + 2)?);
+                    let copy = match states.get(&from) {
+                        Some(s) if words[i] == remote::COMPACT => s.iter().map(LayerKv::compact).collect(),
+                        Some(s) => s.clone(),
+                        None => new_cache(layers),
+                    };
+                    states.insert(to, copy);
+                    i += 3;
+                }
+                remote::TRIM => {
+                    let (id, len) = (arg(i + 1)?, arg(i + 2)?);
+                    if let Some(s) = states.get_mut(&id) {
+                        for l in s.iter_mut() {
+                            // Rank 0's own layers refuse the same trim first.
+                            let _ = l.trim_to(len as i32);
+                        }
+                    }
+                    i += 3;
+                }
+                remote::FREE => {
+                    states.remove(&arg(i + 1)?);
+                    i += 2;
+                }
+                remote::RESERVE => {
+                    let (id, tokens) = (arg(i + 1)?, arg(i + 2)?);
+                    let s = states.entry(id).or_insert_with(|| new_cache(layers));
+                    model.reserve(s, tokens as i32).map_err(|e| format!("rank {rank}: {e}"))?;
+                    i += 3;
+                }
+                FORWARD => {
+                    let (rows, tokens, last_only) = (arg(i + 1)? as i32, arg(i + 2)? as i32, arg(i + 3)? == 1);
+                    let ids: Vec<u32> = (0..rows as usize).map(|r| arg(i + 4 + r)).collect::<Result<_, _>>()?;
+                    let h = group.recv(&[rows, tokens, hidden], dtype, rank - 1).map_err(lost)?;
+                    for id in &ids {
+                        states.entry(*id).or_insert_with(|| new_cache(layers));
+                    }
+                    let h = if rows == 1 {
+                        model.run_blocks(h, states.get_mut(&ids[0]).expect("inserted above")).map_err(|e| format!("rank {rank}: {e}"))?
+                    } else {
+                        let mut taken: Vec<(u32, Vec<LayerKv>)> = ids.iter().map(|id| (*id, states.remove(id).expect("inserted above"))).collect();
+                        let r = {
+                            let mut caches: Vec<&mut [LayerKv]> = taken.iter_mut().map(|(_, c)| c.as_mut_slice()).collect();
+                            model.run_rows(h, &mut caches)
+                        };
+                        states.extend(taken);
+                        r.map_err(|e| format!("rank {rank}: {e}"))?
+                    };
+                    let h = if last_only && tokens > 1 { h.index((.., (tokens - 1)..tokens, ..)) } else { h };
+                    if rank + 1 < n {
+                        send_message(group, rank + 1, &words, Some(&h)).map_err(|e| format!("rank {rank} of {n} lost its link to rank {}: {}", rank + 1, e.message))?;
+                    } else {
+                        group.send(&h, 0).and_then(|s| Ok(s.eval()?)).map_err(|e| format!("rank {rank} of {n} lost its link to rank 0: {}", e.message))?;
+                    }
+                    done.steps += 1;
+                    done.tokens += (rows * tokens) as u64;
+                    passed_on = true;
+                    // A step is always a message's last words.
+                    i = words.len();
+                }
+                STOP => {
+                    if rank + 1 < n {
+                        send_message(group, rank + 1, &words, None).map_err(|e| format!("rank {rank}: {}", e.message))?;
+                    }
+                    return Ok(done);
+                }
+                other => return Err(format!("rank {rank}: unknown word {other} from rank 0 (protocol out of step)")),
+            }
+        }
+        // Operations only (no step): passed on too.
+        if rank + 1 < n && !passed_on {
+            send_message(group, rank + 1, &words, None).map_err(|e| format!("rank {rank} of {n} lost its link to rank {}: {}", rank + 1, e.message))?;
+        }
+    }
+}
