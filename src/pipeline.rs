@@ -64,14 +64,51 @@ pub struct Stage {
     dtype: Dtype,
     /// The layers each rank holds, for messages.
     ranges: Vec<std::ops::Range<i32>>,
+    /// Bytes sent to rank 1 and received from the last rank, by kind of step.
+    pub traffic: Mutex<Traffic>,
+}
+
+/// Bytes rank 0 sent down the pipeline and got back, as measured.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Traffic {
+    /// Decode steps (one token per row): rows, bytes out, bytes back.
+    pub decode_rows: u64,
+    pub decode_out: u64,
+    pub decode_back: u64,
+    /// Prompt chunks: tokens, bytes out, bytes back.
+    pub prefill_tokens: u64,
+    pub prefill_out: u64,
+    pub prefill_back: u64,
+    /// Messages of cache operations alone: bytes.
+    pub ops_out: u64,
+}
+
+impl std::fmt::Display for Traffic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let per = |b: u64, n: u64| if n == 0 { 0.0 } else { b as f64 / n as f64 };
+        write!(
+            f,
+            "decode: {} rows, {} bytes out and {} back ({:.0} + {:.0} per row); prompt: {} tokens, {} bytes out and {} back; cache operations alone: {} bytes",
+            self.decode_rows,
+            self.decode_out,
+            self.decode_back,
+            per(self.decode_out, self.decode_rows),
+            per(self.decode_back, self.decode_rows),
+            self.prefill_tokens,
+            self.prefill_out,
+            self.prefill_back,
+            self.ops_out
+        )
+    }
 }
 
 impl Stage {
     pub fn new(group: Group, hidden: i32, dtype: Dtype, ranges: Vec<std::ops::Range<i32>>) -> Stage {
-        Stage { group, hidden, dtype, ranges }
+        Stage { group, hidden, dtype, ranges, traffic: Mutex::new(Traffic::default()) }
     }
 
-    fn lost(&self, e: impl std::fmt::Display) -> MlxError {
+    fn lost(&self, e: MlxError) -> MlxError {
+        let e = link_error(&e.message);
         let n = self.group.size();
         let later: Vec<String> = (1..n).map(|r| format!("rank {r} (layers {}..{})", self.ranges[r].start, self.ranges[r].end)).collect();
         let why = format!(
@@ -85,6 +122,7 @@ impl Stage {
     }
 
     fn send_words(&self, words: &[u32]) -> Result<(), MlxError> {
+        self.traffic.lock().ops_out += 4 * (1 + words.len() as u64);
         send_message(&self.group, 1, words, None).map_err(|e| self.lost(e))
     }
 
@@ -105,9 +143,20 @@ impl Stage {
         }
         send_message(&self.group, 1, &words, Some(&h)).map_err(|e| self.lost(e))?;
         let back = self.group.recv(&[rows, if last_only { 1 } else { tokens }, self.hidden], self.dtype, self.group.size() - 1).map_err(|e| self.lost(e))?;
-        back.eval().map_err(|e| self.lost(e))?;
+        back.eval().map_err(|e| self.lost(e.into()))?;
         for t in tails.iter_mut() {
             t.advance_remote(tokens);
+        }
+        let (out, got) = (4 * (1 + words.len() as u64) + h.nbytes() as u64, back.nbytes() as u64);
+        let mut t = self.traffic.lock();
+        if tokens == 1 {
+            t.decode_rows += rows as u64;
+            t.decode_out += out;
+            t.decode_back += got;
+        } else {
+            t.prefill_tokens += (rows * tokens) as u64;
+            t.prefill_out += out;
+            t.prefill_back += got;
         }
         Ok(back)
     }
@@ -126,9 +175,24 @@ impl Stage {
         if broken() {
             return Ok(());
         }
+        // Said on stderr whatever the log level: what crossed the links.
+        eprintln!("kvserve: pipeline traffic with rank 1 and rank {}: {}", self.group.size() - 1, *self.traffic.lock());
         let mut words = remote::take_queued();
         words.push(STOP);
         self.send_words(&words)
+    }
+}
+
+/// MLX's own words for a failed link (`[ring] connection to a peer was
+/// lost`), without the locations its error text carries.
+pub fn link_error(message: &str) -> String {
+    match message.find("[ring]") {
+        Some(i) => {
+            let rest = &message[i..];
+            let end = [rest.find('"'), rest.find(" at /")].into_iter().flatten().min().unwrap_or(rest.len());
+            rest[..end].trim().to_string()
+        }
+        None => message.to_string(),
     }
 }
 
@@ -162,8 +226,11 @@ pub fn layers_to_split(spec: &str, ranks: usize) -> Result<i32, String> {
 pub fn handshake(group: &Group, model: &Transformer, range: &std::ops::Range<i32>) -> Result<Vec<std::ops::Range<i32>>, String> {
     let c = &model.config;
     let mine = [c.num_layers, c.hidden_size, c.vocab_size, range.start, range.end];
-    let all = group.all_gather(&Array::from_slice(&mine, &[1, 5])).map_err(|e| e.message)?;
-    all.eval().map_err(|e| e.to_string())?;
+    let gone = |e: MlxError| {
+        format!("rank {}: another rank left before every rank had loaded its layers (its own log says why): {}", group.rank(), link_error(&e.message))
+    };
+    let all = group.all_gather(&Array::from_slice(&mine, &[1, 5])).map_err(gone)?;
+    all.eval().map_err(|e| gone(e.into()))?;
     let v: Vec<i32> = all.as_slice::<i32>().to_vec();
     let n = group.size();
     let mut ranges = vec![];
@@ -205,7 +272,7 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
     let layers = model.num_layers();
     let mut states: HashMap<u32, Vec<LayerKv>> = HashMap::new();
     let mut done = Followed::default();
-    let lost = |e: MlxError| format!("rank {rank} of {n} lost its link to rank {}: {}", rank - 1, e.message);
+    let lost = |e: MlxError| format!("rank {rank} of {n} lost its link to rank {}: {}", rank - 1, link_error(&e.message));
     loop {
         let len = group.recv(&[1], Dtype::Int32, rank - 1).map_err(lost)?;
         len.eval().map_err(|e| lost(e.into()))?;
@@ -266,11 +333,12 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
                         states.extend(taken);
                         r.map_err(|e| format!("rank {rank}: {e}"))?
                     };
-                    let h = if last_only && tokens > 1 { h.index((.., (tokens - 1)..tokens, ..)) } else { h };
                     if rank + 1 < n {
-                        send_message(group, rank + 1, &words, Some(&h)).map_err(|e| format!("rank {rank} of {n} lost its link to rank {}: {}", rank + 1, e.message))?;
+                        send_message(group, rank + 1, &words, Some(&h)).map_err(|e| format!("rank {rank} of {n} lost its link to rank {}: {}", rank + 1, link_error(&e.message)))?;
                     } else {
-                        group.send(&h, 0).and_then(|s| Ok(s.eval()?)).map_err(|e| format!("rank {rank} of {n} lost its link to rank 0: {}", e.message))?;
+                        // The head needs only the last position's state then.
+                        let h = if last_only && tokens > 1 { h.index((.., (tokens - 1)..tokens, ..)) } else { h };
+                        group.send(&h, 0).and_then(|s| Ok(s.eval()?)).map_err(|e| format!("rank {rank} of {n} lost its link to rank 0: {}", link_error(&e.message)))?;
                     }
                     done.steps += 1;
                     done.tokens += (rows * tokens) as u64;
@@ -280,7 +348,7 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
                 }
                 STOP => {
                     if rank + 1 < n {
-                        send_message(group, rank + 1, &words, None).map_err(|e| format!("rank {rank}: {}", e.message))?;
+                        send_message(group, rank + 1, &words, None).map_err(|e| format!("rank {rank}: {}", link_error(&e.message)))?;
                     }
                     return Ok(done);
                 }
@@ -289,7 +357,7 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
         }
         // Operations only (no step): passed on too.
         if rank + 1 < n && !passed_on {
-            send_message(group, rank + 1, &words, None).map_err(|e| format!("rank {rank} of {n} lost its link to rank {}: {}", rank + 1, e.message))?;
+            send_message(group, rank + 1, &words, None).map_err(|e| format!("rank {rank} of {n} lost its link to rank {}: {}", rank + 1, link_error(&e.message)))?;
         }
     }
 }

@@ -382,6 +382,9 @@ impl Scheduler {
     /// Sequences that failed in a step: what they read goes back to the
     /// cache (only that is known to be good) and they get the error.
     fn fail(&mut self, ids: &[u64], why: &str) {
+        // A lost rank says so in its own words (not as an MLX error).
+        let lost = crate::pipeline::broken().then(crate::pipeline::why_broken);
+        let why = lost.as_deref().unwrap_or(why);
         for s in self.running.iter_mut().filter(|s| ids.contains(&s.id)) {
             s.failed = Some(why.to_string());
         }

@@ -1,0 +1,264 @@
+//! `kvserve serve --hostfile`: SmolLM2 split by layers over 2 and over 3
+//! ranks on 127.0.0.1 (MLX's ring backend; the ranks share this machine's
+//! 2 cores). Rank 0 serves HTTP; the others hold the later layers and their
+//! share of every snapshot.
+//!
+//! - Answers (one at a time and three at once, batched across the ranks)
+//!   equal a one-process server's, greedy.
+//! - A warm turn reads its prefix from the cache on every rank: rank 0
+//!   reports the cached tokens, and the other ranks computed only what rank
+//!   0 computed (their token counts, printed when they stop, leave out the
+//!   cached prefix).
+//! - The hidden states crossing the ranks are the bytes predicted: the
+//!   hidden size in f32 per token each way.
+//! - A rank killed mid-request: the request fails with 503 naming the lost
+//!   ranks, new requests get 503, and every other rank exits with status 69.
+//! - Ranks started with different models, or flags a split model does not
+//!   support, are refused with the reason.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{fixtures, post, smollm2_dir, Server};
+use serde_json::{json, Value};
+
+/// One test at a time: each runs up to four processes on this machine's 2 cores.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn hostfile(name: &str, ranks: usize) -> PathBuf {
+    // Ports from the process id and the test, so parallel runs and this
+    // file's tests (run at once) never share one.
+    let test = ["two", "three", "lost", "mixed"].iter().position(|n| *n == name).expect("a known test");
+    let base = 21000 + (std::process::id() % 1400) as usize * 30 + test * 6;
+    let list: Vec<Vec<String>> = (0..ranks).map(|r| vec![format!("127.0.0.1:{}", base + r)]).collect();
+    let path = std::env::temp_dir().join(format!("kvserve-pipe-{name}-{}.json", std::process::id()));
+    std::fs::write(&path, serde_json::to_string(&list).unwrap()).unwrap();
+    path
+}
+
+fn log_path(name: &str, rank: usize) -> PathBuf {
+    std::env::temp_dir().join(format!("kvserve-pipe-{name}-{}-rank{rank}.log", std::process::id()))
+}
+
+/// A rank but 0: `kvserve serve --hostfile` with its log in a file.
+fn follower(model: &Path, h: &Path, rank: usize, name: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        .args(["serve", "--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", &rank.to_string(), "--join-timeout", "60"])
+        .env("KVSERVE_NO_CONFIG", "1")
+        .env("RUST_BACKTRACE", "0")
+        .env_remove("MLX_RANK")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log_path(name, rank)).unwrap())
+        .spawn()
+        .expect("start a follower")
+}
+
+fn wait_exit(c: &mut Child, within: Duration) -> Option<i32> {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if let Some(s) = c.try_wait().unwrap() {
+            return s.code();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = c.kill();
+    None
+}
+
+fn read(p: &Path) -> String {
+    let mut s = String::new();
+    let _ = std::fs::File::open(p).and_then(|mut f| f.read_to_string(&mut s));
+    s
+}
+
+/// A ~600-token system prompt, then `turns` user turns (with the answers given).
+fn conversation(turns: &[(&str, Option<&str>)]) -> Value {
+    let system: String = (0..40).map(|i| format!("Rule {i}: answer briefly, name your sources, and keep the user's words when you quote them. ")).collect();
+    let mut messages = vec![json!({"role": "system", "content": system})];
+    for (user, answer) in turns {
+        messages.push(json!({"role": "user", "content": user}));
+        if let Some(a) = answer {
+            messages.push(json!({"role": "assistant", "content": a}));
+        }
+    }
+    json!({"model": "m", "messages": messages, "max_tokens": 24, "temperature": 0})
+}
+
+fn chat(addr: &str, body: &Value) -> (String, Value) {
+    let r = post(addr, "/v1/chat/completions", body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    (v["choices"][0]["message"]["content"].as_str().unwrap().to_string(), v["usage"].clone())
+}
+
+/// Three different questions at once (their decode steps batch).
+fn three_at_once(addr: &str) -> Vec<String> {
+    let qs = ["Name three rivers.", "Write a haiku about snow.", "What is 12 times 12?"];
+    let threads: Vec<_> = qs
+        .iter()
+        .map(|q| {
+            let (addr, body) = (addr.to_string(), json!({"model": "m", "messages": [{"role": "user", "content": q}], "max_tokens": 32, "temperature": 0}));
+            std::thread::spawn(move || chat(&addr, &body).0)
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// What a follower printed when rank 0 stopped: steps and tokens computed there.
+fn computed(log: &str) -> (u64, u64) {
+    let line = log.lines().find(|l| l.contains("rank 0 stopped")).unwrap_or_else(|| panic!("no stop line in: {log}"));
+    let nums: Vec<u64> = line.split(|c: char| !c.is_ascii_digit()).filter(|s| !s.is_empty()).map(|s| s.parse().unwrap()).collect();
+    // "rank R: rank 0 stopped; S steps, T tokens computed here"
+    (nums[2], nums[3])
+}
+
+#[test]
+fn split_over_two_and_three_ranks_answers_as_one_process_and_caches_on_every_rank() {
+    let _one = serial();
+    let model = smollm2_dir();
+    let m = model.to_str().unwrap();
+    let one = Server::start(&["--model", m]);
+    let turn1 = conversation(&[("What is the longest river in Europe?", None)]);
+    let (a1, _) = chat(&one.addr, &turn1);
+    let turn2 = conversation(&[("What is the longest river in Europe?", Some(&a1)), ("And in Africa?", None)]);
+    let (a2, _) = chat(&one.addr, &turn2);
+    let alone = three_at_once(&one.addr);
+    one.stop();
+    assert!(a1.split_whitespace().count() >= 3 && a2.split_whitespace().count() >= 3, "answers long enough to compare: {a1:?} {a2:?}");
+
+    for (name, ranks) in [("two", 2usize), ("three", 3)] {
+        let h = hostfile(name, ranks);
+        let mut followers: Vec<Child> = (1..ranks).map(|r| follower(&model, &h, r, name)).collect();
+        let log0 = log_path(name, 0);
+        let lead = Server::start_env(&["--model", m, "--hostfile", h.to_str().unwrap(), "--rank", "0"], Some(&log0), &[]);
+        let (b1, u1) = chat(&lead.addr, &turn1);
+        let (b2, u2) = chat(&lead.addr, &turn2);
+        let together = three_at_once(&lead.addr);
+        assert_eq!(b1, a1, "{ranks} ranks, turn 1");
+        assert_eq!(b2, a2, "{ranks} ranks, turn 2 (resumed from the split snapshot)");
+        assert_eq!(together, alone, "{ranks} ranks, three requests at once");
+        let (p1, p2) = (u1["prompt_tokens"].as_u64().unwrap(), u2["prompt_tokens"].as_u64().unwrap());
+        let cached2 = u2["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        assert!(cached2 >= p1, "{ranks} ranks: turn 2 read turn 1 from the cache ({cached2} of {p2}; turn 1 had {p1})");
+        eprintln!("{ranks} ranks: turn 1 {p1} tokens, turn 2 {p2} tokens of which {cached2} from the cache; answers equal one process's");
+        // Rank 0 stops the others (status 0); each says what it computed.
+        lead.stop();
+        let mut total = vec![];
+        for (i, f) in followers.iter_mut().enumerate() {
+            let code = wait_exit(f, Duration::from_secs(30));
+            let log = read(&log_path(name, i + 1));
+            assert_eq!(code, Some(0), "rank {} exits 0 when rank 0 stops: {log}", i + 1);
+            total.push(computed(&log));
+        }
+        // Every other rank computed what rank 0 did: turn 2's cached prefix
+        // was not computed again there. Bounds: the prompts' uncached tokens,
+        // plus the warm-up token, the answers' tokens and one step per request.
+        let c1 = u1["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+        let prompts = (p1 - c1) + (p2 - cached2);
+        let answers = u1["completion_tokens"].as_u64().unwrap() + u2["completion_tokens"].as_u64().unwrap();
+        for (r, (_, tokens)) in total.iter().enumerate() {
+            // The three side questions: at most 64 prompt tokens and 33 steps each.
+            let upper = 1 + prompts + answers + 2 + 3 * (64 + 33);
+            assert!(*tokens >= prompts && *tokens <= upper, "rank {}: {tokens} tokens computed; between {prompts} and {upper} if it read turn 2's {cached2} cached tokens", r + 1);
+        }
+        eprintln!("{ranks} ranks: tokens computed on ranks 1..: {total:?} (steps, tokens); turn 2 alone would need {p2} without the cache");
+        // The bytes that crossed, against the prediction: per decode row, the
+        // hidden state (576 f32 = 2304 bytes) back from the last rank, and
+        // out to rank 1 the same plus the message's words. (Every rank
+        // boundary carries the same: 3 ranks have one more link.)
+        let log = read(&log0);
+        let line = log.lines().find(|l| l.contains("pipeline traffic")).unwrap_or_else(|| panic!("no traffic line: {log}"));
+        eprintln!("{}", line.split("pipeline traffic").nth(1).unwrap());
+        let per_row = line.split('(').nth(1).unwrap();
+        let nums: Vec<f64> = per_row.split(|c: char| !c.is_ascii_digit() && c != '.').filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).collect();
+        assert_eq!(nums[1], 2304.0, "bytes back per decode row: {line}");
+        // The words (a length, the step, one id per row, queued cache
+        // operations) are shared by a step's rows.
+        assert!(nums[0] > 2304.0 + 4.0 && nums[0] < 2304.0 + 200.0, "bytes out per decode row: {line}");
+        let _ = std::fs::remove_file(h);
+    }
+}
+
+#[test]
+fn a_lost_rank_fails_requests_with_503_and_every_rank_exits_69() {
+    let _one = serial();
+    let model = smollm2_dir();
+    let h = hostfile("lost", 3);
+    let mut followers: Vec<Child> = (1..3).map(|r| follower(&model, &h, r, "lost")).collect();
+    let log0 = log_path("lost", 0);
+    let mut lead = Server::start_env(&["--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", "0"], Some(&log0), &[]);
+    let addr = lead.addr.clone();
+    let long = std::thread::spawn(move || {
+        post(&addr, "/v1/messages", &json!({"model": "m", "max_tokens": 4000, "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}]}))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    followers[0].kill().unwrap();
+    let _ = followers[0].wait();
+    let r = long.join().unwrap();
+    assert_eq!(r.status, 503, "the request under way: {}", r.body);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("rank 1 (layers 10..20)") && msg.contains("connection to a peer was lost") && msg.contains("status 69"), "{msg}");
+    assert_eq!(r.json()["error"]["type"], "api_error");
+    eprintln!("the request under way: 503 {msg}");
+    let again = post(&lead.addr, "/v1/chat/completions", &json!({"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}));
+    if again.status != 0 {
+        assert_eq!(again.status, 503, "a new request while rank 0 exits: {}", again.body);
+        eprintln!("a new request: 503 {}", again.body);
+    }
+    let code0 = wait_exit(&mut lead.child, Duration::from_secs(20));
+    assert_eq!(code0, Some(69), "rank 0 exits 69: {}", read(&log0));
+    let code2 = wait_exit(&mut followers[1], Duration::from_secs(20));
+    let log2 = read(&log_path("lost", 2));
+    assert_eq!(code2, Some(69), "rank 2 exits 69: {log2}");
+    assert!(log2.contains("lost its link") && log2.contains("status 69"), "{log2}");
+    eprintln!("rank 0: exit {code0:?}; rank 2: exit {code2:?}: {}", log2.lines().last().unwrap_or(""));
+    let _ = std::fs::remove_file(h);
+}
+
+#[test]
+fn ranks_with_different_models_or_unsupported_flags_are_refused() {
+    let _one = serial();
+    let model = smollm2_dir();
+    // A 2-layer model (a tiny llama made by mlx-lm) with SmolLM2's tokenizer.
+    let tiny = std::env::temp_dir().join(format!("kvserve-pipe-tiny-{}", std::process::id()));
+    std::fs::create_dir_all(&tiny).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("tiny/llama_q4").join(f), tiny.join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model.join(f), tiny.join(f)).unwrap();
+    }
+    let h = hostfile("mixed", 2);
+    let mut other = follower(&tiny, &h, 1, "mixed");
+    let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        .args(["serve", "--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", "0", "--port", "0", "--no-trace", "--join-timeout", "60"])
+        .env("KVSERVE_NO_CONFIG", "1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && text.contains("every rank must serve the same model"), "rank 0: {text}");
+    let code = wait_exit(&mut other, Duration::from_secs(30));
+    let log1 = read(&log_path("mixed", 1));
+    assert!(code.is_some_and(|c| c != 0) && log1.contains("every rank must serve the same model"), "rank 1 ({code:?}): {log1}");
+    eprintln!("rank 0: {}", text.lines().filter(|l| l.contains("same model")).last().unwrap_or(""));
+    for (flag, value, says) in [("--kv-bits", "8", "--kv-bits is not supported with --hostfile"), ("--cache-dir", "/tmp", "--cache-dir is not supported with --hostfile")] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
+            .args(["serve", "--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", "0", flag, value])
+            .env("KVSERVE_NO_CONFIG", "1")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && text.contains(says), "{flag}: {text}");
+    }
+    let _ = std::fs::remove_file(h);
+    let _ = std::fs::remove_dir_all(tiny);
+}
