@@ -279,6 +279,21 @@ struct ServeArgs {
     /// With --hostfile: seconds every rank waits for the others to join.
     #[arg(long, default_value_t = 120.0, requires = "hostfile")]
     join_timeout: f64,
+    /// With --hostfile: `pipeline` (each rank holds a range of layers) or
+    /// `tensor` (each holds a share of every layer's heads and MLP columns,
+    /// joined by all_sums). Default: tensor where the heads divide by the
+    /// ranks and the architecture allows, else pipeline. Every rank must
+    /// be given the same.
+    #[arg(long, value_parser = parse_split, requires = "hostfile")]
+    split: Option<kvserve::pipeline::Split>,
+}
+
+fn parse_split(s: &str) -> Result<kvserve::pipeline::Split, String> {
+    match s.trim() {
+        "pipeline" => Ok(kvserve::pipeline::Split::Layers),
+        "tensor" => Ok(kvserve::pipeline::Split::Heads),
+        other => Err(format!("'{other}': --split takes pipeline or tensor")),
+    }
 }
 
 fn parse_kv_bits(s: &str) -> Result<u8, String> {
@@ -365,7 +380,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             let rank = kvserve::ring::rank_of(args.rank, &hosts).map_err(anyhow::Error::msg)?;
             let join_timeout = std::time::Duration::from_secs_f64(args.join_timeout);
             if rank > 0 {
-                follow_pipeline(args.model.as_deref().expect("clap requires --model without --proxy"), hostfile, rank, join_timeout);
+                follow_pipeline(args.model.as_deref().expect("clap requires --model without --proxy"), hostfile, rank, join_timeout, args.split);
             }
             if args.kv_bits.is_some() {
                 bail!("--kv-bits is not supported with --hostfile yet: snapshots of a split model stay f16");
@@ -373,7 +388,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             if args.cache_dir.is_some() {
                 bail!("--cache-dir is not supported with --hostfile yet: snapshots of a split model are kept in memory only");
             }
-            Some(kvserve::engine::worker::PipelineConfig { hostfile: hostfile.clone(), join_timeout })
+            Some(kvserve::engine::worker::PipelineConfig { hostfile: hostfile.clone(), join_timeout, split: args.split })
         }
     };
     let cfg = EngineConfig {
@@ -441,7 +456,7 @@ fn serve(args: ServeArgs) -> Result<()> {
 /// A rank but 0 of `kvserve serve --hostfile`: join, load this rank's
 /// layers, check every rank has the same model, then follow rank 0's steps
 /// until it stops (exit 0) or a link is lost (exit 69, every rank alike).
-fn follow_pipeline(spec: &str, hostfile: &std::path::Path, rank: usize, timeout: std::time::Duration) -> ! {
+fn follow_pipeline(spec: &str, hostfile: &std::path::Path, rank: usize, timeout: std::time::Duration, split: Option<kvserve::pipeline::Split>) -> ! {
     use kvserve::{pipeline, ring};
     let fail = |code: i32, why: String| -> ! {
         tracing::error!("{why}");
@@ -449,13 +464,16 @@ fn follow_pipeline(spec: &str, hostfile: &std::path::Path, rank: usize, timeout:
         kvserve::mlx::exit(code)
     };
     let (hosts, group) = ring::connect(hostfile, Some(rank), timeout).unwrap_or_else(|e| fail(1, e));
+    let group = std::sync::Arc::new(group);
     let n = hosts.size();
-    let total = pipeline::layers_to_split(spec, n).unwrap_or_else(|e| fail(1, e));
-    let range = ring::pipeline_range(total, rank, n);
+    let (total, split) = pipeline::plan(spec, n, split).unwrap_or_else(|e| fail(1, e));
     let t0 = std::time::Instant::now();
-    let m = source::load_layers(spec, Some(range.clone())).unwrap_or_else(|e| fail(1, format!("rank {rank}: {e}")));
-    pipeline::handshake(&group, &m.model, &range).unwrap_or_else(|e| fail(1, e));
-    eprintln!("rank {rank} of {n}: layers {}..{} of {total} loaded in {:.1}s; following rank 0", range.start, range.end, t0.elapsed().as_secs_f64());
+    let (m, range) = pipeline::load_share(spec, &group, total, split).unwrap_or_else(|e| fail(1, e));
+    pipeline::handshake(&group, &m.model, split, &range).unwrap_or_else(|e| fail(1, e));
+    match split {
+        pipeline::Split::Layers => eprintln!("rank {rank} of {n}: layers {}..{} of {total} loaded in {:.1}s; following rank 0", range.start, range.end, t0.elapsed().as_secs_f64()),
+        pipeline::Split::Heads => eprintln!("rank {rank} of {n}: {} attention heads of each of {total} layers loaded in {:.1}s; following rank 0", m.model.config.num_heads, t0.elapsed().as_secs_f64()),
+    }
     match pipeline::follow(&group, &m.model) {
         Ok(done) => {
             eprintln!("rank {rank}: rank 0 stopped; {} steps, {} tokens computed here", done.steps, done.tokens);

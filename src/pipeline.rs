@@ -35,6 +35,29 @@ use crate::model::Transformer;
 pub const FORWARD: u32 = 6;
 /// `[STOP]`: rank 0 is shutting down; followers exit.
 pub const STOP: u32 = 7;
+/// `[FORWARD_TOKENS, rows, tokens, last_only, id..., token...]` (split by
+/// heads): every rank embeds the same tokens and runs its share of every
+/// layer; the all_sums inside the layers join the shares.
+pub const FORWARD_TOKENS: u32 = 8;
+
+/// How a model is split over the ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Pipeline parallelism: each rank holds a contiguous range of layers.
+    Layers,
+    /// Tensor parallelism: each rank holds a share of every layer's
+    /// attention heads and MLP columns.
+    Heads,
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Split::Layers => "pipeline",
+            Split::Heads => "tensor",
+        }
+    }
+}
 
 /// The exit status of every rank when the group has lost a rank
 /// (EX_UNAVAILABLE), so that a supervisor restarts the whole group.
@@ -59,7 +82,8 @@ fn mlx_err(message: String) -> MlxError {
 
 /// Rank 0's link to the rest of the pipeline (held by its [`Transformer`]).
 pub struct Stage {
-    group: Group,
+    split: Split,
+    group: std::sync::Arc<Group>,
     hidden: i32,
     dtype: Dtype,
     /// The layers each rank holds, for messages.
@@ -103,17 +127,27 @@ impl std::fmt::Display for Traffic {
 }
 
 impl Stage {
-    pub fn new(group: Group, hidden: i32, dtype: Dtype, ranges: Vec<std::ops::Range<i32>>) -> Stage {
-        Stage { group, hidden, dtype, ranges, traffic: Mutex::new(Traffic::default()) }
+    pub fn new(split: Split, group: std::sync::Arc<Group>, hidden: i32, dtype: Dtype, ranges: Vec<std::ops::Range<i32>>) -> Stage {
+        Stage { split, group, hidden, dtype, ranges, traffic: Mutex::new(Traffic::default()) }
     }
 
-    fn lost(&self, e: MlxError) -> MlxError {
+    pub fn split(&self) -> Split {
+        self.split
+    }
+
+    /// The link to the other ranks failed: the group is broken for good.
+    pub fn lost(&self, e: MlxError) -> MlxError {
         let e = link_error(&e.message);
         let n = self.group.size();
-        let later: Vec<String> = (1..n).map(|r| format!("rank {r} (layers {}..{})", self.ranges[r].start, self.ranges[r].end)).collect();
+        let others = match self.split {
+            Split::Layers => {
+                let later: Vec<String> = (1..n).map(|r| format!("rank {r} (layers {}..{})", self.ranges[r].start, self.ranges[r].end)).collect();
+                format!("the model's later layers are on other ranks ({})", later.join(", "))
+            }
+            Split::Heads => format!("the model's other heads are on ranks 1 to {}", n - 1),
+        };
         let why = format!(
-            "the model's later layers are on other ranks ({}), and the link to them failed: {e}; no step can be computed without them, so every rank exits (status {EXIT_RANK_LOST}) for a supervisor to restart the group",
-            later.join(", ")
+            "{others}, and the link to them failed: {e}; no step can be computed without them, so every rank exits (status {EXIT_RANK_LOST}) for a supervisor to restart the group"
         );
         if !BROKEN.swap(true, Ordering::SeqCst) {
             *WHY.lock() = why.clone();
@@ -161,6 +195,35 @@ impl Stage {
         Ok(back)
     }
 
+    /// Split by heads: tell the other ranks to compute `tokens` (`rows` rows
+    /// of `len` each, row `i` extending `tails[i]`) alongside this one. The
+    /// all_sums in the layers then join every rank's share.
+    pub fn announce(&self, tokens: &[u32], rows: i32, len: i32, tails: &mut [&mut LayerKv], last_only: bool) -> Result<(), MlxError> {
+        if broken() {
+            return Err(mlx_err(why_broken()));
+        }
+        let mut words = remote::take_queued();
+        words.extend([FORWARD_TOKENS, rows as u32, len as u32, u32::from(last_only)]);
+        for t in tails.iter() {
+            words.push(t.remote_id().ok_or_else(|| mlx_err("a cache without the other ranks' entry reached the group".into()))?);
+        }
+        words.extend_from_slice(tokens);
+        send_message(&self.group, 1, &words, None).map_err(|e| self.lost(e))?;
+        for t in tails.iter_mut() {
+            t.advance_remote(len);
+        }
+        let out = 4 * (1 + words.len() as u64);
+        let mut t = self.traffic.lock();
+        if len == 1 {
+            t.decode_rows += rows as u64;
+            t.decode_out += out;
+        } else {
+            t.prefill_tokens += (rows * len) as u64;
+            t.prefill_out += out;
+        }
+        Ok(())
+    }
+
     /// Send the cache operations queued since the last step (snapshots
     /// dropped while idle free their shares on the other ranks now).
     pub fn flush(&self) -> Result<(), MlxError> {
@@ -177,6 +240,9 @@ impl Stage {
         }
         // Said on stderr whatever the log level: what crossed the links.
         eprintln!("kvserve: pipeline traffic with rank 1 and rank {}: {}", self.group.size() - 1, *self.traffic.lock());
+        if self.split == Split::Heads {
+            eprintln!("kvserve: all_sum of partial sums: {} bytes from this rank", crate::model::layers::ALL_SUM_BYTES.load(Ordering::Relaxed));
+        }
         let mut words = remote::take_queued();
         words.push(STOP);
         self.send_words(&words)
@@ -207,46 +273,94 @@ fn send_message(group: &Group, dst: usize, words: &[u32], h: Option<&Array>) -> 
     Ok(())
 }
 
-/// The layers of the MLX model `spec`, checked to split over `ranks` ranks.
-pub fn layers_to_split(spec: &str, ranks: usize) -> Result<i32, String> {
+/// How `spec` (an MLX model folder) is split over `ranks` ranks: `asked`,
+/// or when none was, by heads where that works (a dense model whose
+/// attention and key-value heads divide by `ranks`), else by layers.
+/// Every rank decides alike from the same config. Also its layer count.
+pub fn plan(spec: &str, ranks: usize, asked: Option<Split>) -> Result<(i32, Split), String> {
     let path = crate::model::source::resolve(spec).map_err(|e| e.to_string())?;
     if path.is_file() {
         return Err("--hostfile needs an MLX-format model directory (a GGUF file is converted whole on every rank, so it is not split)".into());
     }
-    let layers = crate::model::load_config(&path).map_err(|e| e.to_string())?.num_layers;
-    if (layers as usize) < ranks {
-        return Err(format!("{layers} layers cannot be split over {ranks} ranks"));
+    let c = crate::model::load_config(&path).map_err(|e| e.to_string())?;
+    let n = ranks as i32;
+    let divides = c.num_heads % n == 0 && c.num_kv_heads % n == 0;
+    let plain = matches!(c.model_type.as_str(), "llama" | "qwen2" | "qwen3") && !c.sinks && c.windows.iter().all(Option::is_none) && !c.attn_output_gate && !c.o_bias && !c.mlp_bias;
+    let split = match asked {
+        Some(Split::Heads) if !divides => {
+            return Err(format!("--split tensor: {} attention heads and {} key-value heads do not divide over {ranks} ranks; use --split pipeline", c.num_heads, c.num_kv_heads))
+        }
+        Some(Split::Heads) if !plain => return Err(format!("--split tensor: {} models are split by layers only (use --split pipeline)", c.model_type)),
+        Some(s) => s,
+        None if divides && plain => Split::Heads,
+        None => Split::Layers,
+    };
+    if split == Split::Layers && (c.num_layers as usize) < ranks {
+        return Err(format!("{} layers cannot be split over {ranks} ranks", c.num_layers));
     }
-    Ok(layers)
+    Ok((c.num_layers, split))
+}
+
+/// The layers of the MLX model `spec`, checked to split over `ranks` ranks.
+pub fn layers_to_split(spec: &str, ranks: usize) -> Result<i32, String> {
+    plan(spec, ranks, Some(Split::Layers)).map(|(l, _)| l)
+}
+
+/// Load rank `rank`'s share of `spec` split `split` over the group's ranks:
+/// the model and the layers it holds.
+pub fn load_share(spec: &str, group: &std::sync::Arc<Group>, layers: i32, split: Split) -> Result<(crate::model::source::LoadedModel, std::ops::Range<i32>), String> {
+    let (rank, n) = (group.rank(), group.size());
+    match split {
+        Split::Layers => {
+            let range = crate::ring::pipeline_range(layers, rank, n);
+            let m = crate::model::source::load_layers(spec, Some(range.clone())).map_err(|e| format!("rank {rank}: {e}"))?;
+            Ok((m, range))
+        }
+        Split::Heads => {
+            let shard = crate::model::layers::Shard { rank: rank as i32, ranks: n as i32, group: group.clone() };
+            let m = crate::model::source::load_shard(spec, shard).map_err(|e| format!("rank {rank}: {e}"))?;
+            Ok((m, 0..layers))
+        }
+    }
 }
 
 /// Check that every rank loaded the same model and that their layer ranges
 /// follow each other from 0 to the last layer; every rank gets the same
 /// answer (an all_gather of each rank's numbers).
-pub fn handshake(group: &Group, model: &Transformer, range: &std::ops::Range<i32>) -> Result<Vec<std::ops::Range<i32>>, String> {
+pub fn handshake(group: &Group, model: &Transformer, split: Split, range: &std::ops::Range<i32>) -> Result<Vec<std::ops::Range<i32>>, String> {
     let c = &model.config;
-    let mine = [c.num_layers, c.hidden_size, c.vocab_size, range.start, range.end];
+    let code = match split {
+        Split::Layers => 0,
+        Split::Heads => 1,
+    };
+    let mine = [c.num_layers, c.hidden_size, c.vocab_size, range.start, range.end, code];
     let gone = |e: MlxError| {
         format!("rank {}: another rank left before every rank had loaded its layers (its own log says why): {}", group.rank(), link_error(&e.message))
     };
-    let all = group.all_gather(&Array::from_slice(&mine, &[1, 5])).map_err(gone)?;
+    let all = group.all_gather(&Array::from_slice(&mine, &[1, 6])).map_err(gone)?;
     all.eval().map_err(|e| gone(e.into()))?;
     let v: Vec<i32> = all.as_slice::<i32>().to_vec();
     let n = group.size();
     let mut ranges = vec![];
     for r in 0..n {
-        let row = &v[r * 5..r * 5 + 5];
+        let row = &v[r * 6..r * 6 + 6];
+        if row[5] != code {
+            return Err(format!("rank {r} splits the model {}, rank {} {}: start every rank with the same --split", if row[5] == 1 { "by heads" } else { "by layers" }, group.rank(), if code == 1 { "by heads" } else { "by layers" }));
+        }
         if row[..3] != mine[..3] {
             return Err(format!(
                 "rank {r} loaded a model with {} layers, hidden size {} and {} tokens; rank {} has {}, {} and {}: every rank must serve the same model",
                 row[0], row[1], row[2], group.rank(), mine[0], mine[1], mine[2]
             ));
         }
-        let want = if r == 0 { 0 } else { ranges.last().map_or(0, |p: &std::ops::Range<i32>| p.end) };
+        let want = if r == 0 || split == Split::Heads { 0 } else { ranges.last().map_or(0, |p: &std::ops::Range<i32>| p.end) };
         if row[3] != want {
             return Err(format!("rank {r} holds layers {}..{}, but the previous rank's end at {want}", row[3], row[4]));
         }
         ranges.push(row[3]..row[4]);
+    }
+    if split == Split::Heads {
+        return Ok(ranges);
     }
     if ranges.last().map(|r| r.end) != Some(c.num_layers) {
         return Err(format!("the ranks hold layers up to {:?}, not all {}", ranges.last().map(|r| r.end), c.num_layers));
@@ -344,6 +458,39 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
                     done.tokens += (rows * tokens) as u64;
                     passed_on = true;
                     // A step is always a message's last words.
+                    i = words.len();
+                }
+                FORWARD_TOKENS => {
+                    let (rows, tokens, _last_only) = (arg(i + 1)? as i32, arg(i + 2)? as i32, arg(i + 3)? == 1);
+                    let ids: Vec<u32> = (0..rows as usize).map(|r| arg(i + 4 + r)).collect::<Result<_, _>>()?;
+                    let start = i + 4 + rows as usize;
+                    let toks = words.get(start..start + (rows * tokens) as usize).ok_or_else(|| format!("rank {rank}: a step from rank 0 ended early (protocol out of step)"))?.to_vec();
+                    // Passed on first: every rank computes at once, the all_sums joining them.
+                    if rank + 1 < n {
+                        send_message(group, rank + 1, &words, None).map_err(|e| format!("rank {rank} of {n} lost its link to rank {}: {}", rank + 1, link_error(&e.message)))?;
+                    }
+                    for id in &ids {
+                        states.entry(*id).or_insert_with(|| new_cache(layers));
+                    }
+                    let step = |states: &mut HashMap<u32, Vec<LayerKv>>| -> Result<(), MlxError> {
+                        let h = model.embed_tokens(&Array::from_slice(&toks, &[rows, tokens]))?;
+                        let h = if rows == 1 {
+                            model.run_blocks(h, states.get_mut(&ids[0]).expect("inserted above"))?
+                        } else {
+                            let mut taken: Vec<(u32, Vec<LayerKv>)> = ids.iter().map(|id| (*id, states.remove(id).expect("inserted above"))).collect();
+                            let r = {
+                                let mut caches: Vec<&mut [LayerKv]> = taken.iter_mut().map(|(_, c)| c.as_mut_slice()).collect();
+                                model.run_rows(h, &mut caches)
+                            };
+                            states.extend(taken);
+                            r?
+                        };
+                        Ok(h.eval()?)
+                    };
+                    step(&mut states).map_err(|e| format!("rank {rank} of {n} lost its link to the group: {}", link_error(&e.message)))?;
+                    done.steps += 1;
+                    done.tokens += (rows * tokens) as u64;
+                    passed_on = true;
                     i = words.len();
                 }
                 STOP => {

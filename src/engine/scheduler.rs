@@ -478,19 +478,32 @@ impl Scheduler {
 /// layers (the other ranks load the rest), check every rank loaded the same
 /// model, and make each cache end with the other ranks' entry.
 fn lead_pipeline(spec: &str, p: &super::worker::PipelineConfig) -> Result<LoadedModel, String> {
+    use crate::pipeline::{self, Split};
     let (hosts, group) = crate::ring::connect(&p.hostfile, Some(0), p.join_timeout)?;
+    let group = Arc::new(group);
     let n = hosts.size();
-    let total = crate::pipeline::layers_to_split(spec, n)?;
-    let range = crate::ring::pipeline_range(total, 0, n);
-    let mut m = source::load_layers(spec, Some(range.clone())).map_err(|e| e.to_string())?;
-    let ranges = crate::pipeline::handshake(&group, &m.model, &range)?;
+    let (total, split) = pipeline::plan(spec, n, p.split)?;
+    let (mut m, range) = pipeline::load_share(spec, &group, total, split)?;
+    let ranges = pipeline::handshake(&group, &m.model, split, &range)?;
     let c = &m.model.config;
-    tracing::info!("rank 0 of {n}: layers {}..{} of {total} here; {}", range.start, range.end, (1..n).map(|r| format!("rank {r}: {}..{}", ranges[r].start, ranges[r].end)).collect::<Vec<_>>().join(", "));
-    // f16 keys and values of every later layer (linear layers hold less).
-    let far_layers = (total - range.end) as usize;
-    crate::cache::kv::remote::enable(far_layers * 2 * c.num_kv_heads as usize * c.head_dim as usize * 2);
+    // f16 keys and values the other ranks hold per token (linear layers hold less).
+    let kv_token = 2 * c.num_kv_heads as usize * c.head_dim as usize * 2;
+    let far = match split {
+        Split::Layers => (total - range.end) as usize * kv_token,
+        Split::Heads => (n - 1) * total as usize * kv_token,
+    };
+    match split {
+        Split::Layers => tracing::info!(
+            "rank 0 of {n} (split by layers): layers {}..{} of {total} here; {}",
+            range.start,
+            range.end,
+            (1..n).map(|r| format!("rank {r}: {}..{}", ranges[r].start, ranges[r].end)).collect::<Vec<_>>().join(", ")
+        ),
+        Split::Heads => tracing::info!("rank 0 of {n} (split by heads): {} of {} attention heads of every layer here", c.num_heads, c.num_heads * n as i32),
+    }
+    crate::cache::kv::remote::enable(far);
     let (hidden, dtype) = (c.hidden_size, m.model.activation_dtype());
-    m.model.set_stage(crate::pipeline::Stage::new(group, hidden, dtype, ranges));
+    m.model.set_stage(pipeline::Stage::new(split, group, hidden, dtype, ranges));
     Ok(m)
 }
 

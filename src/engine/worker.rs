@@ -59,6 +59,8 @@ pub struct PipelineConfig {
     pub hostfile: PathBuf,
     /// How long to wait for every rank to join.
     pub join_timeout: Duration,
+    /// By layers or by heads (none: by heads where the model allows).
+    pub split: Option<crate::pipeline::Split>,
 }
 
 /// How the snapshot folder is used.

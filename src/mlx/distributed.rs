@@ -17,6 +17,9 @@ pub struct Group {
 
 // The group handle is only read by MLX's collectives, which MLX serializes.
 unsafe impl Send for Group {}
+// kvserve calls a group's collectives from its engine thread only (a
+// sharded model's blocks share it through an Arc).
+unsafe impl Sync for Group {}
 
 impl Group {
     /// Join the group `backend` (`"ring"`, `"any"`, ...) describes through

@@ -33,12 +33,36 @@ pub struct Weights {
     pub cpu_dense_prefill: bool,
     /// The decoder layers to build (all but for one rank of a pipeline).
     pub layers: Option<std::ops::Range<i32>>,
+    /// Tensor parallelism: this rank's share `(rank, ranks)` of every
+    /// attention head and MLP column, and the group whose all_sum joins the
+    /// shares after each block's attention and MLP.
+    pub shard: Option<Shard>,
+}
+
+/// One rank's share of a model split by heads and MLP columns (tensor
+/// parallelism, as mlx-lm's sharded models): q/k/v and gate/up keep their
+/// share of the output rows, o_proj and down_proj the same share of their
+/// input columns, and the ranks' partial outputs are summed.
+#[derive(Clone)]
+pub struct Shard {
+    pub rank: i32,
+    pub ranks: i32,
+    pub group: std::sync::Arc<crate::mlx::distributed::Group>,
+}
+
+/// Which part of a weight matrix a rank keeps.
+#[derive(Clone, Copy)]
+enum Part {
+    /// Its share of the output rows.
+    Rows,
+    /// Its share of the input columns.
+    Cols,
 }
 
 impl Weights {
     pub fn new(map: HashMap<String, Array>, quant: super::config::Quantization, cpu_dense_prefill: bool) -> Self {
         let dtype = if super::on_cpu() { Some(Dtype::Float32) } else { None };
-        Weights { map, dtype, quant, cpu_dense_prefill, layers: None }
+        Weights { map, dtype, quant, cpu_dense_prefill, layers: None, shard: None }
     }
 
     pub fn contains(&self, name: &str) -> bool {
@@ -101,6 +125,62 @@ impl Weights {
         };
         let bias = if bias { Some(self.take(&format!("{prefix}.bias"))?) } else { None };
         Ok(Linear { weight, bias, dense_prefill: self.cpu_dense_prefill })
+    }
+
+    /// [`linear`](Self::linear), keeping only this rank's `part` when the
+    /// model is sharded ([`Shard`]): a contiguous copy of those rows or
+    /// columns (of the packed values, scales and biases, for quantized
+    /// weights: a column share must start and end on a quantization group).
+    fn linear_part(&mut self, prefix: &str, bias: bool, part: Part) -> Result<Linear> {
+        let mut l = self.linear(prefix, bias)?;
+        let Some(sh) = self.shard.clone() else { return Ok(l) };
+        let bad = |what: String| ModelError::Invalid(format!("{prefix}: cannot be split over {} ranks by heads: {what}", sh.ranks));
+        let share = |len: i32, unit: i32| -> Result<std::ops::Range<i32>> {
+            if len % sh.ranks != 0 || (len / sh.ranks) % unit != 0 {
+                return Err(bad(format!("{len} does not divide into {} shares of whole {unit}s", sh.ranks)));
+            }
+            let per = len / sh.ranks;
+            Ok(sh.rank * per..(sh.rank + 1) * per)
+        };
+        let cut = |a: &Array, r: std::ops::Range<i32>, part: Part| -> std::result::Result<Array, MlxError> {
+            let piece = match part {
+                Part::Rows => a.index((r, ..)),
+                Part::Cols => a.index((.., r)),
+            };
+            let c = piece.contiguous()?;
+            c.eval()?;
+            Ok(c)
+        };
+        l.weight = match (&l.weight, part) {
+            (LinearWeight::Dense(w), Part::Rows) => LinearWeight::Dense(cut(w, share(w.shape()[0], 1)?, part)?),
+            (LinearWeight::Dense(w), Part::Cols) => LinearWeight::Dense(cut(w, share(w.shape()[1], 1)?, part)?),
+            (LinearWeight::Quantized(q), Part::Rows) => {
+                let r = share(q.packed.shape()[0], 1)?;
+                LinearWeight::Quantized(QuantizedMatrix { packed: cut(&q.packed, r.clone(), part)?, scales: cut(&q.scales, r.clone(), part)?, biases: cut(&q.biases, r, part)?, ..q.clone() })
+            }
+            (LinearWeight::Quantized(q), Part::Cols) => {
+                // Columns in groups: each rank's share is whole groups (and whole u32 words).
+                let groups = share(q.scales.shape()[1], 1)?;
+                let per_word = 32 / q.bits;
+                if (q.group_size % per_word) != 0 {
+                    return Err(bad(format!("a group of {} values is not whole words of {}-bit values", q.group_size, q.bits)));
+                }
+                let words = groups.start * q.group_size / per_word..groups.end * q.group_size / per_word;
+                LinearWeight::Quantized(QuantizedMatrix { packed: cut(&q.packed, words, part)?, scales: cut(&q.scales, groups.clone(), part)?, biases: cut(&q.biases, groups, part)?, ..q.clone() })
+            }
+        };
+        if let Some(b) = &l.bias {
+            match part {
+                Part::Rows => {
+                    let r = share(b.shape()[0], 1)?;
+                    let column = b.reshape(&[-1, 1]).map_err(MlxError::from)?;
+                    l.bias = Some(cut(&column, r, part)?.reshape(&[-1]).map_err(MlxError::from)?);
+                }
+                // A bias after the sum would be added once per rank.
+                Part::Cols => return Err(bad("a bias on a projection whose shares are summed".into())),
+            }
+        }
+        Ok(l)
     }
 
     pub fn embedding(&mut self, prefix: &str) -> Result<Embedding> {
@@ -540,9 +620,13 @@ fn softmax_row(row: &mut [f32], visible: usize) {
 }
 
 impl Attention {
+    /// `cfg` gives this rank's heads when the model is sharded.
     pub fn load(w: &mut Weights, p: &str, cfg: &ModelConfig, layer: usize) -> Result<Self> {
         let sinks = if cfg.sinks { Some(w.take(&format!("{p}.sinks"))?) } else { None };
         let window = cfg.windows.get(layer).copied().flatten();
+        if w.shard.is_some() && (sinks.is_some() || window.is_some() || cfg.attn_output_gate) {
+            return Err(ModelError::Invalid(format!("{p}: attention with sinks, a sliding window or an output gate is not split by heads yet (use --split pipeline)")));
+        }
         // kvserve's own attention (CPU chunks, host decode) has no sinks,
         // windows or YaRN scale: those layers go through MLX's attention.
         let plain = sinks.is_none() && window.is_none() && !matches!(cfg.rope_scaling, super::config::RopeScaling::Yarn(_));
@@ -557,10 +641,10 @@ impl Attention {
             sinks,
             window,
             output_gate: cfg.attn_output_gate,
-            q_proj: w.linear(&format!("{p}.q_proj"), cfg.qkv_bias)?,
-            k_proj: w.linear(&format!("{p}.k_proj"), cfg.qkv_bias)?,
-            v_proj: w.linear(&format!("{p}.v_proj"), cfg.qkv_bias)?,
-            o_proj: w.linear(&format!("{p}.o_proj"), cfg.o_bias)?,
+            q_proj: w.linear_part(&format!("{p}.q_proj"), cfg.qkv_bias, Part::Rows)?,
+            k_proj: w.linear_part(&format!("{p}.k_proj"), cfg.qkv_bias, Part::Rows)?,
+            v_proj: w.linear_part(&format!("{p}.v_proj"), cfg.qkv_bias, Part::Rows)?,
+            o_proj: w.linear_part(&format!("{p}.o_proj"), cfg.o_bias, Part::Cols)?,
             q_norm: norm(w, "q_norm")?,
             k_norm: norm(w, "k_norm")?,
             rope: Rope::new(cfg),
@@ -779,9 +863,9 @@ pub struct Mlp {
 impl Mlp {
     pub fn load(w: &mut Weights, p: &str, bias: bool) -> Result<Self> {
         Ok(Mlp {
-            gate_proj: w.linear(&format!("{p}.gate_proj"), bias)?,
-            up_proj: w.linear(&format!("{p}.up_proj"), bias)?,
-            down_proj: w.linear(&format!("{p}.down_proj"), bias)?,
+            gate_proj: w.linear_part(&format!("{p}.gate_proj"), bias, Part::Rows)?,
+            up_proj: w.linear_part(&format!("{p}.up_proj"), bias, Part::Rows)?,
+            down_proj: w.linear_part(&format!("{p}.down_proj"), bias, Part::Cols)?,
         })
     }
 
@@ -819,9 +903,26 @@ pub struct Block {
     attn: Mixer,
     post_attn_norm: RmsNorm,
     ff: FeedForward,
+    /// Tensor parallelism: attention and MLP give this rank's partial sums,
+    /// joined by an all_sum over the group.
+    reduce: Option<std::sync::Arc<crate::mlx::distributed::Group>>,
 }
 
+/// Bytes of partial sums this process gave to all_sums (tensor parallelism).
+pub static ALL_SUM_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 impl Block {
+    /// A partial sum joined over the group (tensor parallelism), else `a`.
+    fn joined(&self, a: Array) -> std::result::Result<Array, MlxError> {
+        match &self.reduce {
+            Some(g) => {
+                ALL_SUM_BYTES.fetch_add(a.nbytes() as u64, std::sync::atomic::Ordering::Relaxed);
+                g.all_sum(&a)
+            }
+            None => Ok(a),
+        }
+    }
+
     pub fn forward(&self, x: &Array, kv: &mut LayerKv) -> std::result::Result<Array, MlxError> {
         if rows(x) == 1 {
             if let Some(y) = self.forward_host(x, &mut [kv])? {
@@ -833,8 +934,8 @@ impl Block {
             Mixer::Attention(a) => a.forward(&n, kv)?,
             Mixer::Linear(l) => l.forward(&n, kv)?,
         };
-        let h = ops::add(x, a)?;
-        Ok(ops::add(&h, self.ff.forward(&self.post_attn_norm.forward(&h)?)?)?)
+        let h = ops::add(x, self.joined(a)?)?;
+        Ok(ops::add(&h, self.joined(self.ff.forward(&self.post_attn_norm.forward(&h)?)?)?)?)
     }
 
     /// One decode row per sequence (`x`: `[rows, 1, hidden]`, row `i` the
@@ -848,8 +949,8 @@ impl Block {
             Mixer::Attention(a) => a.forward_rows(&n, kvs)?,
             Mixer::Linear(l) => l.forward_rows(&n, kvs)?,
         };
-        let h = ops::add(x, a)?;
-        Ok(ops::add(&h, self.ff.forward(&self.post_attn_norm.forward(&h)?)?)?)
+        let h = ops::add(x, self.joined(a)?)?;
+        Ok(ops::add(&h, self.joined(self.ff.forward(&self.post_attn_norm.forward(&h)?)?)?)?)
     }
 
     /// Decode rows (one per cache in `kvs`) with everything but attention
@@ -860,6 +961,10 @@ impl Block {
     fn forward_host(&self, x: &Array, kvs: &mut [&mut LayerKv]) -> std::result::Result<Option<Array>, MlxError> {
         let FeedForward::Dense(mlp) = &self.ff else { return Ok(None) };
         let Mixer::Attention(attn) = &self.attn else { return Ok(None) };
+        // Its sums are whole; a shard's need joining between its parts.
+        if self.reduce.is_some() {
+            return Ok(None);
+        }
         let n = kvs.len();
         if !attn.cpu_chunk_attention || !cpu_kernels_enabled() || n == 0 || rows(x) as usize != n || x.shape().len() != 3 || x.dtype() != Dtype::Float32 {
             return Ok(None);
@@ -963,7 +1068,12 @@ impl Transformer {
                 },
                 post_attn_norm: w.rms_norm(&format!("{p}.post_attention_layernorm"), cfg.rms_norm_eps)?,
                 ff: ff(w, i, &format!("{p}.mlp"))?,
+                reduce: w.shard.as_ref().map(|s| s.group.clone()),
             });
+            let b = blocks.last().expect("pushed above");
+            if w.shard.is_some() && (matches!(b.ff, FeedForward::Moe(_)) || matches!(b.attn, Mixer::Linear(_))) {
+                return Err(ModelError::Invalid(format!("{p}: mixtures of experts and linear attention are not split by heads yet (use --split pipeline)")));
+            }
         }
         let norm = w.rms_norm("model.norm", cfg.rms_norm_eps)?;
         let lm_head = if cfg.tie_word_embeddings { None } else { Some(w.linear("lm_head", false)?) };
@@ -975,6 +1085,17 @@ impl Transformer {
     /// for the last position only when `last_only`.
     pub fn forward(&self, tokens: &Array, cache: &mut [LayerKv], last_only: bool) -> std::result::Result<Array, MlxError> {
         let (local, tail) = cache.split_at_mut(self.blocks.len());
+        if let (Some(stage), [far]) = (&self.stage, &mut *tail) {
+            if stage.split() == crate::pipeline::Split::Heads {
+                let s = tokens.shape().to_vec();
+                let ids = tokens.as_dtype(Dtype::Uint32)?;
+                ids.eval()?;
+                stage.announce(ids.as_slice::<u32>(), s[0], s[1], &mut [far], last_only)?;
+                let h = self.run_blocks(self.embed_tokens(tokens)?, local).map_err(|e| stage.lost(e))?;
+                h.eval().map_err(|e| stage.lost(e.into()))?;
+                return self.head(h, last_only);
+            }
+        }
         let h = self.run_blocks(self.embed_tokens(tokens)?, local)?;
         let h = match (&self.stage, tail) {
             (Some(stage), [far]) => stage.forward(h, &mut [far], last_only)?,
@@ -1048,6 +1169,14 @@ impl Transformer {
         }
         let h = self.embed_tokens(&Array::from_slice(tokens, &[b as i32, 1]))?;
         let n = self.blocks.len();
+        if let Some(stage) = self.stage.as_ref().filter(|s| s.split() == crate::pipeline::Split::Heads) {
+            let mut tails: Vec<&mut LayerKv> = caches.iter_mut().map(|c| &mut c[n]).collect();
+            stage.announce(tokens, b as i32, 1, &mut tails, false)?;
+            let mut local: Vec<&mut [LayerKv]> = caches.iter_mut().map(|c| &mut c[..n]).collect();
+            let h = self.run_rows(h, &mut local).map_err(|e| stage.lost(e))?;
+            h.eval().map_err(|e| stage.lost(e.into()))?;
+            return Ok(self.head(h, false)?.reshape(&[b as i32, -1])?);
+        }
         let mut local: Vec<&mut [LayerKv]> = caches.iter_mut().map(|c| &mut c[..n]).collect();
         let mut h = self.run_rows(h, &mut local)?;
         if let Some(stage) = &self.stage {

@@ -161,10 +161,31 @@ pub fn in_layers(name: &str, range: &Option<std::ops::Range<i32>>) -> bool {
 /// [`build_with`] for the decoder layers in `range` only (one rank of a
 /// pipeline): other layers' tensors are dropped unread; the embedding, final
 /// norm and head are built on every rank.
-pub fn build_layers(cfg: &ModelConfig, mut weights: HashMap<String, Array>, dense_prefill: bool, range: Option<std::ops::Range<i32>>) -> Result<Transformer, ModelError> {
+pub fn build_layers(cfg: &ModelConfig, weights: HashMap<String, Array>, dense_prefill: bool, range: Option<std::ops::Range<i32>>) -> Result<Transformer, ModelError> {
+    build_part(cfg, weights, dense_prefill, range, None)
+}
+
+/// One rank's share of every layer's heads and MLP columns (tensor
+/// parallelism); its config gives this rank's head counts.
+pub fn build_shard(cfg: &ModelConfig, weights: HashMap<String, Array>, dense_prefill: bool, shard: layers::Shard) -> Result<Transformer, ModelError> {
+    let n = shard.ranks;
+    if cfg.num_heads % n != 0 || cfg.num_kv_heads % n != 0 {
+        return Err(ModelError::Invalid(format!(
+            "{} attention heads and {} key-value heads do not divide over {n} ranks: split by layers (--split pipeline) instead",
+            cfg.num_heads, cfg.num_kv_heads
+        )));
+    }
+    let mut local = cfg.clone();
+    local.num_heads /= n;
+    local.num_kv_heads /= n;
+    build_part(&local, weights, dense_prefill, None, Some(shard))
+}
+
+fn build_part(cfg: &ModelConfig, mut weights: HashMap<String, Array>, dense_prefill: bool, range: Option<std::ops::Range<i32>>, shard: Option<layers::Shard>) -> Result<Transformer, ModelError> {
     weights.retain(|k, _| in_layers(k, &range));
     let mut w = layers::Weights::new(weights, cfg.quantization.clone(), dense_prefill);
     w.layers = range;
+    w.shard = shard;
     let model = match cfg.model_type.as_str() {
         "llama" => llama::build(cfg, &mut w)?,
         "qwen2" => qwen2::build(cfg, &mut w)?,

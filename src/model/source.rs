@@ -81,6 +81,17 @@ pub fn load(spec: &str) -> Result<LoadedModel, ModelError> {
 /// [`load`] with only the decoder layers in `range` (one rank of a
 /// pipeline; the others' weights are not read from an MLX directory).
 pub fn load_layers(spec: &str, range: Option<std::ops::Range<i32>>) -> Result<LoadedModel, ModelError> {
+    load_part(spec, range, None)
+}
+
+/// [`load`] with only this rank's share of every layer's heads and MLP
+/// columns (tensor parallelism). Each layer's tensors are read whole, then
+/// cut to the share; the rest is freed.
+pub fn load_shard(spec: &str, shard: super::layers::Shard) -> Result<LoadedModel, ModelError> {
+    load_part(spec, None, Some(shard))
+}
+
+fn load_part(spec: &str, range: Option<std::ops::Range<i32>>, shard: Option<super::layers::Shard>) -> Result<LoadedModel, ModelError> {
     let path = resolve(spec)?;
     let name = path.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| spec.to_string());
     let tok_err = |e: crate::text::tokenizer::TokenizerError| ModelError::Invalid(e.to_string());
@@ -93,14 +104,22 @@ pub fn load_layers(spec: &str, range: Option<std::ops::Range<i32>>) -> Result<Lo
         let tj = serde_json::to_vec(&c.tokenizer).expect("json");
         let tokenizer = Tokenizer::from_json(&tj, &c.tokenizer_config, None, &path.display().to_string()).map_err(tok_err)?;
         let eos = cfg.eos_token_ids.clone();
-        let model = super::build_layers(&cfg, c.weights, super::on_cpu(), range.clone()).map_err(|e| name_missing(e, &cfg, &|_| path.clone(), "the GGUF metadata"))?;
+        let model = match shard.clone() {
+            Some(sh) => super::build_shard(&cfg, c.weights, super::on_cpu(), sh),
+            None => super::build_layers(&cfg, c.weights, super::on_cpu(), range.clone()),
+        }
+        .map_err(|e| name_missing(e, &cfg, &|_| path.clone(), "the GGUF metadata"))?;
         (model, tokenizer, eos)
     } else {
         let cfg = super::load_config(&path)?;
         let weights = super::load_safetensors_where(&path, &|k| super::in_layers(k, &range))?;
         let files = super::weight_files(&path)?;
         check_shapes(&cfg, &weights, &path.join("config.json"))?;
-        let model = super::build_layers(&cfg, weights, super::on_cpu(), range.clone()).map_err(|e| name_missing(e, &cfg, &|t| holder(&path, &files, t), "config.json"))?;
+        let model = match shard.clone() {
+            Some(sh) => super::build_shard(&cfg, weights, super::on_cpu(), sh),
+            None => super::build_layers(&cfg, weights, super::on_cpu(), range.clone()),
+        }
+        .map_err(|e| name_missing(e, &cfg, &|t| holder(&path, &files, t), "config.json"))?;
         let tokenizer = Tokenizer::load(&path).map_err(tok_err)?;
         let mut eos = cfg.eos_token_ids.clone();
         if let Ok(text) = std::fs::read_to_string(path.join("generation_config.json")) {
