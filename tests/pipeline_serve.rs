@@ -1,7 +1,8 @@
-//! `kvserve serve --hostfile`: SmolLM2 split by layers over 2 and over 3
-//! ranks on 127.0.0.1 (MLX's ring backend; the ranks share this machine's
-//! 2 cores). Rank 0 serves HTTP; the others hold the later layers and their
-//! share of every snapshot.
+//! `kvserve serve --hostfile`: SmolLM2 split by layers over 2 ranks and by
+//! heads over 3 (its 9 attention and 3 key-value heads), on 127.0.0.1
+//! (MLX's ring backend; the ranks share this machine's 2 cores). Rank 0
+//! serves HTTP; the others hold their layers or heads, and their share of
+//! every snapshot.
 //!
 //! - Answers (one at a time and three at once, batched across the ranks)
 //!   equal a one-process server's, greedy.
@@ -9,8 +10,8 @@
 //!   reports the cached tokens, and the other ranks computed only what rank
 //!   0 computed (their token counts, printed when they stop, leave out the
 //!   cached prefix).
-//! - The hidden states crossing the ranks are the bytes predicted: the
-//!   hidden size in f32 per token each way.
+//! - The bytes crossing are those predicted: split by layers, the hidden
+//!   size in f32 per token each way; by heads, two all_sums of it per layer.
 //! - A rank killed mid-request: the request fails with 503 naming the lost
 //!   ranks, new requests get 503, and every other rank exits with status 69.
 //! - Ranks started with different models, or flags a split model does not
@@ -36,7 +37,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn hostfile(name: &str, ranks: usize) -> PathBuf {
     // Ports from the process id and the test, so parallel runs and this
     // file's tests (run at once) never share one.
-    let test = ["two", "three", "lost", "mixed"].iter().position(|n| *n == name).expect("a known test");
+    let test = ["two", "three", "tensor", "lost", "mixed"].iter().position(|n| *n == name).expect("a known test");
     let base = 21000 + (std::process::id() % 1400) as usize * 30 + test * 6;
     let list: Vec<Vec<String>> = (0..ranks).map(|r| vec![format!("127.0.0.1:{}", base + r)]).collect();
     let path = std::env::temp_dir().join(format!("kvserve-pipe-{name}-{}.json", std::process::id()));
@@ -49,9 +50,9 @@ fn log_path(name: &str, rank: usize) -> PathBuf {
 }
 
 /// A rank but 0: `kvserve serve --hostfile` with its log in a file.
-fn follower(model: &Path, h: &Path, rank: usize, name: &str) -> Child {
+fn follower(model: &Path, h: &Path, rank: usize, name: &str, split: &str) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kvserve"))
-        .args(["serve", "--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", &rank.to_string(), "--join-timeout", "60"])
+        .args(["serve", "--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", &rank.to_string(), "--join-timeout", "60", "--split", split])
         .env("KVSERVE_NO_CONFIG", "1")
         .env("RUST_BACKTRACE", "0")
         .env_remove("MLX_RANK")
@@ -134,21 +135,22 @@ fn split_over_two_and_three_ranks_answers_as_one_process_and_caches_on_every_ran
     one.stop();
     assert!(a1.split_whitespace().count() >= 3 && a2.split_whitespace().count() >= 3, "answers long enough to compare: {a1:?} {a2:?}");
 
-    for (name, ranks) in [("two", 2usize), ("three", 3)] {
+    // (3 ranks split by layers run in the lost-rank test below.)
+    for (name, ranks, split) in [("two", 2usize, "pipeline"), ("tensor", 3, "tensor")] {
         let h = hostfile(name, ranks);
-        let mut followers: Vec<Child> = (1..ranks).map(|r| follower(&model, &h, r, name)).collect();
+        let mut followers: Vec<Child> = (1..ranks).map(|r| follower(&model, &h, r, name, split)).collect();
         let log0 = log_path(name, 0);
-        let lead = Server::start_env(&["--model", m, "--hostfile", h.to_str().unwrap(), "--rank", "0"], Some(&log0), &[]);
+        let lead = Server::start_env(&["--model", m, "--hostfile", h.to_str().unwrap(), "--rank", "0", "--split", split], Some(&log0), &[]);
         let (b1, u1) = chat(&lead.addr, &turn1);
         let (b2, u2) = chat(&lead.addr, &turn2);
         let together = three_at_once(&lead.addr);
-        assert_eq!(b1, a1, "{ranks} ranks, turn 1");
+        assert_eq!(b1, a1, "{ranks} ranks split by {split}, turn 1");
         assert_eq!(b2, a2, "{ranks} ranks, turn 2 (resumed from the split snapshot)");
         assert_eq!(together, alone, "{ranks} ranks, three requests at once");
         let (p1, p2) = (u1["prompt_tokens"].as_u64().unwrap(), u2["prompt_tokens"].as_u64().unwrap());
         let cached2 = u2["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
         assert!(cached2 >= p1, "{ranks} ranks: turn 2 read turn 1 from the cache ({cached2} of {p2}; turn 1 had {p1})");
-        eprintln!("{ranks} ranks: turn 1 {p1} tokens, turn 2 {p2} tokens of which {cached2} from the cache; answers equal one process's");
+        eprintln!("{ranks} ranks ({split}): turn 1 {p1} tokens, turn 2 {p2} tokens of which {cached2} from the cache; answers equal one process's");
         // Rank 0 stops the others (status 0); each says what it computed.
         lead.stop();
         let mut total = vec![];
@@ -170,19 +172,30 @@ fn split_over_two_and_three_ranks_answers_as_one_process_and_caches_on_every_ran
             assert!(*tokens >= prompts && *tokens <= upper, "rank {}: {tokens} tokens computed; between {prompts} and {upper} if it read turn 2's {cached2} cached tokens", r + 1);
         }
         eprintln!("{ranks} ranks: tokens computed on ranks 1..: {total:?} (steps, tokens); turn 2 alone would need {p2} without the cache");
-        // The bytes that crossed, against the prediction: per decode row, the
-        // hidden state (576 f32 = 2304 bytes) back from the last rank, and
-        // out to rank 1 the same plus the message's words. (Every rank
-        // boundary carries the same: 3 ranks have one more link.)
         let log = read(&log0);
         let line = log.lines().find(|l| l.contains("pipeline traffic")).unwrap_or_else(|| panic!("no traffic line: {log}"));
         eprintln!("{}", line.split("pipeline traffic").nth(1).unwrap());
         let per_row = line.split('(').nth(1).unwrap();
         let nums: Vec<f64> = per_row.split(|c: char| !c.is_ascii_digit() && c != '.').filter(|s| !s.is_empty()).filter_map(|s| s.parse().ok()).collect();
-        assert_eq!(nums[1], 2304.0, "bytes back per decode row: {line}");
-        // The words (a length, the step, one id per row, queued cache
-        // operations) are shared by a step's rows.
-        assert!(nums[0] > 2304.0 + 4.0 && nums[0] < 2304.0 + 200.0, "bytes out per decode row: {line}");
+        if split == "pipeline" {
+            // The bytes that crossed, against the prediction: per decode row,
+            // the hidden state (576 f32 = 2304 bytes) back from the last rank,
+            // and out to rank 1 the same plus the message's words (a length,
+            // the step, one id per row, queued cache operations; shared by a
+            // step's rows). Every rank boundary carries the same.
+            assert_eq!(nums[1], 2304.0, "bytes back per decode row: {line}");
+            assert!(nums[0] > 2304.0 + 4.0 && nums[0] < 2304.0 + 200.0, "bytes out per decode row: {line}");
+        } else {
+            // Split by heads: rank 0 sends only words (the tokens); each
+            // layer's attention and MLP give 576 f32 partial sums per token
+            // to an all_sum: 2 x 30 x 2304 = 138240 bytes per token computed.
+            assert_eq!(nums[1], 0.0, "nothing comes back: {line}");
+            assert!(nums[0] < 100.0, "bytes out per decode row: {line}");
+            let sums = log.lines().find(|l| l.contains("all_sum of partial sums")).unwrap_or_else(|| panic!("no all_sum line: {log}"));
+            eprintln!("{}", sums.trim());
+            let bytes: u64 = sums.split_whitespace().find_map(|w| w.parse().ok()).unwrap();
+            assert_eq!(bytes, 138_240 * total[0].1, "all_sum bytes: {sums}; {} tokens computed", total[0].1);
+        }
         let _ = std::fs::remove_file(h);
     }
 }
@@ -192,9 +205,9 @@ fn a_lost_rank_fails_requests_with_503_and_every_rank_exits_69() {
     let _one = serial();
     let model = smollm2_dir();
     let h = hostfile("lost", 3);
-    let mut followers: Vec<Child> = (1..3).map(|r| follower(&model, &h, r, "lost")).collect();
+    let mut followers: Vec<Child> = (1..3).map(|r| follower(&model, &h, r, "lost", "pipeline")).collect();
     let log0 = log_path("lost", 0);
-    let mut lead = Server::start_env(&["--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", "0"], Some(&log0), &[]);
+    let mut lead = Server::start_env(&["--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", "0", "--split", "pipeline"], Some(&log0), &[]);
     let addr = lead.addr.clone();
     let long = std::thread::spawn(move || {
         post(&addr, "/v1/messages", &json!({"model": "m", "max_tokens": 4000, "messages": [{"role": "user", "content": "Write a very long story about a lighthouse."}]}))
@@ -237,7 +250,7 @@ fn ranks_with_different_models_or_unsupported_flags_are_refused() {
         std::fs::copy(model.join(f), tiny.join(f)).unwrap();
     }
     let h = hostfile("mixed", 2);
-    let mut other = follower(&tiny, &h, 1, "mixed");
+    let mut other = follower(&tiny, &h, 1, "mixed", "pipeline");
     let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
         .args(["serve", "--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", "0", "--port", "0", "--no-trace", "--join-timeout", "60"])
         .env("KVSERVE_NO_CONFIG", "1")
