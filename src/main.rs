@@ -281,9 +281,9 @@ struct ServeArgs {
     join_timeout: f64,
     /// With --hostfile: `pipeline` (each rank holds a range of layers) or
     /// `tensor` (each holds a share of every layer's heads and MLP columns,
-    /// joined by all_sums). Default: tensor where the heads divide by the
-    /// ranks and the architecture allows, else pipeline. Every rank must
-    /// be given the same.
+    /// joined by all_sums; dense llama/qwen2/qwen3 models whose heads
+    /// divide by the ranks). Default: pipeline, which fits every model and
+    /// sends least per token. Every rank must be given the same.
     #[arg(long, value_parser = parse_split, requires = "hostfile")]
     split: Option<kvserve::pipeline::Split>,
 }

@@ -273,10 +273,9 @@ fn send_message(group: &Group, dst: usize, words: &[u32], h: Option<&Array>) -> 
     Ok(())
 }
 
-/// How `spec` (an MLX model folder) is split over `ranks` ranks: `asked`,
-/// or when none was, by heads where that works (a dense model whose
-/// attention and key-value heads divide by `ranks`), else by layers.
-/// Every rank decides alike from the same config. Also its layer count.
+/// How `spec` (an MLX model folder) is split over `ranks` ranks: `asked`
+/// (by heads only for a dense model whose attention and key-value heads
+/// divide by `ranks`), else by layers. Also its layer count.
 pub fn plan(spec: &str, ranks: usize, asked: Option<Split>) -> Result<(i32, Split), String> {
     let path = crate::model::source::resolve(spec).map_err(|e| e.to_string())?;
     if path.is_file() {
@@ -292,7 +291,9 @@ pub fn plan(spec: &str, ranks: usize, asked: Option<Split>) -> Result<(i32, Spli
         }
         Some(Split::Heads) if !plain => return Err(format!("--split tensor: {} models are split by layers only (use --split pipeline)", c.model_type)),
         Some(s) => s,
-        None if divides && plain => Split::Heads,
+        // By layers fits every architecture and sends one hidden state per
+        // token per link; by heads sends two all_sums per layer, and on this
+        // loopback was 8x slower per step (benches/pipeline_steps.py).
         None => Split::Layers,
     };
     if split == Split::Layers && (c.num_layers as usize) < ranks {
