@@ -428,3 +428,39 @@ impl PackedKv {
         self.keys.iter().chain(self.values.iter())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What rank 0 does to the other ranks' entry reaches them as words, in
+    /// order: a snapshot copy, a trim, a compact copy, room reserved, drops.
+    /// (The only test here that makes remote entries: the queue is global.)
+    #[test]
+    fn remote_entries_queue_every_change_for_the_other_ranks() {
+        use remote::*;
+        let _ = take_queued();
+        let mut live = LayerKv::new_remote();
+        let a = live.remote_id().unwrap();
+        live.advance_remote(40);
+        assert_eq!(live.offset(), 40);
+        assert!(!has_queued(), "a new entry and a step the followers computed queue nothing");
+        let snap = live.snapshot();
+        let b = snap.remote_id().unwrap();
+        assert_ne!(a, b);
+        live.trim_to(30).unwrap();
+        assert_eq!((live.offset(), snap.offset()), (30, 40), "the copy keeps its position");
+        let part = live.compact();
+        let c = part.remote_id().unwrap();
+        live.reserve(512, 2, 64).unwrap();
+        drop(snap);
+        live.trim_to(0).unwrap();
+        assert_eq!(live.remote_id(), Some(a), "trimmed to nothing, it is still the other ranks' entry");
+        assert_eq!(take_queued(), vec![CLONE, a, b, TRIM, a, 30, COMPACT, a, c, RESERVE, a, 512, FREE, b, TRIM, a, 0]);
+        drop(part);
+        drop(live);
+        assert_eq!(take_queued(), vec![FREE, c, FREE, a]);
+        assert!(LayerKv::new_remote().state().is_none() && LayerKv::new_remote().arrays().next().is_none());
+        let _ = take_queued();
+    }
+}
