@@ -34,8 +34,9 @@ enum Command {
     /// all through `mlx.launch --hostfile F -- kvserve ring`), verify an
     /// all_sum, and measure the step latency and all_sum bandwidth.
     Ring {
-        /// MLX's ring hostfile: a JSON list, per rank a list of "host:port".
-        #[arg(long)]
+        /// MLX's ring hostfile: a JSON list, per rank a list of "host:port"
+        /// (default: MLX_HOSTFILE, as mlx.launch sets it).
+        #[arg(long, env = "MLX_HOSTFILE")]
         hostfile: PathBuf,
         /// This process's rank (default: MLX_RANK, as mlx.launch sets it).
         #[arg(long)]
@@ -271,7 +272,8 @@ struct ServeArgs {
     /// (pipeline parallelism): start `kvserve serve` once per rank with the
     /// same --model and hostfile (or through `mlx.launch --hostfile F --`);
     /// rank 0 serves HTTP, the others hold their layers and follow it.
-    #[arg(long, conflicts_with = "proxy")]
+    /// `mlx.launch` sets MLX_HOSTFILE, which is read when this is not given.
+    #[arg(long, env = "MLX_HOSTFILE", conflicts_with = "proxy")]
     hostfile: Option<PathBuf>,
     /// This process's rank with --hostfile (default: MLX_RANK, as mlx.launch sets it).
     #[arg(long, requires = "hostfile")]

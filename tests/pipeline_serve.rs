@@ -16,6 +16,8 @@
 //!   ranks, new requests get 503, and every other rank exits with status 69.
 //! - Ranks started with different models, or flags a split model does not
 //!   support, are refused with the reason.
+//! - `mlx.launch` (mlx's own launcher, from the project's venv) starts the
+//!   ranks of `kvserve serve` as it starts any MLX program.
 
 mod common;
 
@@ -37,7 +39,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn hostfile(name: &str, ranks: usize) -> PathBuf {
     // Ports from the process id and the test, so parallel runs and this
     // file's tests (run at once) never share one.
-    let test = ["two", "three", "tensor", "lost", "mixed"].iter().position(|n| *n == name).expect("a known test");
+    let test = ["two", "three", "tensor", "lost", "mixed", "launch"].iter().position(|n| *n == name).expect("a known test");
     let base = 21000 + (std::process::id() % 1400) as usize * 30 + test * 6;
     let list: Vec<Vec<String>> = (0..ranks).map(|r| vec![format!("127.0.0.1:{}", base + r)]).collect();
     let path = std::env::temp_dir().join(format!("kvserve-pipe-{name}-{}.json", std::process::id()));
@@ -274,4 +276,51 @@ fn ranks_with_different_models_or_unsupported_flags_are_refused() {
     }
     let _ = std::fs::remove_file(h);
     let _ = std::fs::remove_dir_all(tiny);
+}
+
+/// `mlx.launch --backend ring --hosts 127.0.0.1 -n 2 -- kvserve serve ...`:
+/// the ranks take MLX_RANK and MLX_HOSTFILE from the launcher, rank 0
+/// serves, and the answer is one process's; SIGTERM to rank 0 (its pid
+/// from /health) stops the group, and the launcher exits 0.
+#[test]
+fn mlx_launch_starts_the_ranks() {
+    use std::io::BufRead;
+    let _one = serial();
+    let model = smollm2_dir();
+    let m = model.to_str().unwrap();
+    let body = json!({"model": "m", "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": "Name two planets."}]});
+    let one = Server::start(&["--model", m]);
+    let (want, _) = chat(&one.addr, &body);
+    one.stop();
+    let launcher = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/mlx.launch");
+    assert!(launcher.exists(), "{} missing: make venv", launcher.display());
+    let port = 21000 + (std::process::id() % 1400) as usize * 30 + 5 * 6;
+    let mut group = Command::new(&launcher)
+        .args(["--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "-p", &port.to_string(), "--"])
+        .arg(env!("CARGO_BIN_EXE_kvserve"))
+        .args(["serve", "--model", m, "--port", "0", "--no-trace"])
+        .env("KVSERVE_NO_CONFIG", "1")
+        .env("KVSERVE_LOG", "warn")
+        .env_remove("MLX_RANK")
+        .env_remove("MLX_HOSTFILE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start mlx.launch");
+    let mut lines = std::io::BufReader::new(group.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("mlx.launch ended before rank 0 listened").unwrap();
+        if let Some(a) = line.split("kvserve listening on http://").nth(1) {
+            break a.trim().to_string();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let (got, _) = chat(&addr, &body);
+    assert_eq!(got, want, "2 ranks under mlx.launch answer as one process");
+    let health = common::get(&addr, "/health").json();
+    let pid = health["pid"].as_u64().unwrap();
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    let code = wait_exit(&mut group, Duration::from_secs(60));
+    assert_eq!(code, Some(0), "mlx.launch exits 0 once rank 0 stopped the group");
+    eprintln!("mlx.launch: 2 ranks answered {got:?}, as one process; the group stopped with status 0");
 }
