@@ -65,6 +65,22 @@ pub const EXIT_RANK_LOST: i32 = 69;
 
 static BROKEN: AtomicBool = AtomicBool::new(false);
 static WHY: Mutex<String> = Mutex::new(String::new());
+/// Set while rank 0 is inside a step the other ranks take part in.
+static IN_STEP: AtomicBool = AtomicBool::new(false);
+
+fn set_broken(why: String) {
+    if !BROKEN.swap(true, Ordering::SeqCst) {
+        *WHY.lock() = why;
+    }
+}
+
+/// Rank 0 abandoned a step (a panic): if the other ranks were in it, they
+/// are now out of step with rank 0, and the group is broken.
+pub fn abandon_step() {
+    if IN_STEP.swap(false, Ordering::SeqCst) {
+        set_broken(format!("rank 0 abandoned a step the other ranks were computing with it, so they are out of step; every rank exits (status {EXIT_RANK_LOST}) for a supervisor to restart the group"));
+    }
+}
 
 /// Whether the group lost a rank (no step can be computed any more).
 pub fn broken() -> bool {
@@ -147,11 +163,10 @@ impl Stage {
             Split::Heads => format!("the model's other heads are on ranks 1 to {}", n - 1),
         };
         let why = format!(
-            "{others}, and the link to them failed: {e}; no step can be computed without them, so every rank exits (status {EXIT_RANK_LOST}) for a supervisor to restart the group"
+            "{others}, and a step with them failed: {e}; no step can be computed without them, so every rank exits (status {EXIT_RANK_LOST}) for a supervisor to restart the group"
         );
-        if !BROKEN.swap(true, Ordering::SeqCst) {
-            *WHY.lock() = why.clone();
-        }
+        set_broken(why.clone());
+        IN_STEP.store(false, Ordering::SeqCst);
         mlx_err(why)
     }
 
@@ -170,14 +185,17 @@ impl Stage {
         }
         let s = h.shape().to_vec();
         let (rows, tokens) = (s[0], s[1]);
+        let ids: Vec<u32> = tails.iter().map(|t| t.remote_id().ok_or_else(|| mlx_err("a cache without the other ranks' entry reached the pipeline".into()))).collect::<Result<_, _>>()?;
+        // The receivers read the activation dtype's bytes.
+        let h = if h.dtype() == self.dtype { h } else { h.as_dtype(self.dtype)? };
         let mut words = remote::take_queued();
         words.extend([FORWARD, rows as u32, tokens as u32, u32::from(last_only)]);
-        for t in tails.iter() {
-            words.push(t.remote_id().ok_or_else(|| mlx_err("a cache without the other ranks' entry reached the pipeline".into()))?);
-        }
+        words.extend(ids);
+        IN_STEP.store(true, Ordering::SeqCst);
         send_message(&self.group, 1, &words, Some(&h)).map_err(|e| self.lost(e))?;
         let back = self.group.recv(&[rows, if last_only { 1 } else { tokens }, self.hidden], self.dtype, self.group.size() - 1).map_err(|e| self.lost(e))?;
         back.eval().map_err(|e| self.lost(e.into()))?;
+        IN_STEP.store(false, Ordering::SeqCst);
         for t in tails.iter_mut() {
             t.advance_remote(tokens);
         }
@@ -202,12 +220,12 @@ impl Stage {
         if broken() {
             return Err(mlx_err(why_broken()));
         }
+        let ids: Vec<u32> = tails.iter().map(|t| t.remote_id().ok_or_else(|| mlx_err("a cache without the other ranks' entry reached the group".into()))).collect::<Result<_, _>>()?;
         let mut words = remote::take_queued();
         words.extend([FORWARD_TOKENS, rows as u32, len as u32, u32::from(last_only)]);
-        for t in tails.iter() {
-            words.push(t.remote_id().ok_or_else(|| mlx_err("a cache without the other ranks' entry reached the group".into()))?);
-        }
+        words.extend(ids);
         words.extend_from_slice(tokens);
+        IN_STEP.store(true, Ordering::SeqCst);
         send_message(&self.group, 1, &words, None).map_err(|e| self.lost(e))?;
         for t in tails.iter_mut() {
             t.advance_remote(len);
@@ -222,6 +240,12 @@ impl Stage {
             t.prefill_out += out;
         }
         Ok(())
+    }
+
+    /// Split by heads: rank 0's share of the step announced is computed
+    /// (the other ranks' all_sums met).
+    pub fn step_done(&self) {
+        IN_STEP.store(false, Ordering::SeqCst);
     }
 
     /// Send the cache operations queued since the last step (snapshots
@@ -280,6 +304,9 @@ pub fn plan(spec: &str, ranks: usize, asked: Option<Split>) -> Result<(i32, Spli
     let path = crate::model::source::resolve(spec).map_err(|e| e.to_string())?;
     if path.is_file() {
         return Err("--hostfile needs an MLX-format model directory (a GGUF file is converted whole on every rank, so it is not split)".into());
+    }
+    if ranks < 2 {
+        return Err("the hostfile lists one rank: serve the model without --hostfile".into());
     }
     let c = crate::model::load_config(&path).map_err(|e| e.to_string())?;
     let n = ranks as i32;
@@ -448,6 +475,7 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
                         states.extend(taken);
                         r.map_err(|e| format!("rank {rank}: {e}"))?
                     };
+                    let h = if h.dtype() == dtype { h } else { h.as_dtype(dtype).map_err(|e| format!("rank {rank}: {e}"))? };
                     if rank + 1 < n {
                         send_message(group, rank + 1, &words, Some(&h)).map_err(|e| format!("rank {rank} of {n} lost its link to rank {}: {}", rank + 1, link_error(&e.message)))?;
                     } else {

@@ -97,7 +97,7 @@ struct StepError(Vec<u64>, String);
 impl Scheduler {
     pub fn new(cfg: &EngineConfig, stats: Arc<Mutex<CacheStats>>, queued: Arc<AtomicUsize>, load: Arc<Load>) -> Result<(Scheduler, Arc<ModelInfo>), String> {
         let LoadedModel { model, tokenizer, template, eos_ids, path, name } = match &cfg.pipeline {
-            Some(p) => lead_pipeline(&cfg.model, p)?,
+            Some(p) => lead_pipeline(cfg, p)?,
             None => source::load(&cfg.model).map_err(|e| e.to_string())?,
         };
         // Warm up (first-use costs out of the first request) and measure the
@@ -477,8 +477,12 @@ impl Scheduler {
 /// Rank 0 of `kvserve serve --hostfile`: join the ring, load the first
 /// layers (the other ranks load the rest), check every rank loaded the same
 /// model, and make each cache end with the other ranks' entry.
-fn lead_pipeline(spec: &str, p: &super::worker::PipelineConfig) -> Result<LoadedModel, String> {
+fn lead_pipeline(cfg: &EngineConfig, p: &super::worker::PipelineConfig) -> Result<LoadedModel, String> {
     use crate::pipeline::{self, Split};
+    let spec = cfg.model.as_str();
+    if cfg.kv_bits.is_some() || cfg.cache_dir.is_some() {
+        return Err("--kv-bits and --cache-dir are not supported with --hostfile yet: snapshots of a split model stay f16, in memory".into());
+    }
     let (hosts, group) = crate::ring::connect(&p.hostfile, Some(0), p.join_timeout)?;
     let group = Arc::new(group);
     let n = hosts.size();

@@ -59,7 +59,7 @@ pub struct PipelineConfig {
     pub hostfile: PathBuf,
     /// How long to wait for every rank to join.
     pub join_timeout: Duration,
-    /// By layers or by heads (none: by heads where the model allows).
+    /// By layers or by heads (none: by layers).
     pub split: Option<crate::pipeline::Split>,
 }
 
@@ -246,6 +246,7 @@ fn run(rx: mpsc::Receiver<Msg>, mut s: Scheduler) {
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
                     let _ = guarded(&mut s, "writing the snapshots", |s| s.policy.flush());
+                    s.stop_followers();
                     return;
                 }
             }
@@ -254,7 +255,16 @@ fn run(rx: mpsc::Receiver<Msg>, mut s: Scheduler) {
             handle(&mut s, m, &mut shutdown);
         }
         if !s.idle() {
-            if let Ok(Err(why)) = guarded(&mut s, "a step", Scheduler::step) {
+            let stepped = guarded(&mut s, "a step", Scheduler::step);
+            // A step abandoned half-way (a panic) leaves the other ranks of
+            // a group mid-step: the group cannot go on.
+            if stepped.is_err() {
+                crate::pipeline::abandon_step();
+            }
+            if crate::pipeline::broken() {
+                exit_rank_lost();
+            }
+            if let Ok(Err(why)) = stepped {
                 // A step's error may be MLX's own failure.
                 tracing::warn!("a step failed: {why}");
                 if crate::pipeline::broken() {
@@ -266,6 +276,9 @@ fn run(rx: mpsc::Receiver<Msg>, mut s: Scheduler) {
             }
         }
         s.flush_remote();
+        if crate::pipeline::broken() {
+            exit_rank_lost();
+        }
     }
 }
 

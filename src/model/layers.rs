@@ -161,11 +161,11 @@ impl Weights {
             (LinearWeight::Quantized(q), Part::Cols) => {
                 // Columns in groups: each rank's share is whole groups (and whole u32 words).
                 let groups = share(q.scales.shape()[1], 1)?;
-                let per_word = 32 / q.bits;
-                if (q.group_size % per_word) != 0 {
-                    return Err(bad(format!("a group of {} values is not whole words of {}-bit values", q.group_size, q.bits)));
+                if (q.group_size * q.bits) % 32 != 0 {
+                    return Err(bad(format!("a group of {} {}-bit values is not whole 32-bit words", q.group_size, q.bits)));
                 }
-                let words = groups.start * q.group_size / per_word..groups.end * q.group_size / per_word;
+                let per_group = q.group_size * q.bits / 32;
+                let words = groups.start * per_group..groups.end * per_group;
                 LinearWeight::Quantized(QuantizedMatrix { packed: cut(&q.packed, words, part)?, scales: cut(&q.scales, groups.clone(), part)?, biases: cut(&q.biases, groups, part)?, ..q.clone() })
             }
         };
@@ -1091,8 +1091,10 @@ impl Transformer {
                 let ids = tokens.as_dtype(Dtype::Uint32)?;
                 ids.eval()?;
                 stage.announce(ids.as_slice::<u32>(), s[0], s[1], &mut [far], last_only)?;
-                let h = self.run_blocks(self.embed_tokens(tokens)?, local).map_err(|e| stage.lost(e))?;
+                // Any failure now leaves the other ranks mid-step: the group is lost.
+                let h = self.embed_tokens(tokens).and_then(|h| self.run_blocks(h, local)).map_err(|e| stage.lost(e))?;
                 h.eval().map_err(|e| stage.lost(e.into()))?;
+                stage.step_done();
                 return self.head(h, last_only);
             }
         }
@@ -1175,6 +1177,7 @@ impl Transformer {
             let mut local: Vec<&mut [LayerKv]> = caches.iter_mut().map(|c| &mut c[..n]).collect();
             let h = self.run_rows(h, &mut local).map_err(|e| stage.lost(e))?;
             h.eval().map_err(|e| stage.lost(e.into()))?;
+            stage.step_done();
             return Ok(self.head(h, false)?.reshape(&[b as i32, -1])?);
         }
         let mut local: Vec<&mut [LayerKv]> = caches.iter_mut().map(|c| &mut c[..n]).collect();
