@@ -39,12 +39,20 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 fn hostfile(name: &str, ranks: usize) -> PathBuf {
     // Ports from the process id and the test, so parallel runs and this
     // file's tests (run at once) never share one.
-    let test = ["two", "three", "tensor", "lost", "mixed", "launch"].iter().position(|n| *n == name).expect("a known test");
-    let base = 21000 + (std::process::id() % 1400) as usize * 30 + test * 6;
+    let test = ["two", "three", "tensor", "lost", "mixed", "launch", "hybrid"].iter().position(|n| *n == name).expect("a known test");
+    let base = 21000 + (std::process::id() % 800) as usize * 50 + test * 6;
     let list: Vec<Vec<String>> = (0..ranks).map(|r| vec![format!("127.0.0.1:{}", base + r)]).collect();
     let path = std::env::temp_dir().join(format!("kvserve-pipe-{name}-{}.json", std::process::id()));
     std::fs::write(&path, serde_json::to_string(&list).unwrap()).unwrap();
     path
+}
+
+/// The first port `hostfile(name, ..)` uses.
+fn hostfile_port(name: &str) -> usize {
+    let h = hostfile(name, 1);
+    let list: Vec<Vec<String>> = serde_json::from_str(&std::fs::read_to_string(&h).unwrap()).unwrap();
+    let _ = std::fs::remove_file(h);
+    list[0][0].rsplit(':').next().unwrap().parse().unwrap()
 }
 
 fn log_path(name: &str, rank: usize) -> PathBuf {
@@ -294,7 +302,7 @@ fn mlx_launch_starts_the_ranks() {
     one.stop();
     let launcher = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/mlx.launch");
     assert!(launcher.exists(), "{} missing: make venv", launcher.display());
-    let port = 21000 + (std::process::id() % 1400) as usize * 30 + 5 * 6;
+    let port = hostfile_port("launch");
     let mut group = Command::new(&launcher)
         .args(["--backend", "ring", "--hosts", "127.0.0.1", "-n", "2", "-p", &port.to_string(), "--"])
         .arg(env!("CARGO_BIN_EXE_kvserve"))
@@ -323,4 +331,48 @@ fn mlx_launch_starts_the_ranks() {
     let code = wait_exit(&mut group, Duration::from_secs(60));
     assert_eq!(code, Some(0), "mlx.launch exits 0 once rank 0 stopped the group");
     eprintln!("mlx.launch: 2 ranks answered {got:?}, as one process; the group stopped with status 0");
+}
+
+/// A model with recurrent state (qwen3_5: gated delta-net layers, a tiny one
+/// made by mlx-lm, with SmolLM2's tokenizer) split by layers over 2 ranks:
+/// each rank keeps its layers' recurrent states in its share of the exact
+/// snapshots; two turns answer as one process, and the second reads the
+/// first's prompt from the cache on both ranks.
+#[test]
+fn a_model_with_recurrent_state_splits_by_layers() {
+    let _one = serial();
+    let dir = std::env::temp_dir().join(format!("kvserve-pipe-hybrid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("tiny/qwen3_5_vocab49152").join(f), dir.join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(smollm2_dir().join(f), dir.join(f)).unwrap();
+    }
+    let m = dir.to_str().unwrap();
+    let turn1 = conversation(&[("Tell me about rivers.", None)]);
+    let one = Server::start(&["--model", m]);
+    let (a1, _) = chat(&one.addr, &turn1);
+    let turn2 = conversation(&[("Tell me about rivers.", Some(&a1)), ("And lakes?", None)]);
+    let (a2, _) = chat(&one.addr, &turn2);
+    one.stop();
+    let h = hostfile("hybrid", 2);
+    let mut f = follower(&dir, &h, 1, "hybrid", "pipeline");
+    let lead = Server::start_env(&["--model", m, "--hostfile", h.to_str().unwrap(), "--rank", "0"], Some(&log_path("hybrid", 0)), &[]);
+    let (b1, u1) = chat(&lead.addr, &turn1);
+    let (b2, u2) = chat(&lead.addr, &turn2);
+    lead.stop();
+    let code = wait_exit(&mut f, Duration::from_secs(30));
+    let log = read(&log_path("hybrid", 1));
+    assert_eq!(code, Some(0), "{log}");
+    assert_eq!((b1.as_str(), b2.as_str()), (a1.as_str(), a2.as_str()), "2 ranks answer as one process");
+    let (p1, cached2) = (u1["prompt_tokens"].as_u64().unwrap(), u2["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap());
+    assert!(cached2 + 1 >= p1, "turn 2 reads turn 1's prompt: {cached2} of {}", u2["prompt_tokens"]);
+    let (_, tokens) = computed(&log);
+    let p2 = u2["prompt_tokens"].as_u64().unwrap();
+    let answers = u1["completion_tokens"].as_u64().unwrap() + u2["completion_tokens"].as_u64().unwrap();
+    assert!(tokens <= 1 + p1 + (p2 - cached2) + answers + 2, "rank 1 computed {tokens} tokens: turn 2's {cached2} cached tokens were not computed again");
+    eprintln!("qwen3_5 over 2 ranks: answers equal one process's; turn 2 read {cached2} of {p2} tokens; rank 1 computed {tokens} tokens");
+    let _ = std::fs::remove_file(h);
+    let _ = std::fs::remove_dir_all(dir);
 }
