@@ -288,6 +288,11 @@ struct ServeArgs {
     /// sends least per token. Every rank must be given the same.
     #[arg(long, value_parser = parse_split, requires = "hostfile")]
     split: Option<kvserve::pipeline::Split>,
+    /// With --hostfile: seconds the other ranks may take to answer one step
+    /// (a prompt chunk or a decode step) before rank 0 counts a rank as gone
+    /// (a machine that vanished without closing its connections) and exits 69.
+    #[arg(long, default_value_t = 600.0, requires = "hostfile")]
+    step_timeout: f64,
 }
 
 fn parse_split(s: &str) -> Result<kvserve::pipeline::Split, String> {
@@ -381,6 +386,10 @@ fn serve(args: ServeArgs) -> Result<()> {
             let hosts = kvserve::ring::Hostfile::read(hostfile).map_err(anyhow::Error::msg)?;
             let rank = kvserve::ring::rank_of(args.rank, &hosts).map_err(anyhow::Error::msg)?;
             let join_timeout = std::time::Duration::from_secs_f64(args.join_timeout);
+            if !(args.step_timeout > 0.0 && args.step_timeout <= 86_400.0) {
+                bail!("--step-timeout is {}; it must be a number of seconds above 0, at most 86400", args.step_timeout);
+            }
+            let step_timeout = std::time::Duration::from_secs_f64(args.step_timeout);
             if rank > 0 {
                 follow_pipeline(args.model.as_deref().expect("clap requires --model without --proxy"), hostfile, rank, join_timeout, args.split);
             }
@@ -390,7 +399,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             if args.cache_dir.is_some() {
                 bail!("--cache-dir is not supported with --hostfile yet: snapshots of a split model are kept in memory only");
             }
-            Some(kvserve::engine::worker::PipelineConfig { hostfile: hostfile.clone(), join_timeout, split: args.split })
+            Some(kvserve::engine::worker::PipelineConfig { hostfile: hostfile.clone(), join_timeout, split: args.split, step_timeout })
         }
     };
     let cfg = EngineConfig {

@@ -67,6 +67,47 @@ static BROKEN: AtomicBool = AtomicBool::new(false);
 static WHY: Mutex<String> = Mutex::new(String::new());
 /// Set while rank 0 is inside a step the other ranks take part in.
 static IN_STEP: AtomicBool = AtomicBool::new(false);
+/// When the step under way was handed to the other ranks (ms since start).
+static STEP_SINCE_MS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+fn now_ms() -> u64 {
+    EPOCH.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
+fn enter_step() {
+    STEP_SINCE_MS.store(now_ms(), Ordering::SeqCst);
+    IN_STEP.store(true, Ordering::SeqCst);
+}
+
+/// Watch rank 0's steps: one the other ranks have not answered within
+/// `timeout` means a rank is gone without closing its links (a machine
+/// powered off, a process stopped), which MLX's ring waits on for ever.
+/// Then the group is marked broken (new requests get 503) and, after the
+/// same grace as a lost link, the process exits with [`EXIT_RANK_LOST`]
+/// (the requests under way lose their connections: the engine thread is
+/// stuck in MLX and cannot answer them).
+pub fn watch_steps(timeout: std::time::Duration) {
+    let _ = now_ms();
+    std::thread::Builder::new()
+        .name("step-watch".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_millis(250).min(timeout));
+            let since = STEP_SINCE_MS.load(Ordering::SeqCst);
+            if IN_STEP.load(Ordering::SeqCst) && now_ms().saturating_sub(since) > timeout.as_millis() as u64 {
+                let why = format!(
+                    "the other ranks did not answer a step within {:.0} s (--step-timeout): a rank is gone without closing its links; every rank exits (status {EXIT_RANK_LOST}) for a supervisor to restart the group",
+                    timeout.as_secs_f64()
+                );
+                set_broken(why.clone());
+                tracing::error!("{why}");
+                eprintln!("kvserve: {why}");
+                std::thread::sleep(std::time::Duration::from_millis(1500));
+                crate::mlx::exit(EXIT_RANK_LOST);
+            }
+        })
+        .expect("start the step watch thread");
+}
 
 fn set_broken(why: String) {
     if !BROKEN.swap(true, Ordering::SeqCst) {
@@ -191,7 +232,7 @@ impl Stage {
         let mut words = remote::take_queued();
         words.extend([FORWARD, rows as u32, tokens as u32, u32::from(last_only)]);
         words.extend(ids);
-        IN_STEP.store(true, Ordering::SeqCst);
+        enter_step();
         send_message(&self.group, 1, &words, Some(&h)).map_err(|e| self.lost(e))?;
         let back = self.group.recv(&[rows, if last_only { 1 } else { tokens }, self.hidden], self.dtype, self.group.size() - 1).map_err(|e| self.lost(e))?;
         back.eval().map_err(|e| self.lost(e.into()))?;
@@ -225,7 +266,7 @@ impl Stage {
         words.extend([FORWARD_TOKENS, rows as u32, len as u32, u32::from(last_only)]);
         words.extend(ids);
         words.extend_from_slice(tokens);
-        IN_STEP.store(true, Ordering::SeqCst);
+        enter_step();
         send_message(&self.group, 1, &words, None).map_err(|e| self.lost(e))?;
         for t in tails.iter_mut() {
             t.advance_remote(len);

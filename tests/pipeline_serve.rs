@@ -36,10 +36,11 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// 8 tests' port ranges of 6 per test process.
 fn hostfile(name: &str, ranks: usize) -> PathBuf {
     // Ports from the process id and the test, so parallel runs and this
     // file's tests (run at once) never share one.
-    let test = ["two", "three", "tensor", "lost", "mixed", "launch", "hybrid"].iter().position(|n| *n == name).expect("a known test");
+    let test = ["two", "three", "tensor", "lost", "mixed", "launch", "hybrid", "stopped"].iter().position(|n| *n == name).expect("a known test");
     let base = 21000 + (std::process::id() % 800) as usize * 50 + test * 6;
     let list: Vec<Vec<String>> = (0..ranks).map(|r| vec![format!("127.0.0.1:{}", base + r)]).collect();
     let path = std::env::temp_dir().join(format!("kvserve-pipe-{name}-{}.json", std::process::id()));
@@ -121,6 +122,12 @@ fn three_at_once(addr: &str) -> Vec<String> {
         })
         .collect();
     threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// POST, or `None` when the server closed the connection without answering.
+fn try_post(addr: &str, body: Value) -> Option<common::Reply> {
+    let addr = addr.to_string();
+    std::thread::spawn(move || post(&addr, "/v1/chat/completions", &body)).join().ok()
 }
 
 /// What a follower printed when rank 0 stopped: steps and tokens computed there.
@@ -375,4 +382,44 @@ fn a_model_with_recurrent_state_splits_by_layers() {
     eprintln!("qwen3_5 over 2 ranks: answers equal one process's; turn 2 read {cached2} of {p2} tokens; rank 1 computed {tokens} tokens");
     let _ = std::fs::remove_file(h);
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A rank that stops answering without closing its links (SIGSTOP: as a
+/// machine that lost power): rank 0 gives up after --step-timeout, new
+/// requests get 503 meanwhile, and it exits 69.
+#[test]
+fn a_rank_that_stops_answering_is_given_up_after_the_step_timeout() {
+    let _one = serial();
+    let model = smollm2_dir();
+    let h = hostfile("stopped", 2);
+    let mut f = follower(&model, &h, 1, "stopped", "pipeline");
+    let log0 = log_path("stopped", 0);
+    let mut lead = Server::start_env(&["--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", "0", "--step-timeout", "3"], Some(&log0), &[]);
+    let (answer, _) = chat(&lead.addr, &json!({"model": "m", "max_tokens": 8, "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}));
+    assert!(!answer.is_empty());
+    Command::new("kill").args(["-STOP", &f.id().to_string()]).status().unwrap();
+    let addr = lead.addr.clone();
+    let t = Instant::now();
+    let stuck = std::thread::spawn(move || post(&addr, "/v1/chat/completions", &json!({"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hello"}]})));
+    std::thread::sleep(Duration::from_millis(4500));
+    // (None: the connection closed, as the process exits.)
+    let again = try_post(&lead.addr, json!({"model": "m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}));
+    if let Some(again) = &again {
+        assert_eq!(again.status, 503, "a new request after the timeout: {}", again.body);
+        assert!(again.body.contains("did not answer a step within 3 s"), "{}", again.body);
+    }
+    let code = wait_exit(&mut lead.child, Duration::from_secs(20));
+    let secs = t.elapsed().as_secs_f64();
+    let log = read(&log0);
+    assert_eq!(code, Some(69), "rank 0 exits 69: {log}");
+    assert!(log.contains("did not answer a step within 3 s"), "{log}");
+    let r = stuck.join().ok();
+    if let Some(r) = &r {
+        assert_ne!(r.status, 200, "the request under way is not answered as if computed: {}", r.body);
+    }
+    let status = |r: &Option<common::Reply>| r.as_ref().map_or("its connection closed".to_string(), |r| format!("{}", r.status));
+    eprintln!("rank 1 stopped: rank 0 exited 69 after {secs:.1} s; a new request got {}; the request under way: {}", status(&again), status(&r));
+    let _ = f.kill();
+    let _ = f.wait();
+    let _ = std::fs::remove_file(h);
 }

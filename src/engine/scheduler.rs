@@ -506,6 +506,7 @@ fn lead_pipeline(cfg: &EngineConfig, p: &super::worker::PipelineConfig) -> Resul
         Split::Heads => tracing::info!("rank 0 of {n} (split by heads): {} of {} attention heads of every layer here", c.num_heads, c.num_heads * n as i32),
     }
     crate::cache::kv::remote::enable(far);
+    pipeline::watch_steps(p.step_timeout);
     let (hidden, dtype) = (c.hidden_size, m.model.activation_dtype());
     m.model.set_stage(pipeline::Stage::new(split, group, hidden, dtype, ranges));
     Ok(m)

@@ -61,6 +61,9 @@ pub struct PipelineConfig {
     pub join_timeout: Duration,
     /// By layers or by heads (none: by layers).
     pub split: Option<crate::pipeline::Split>,
+    /// The longest the other ranks may take to answer a step before the
+    /// group counts as lost.
+    pub step_timeout: Duration,
 }
 
 /// How the snapshot folder is used.
