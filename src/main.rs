@@ -819,33 +819,38 @@ fn prompt_ids(m: &source::LoadedModel, prompt: &str, system: Option<&str>, raw: 
     Ok(ids)
 }
 
-/// `kvserve generate --hostfile`: this rank's layers of the model, greedy
-/// tokens computed across the ring; rank 0 prints the answer.
+/// `kvserve generate --hostfile`: the model split by layers over the ring,
+/// as `serve --hostfile` splits it: rank 0 generates (greedily) and prints
+/// the answer, every other rank follows its steps until it stops.
 fn run_pipeline_generate(spec: &str, prompt: &str, system: Option<&str>, max_tokens: usize, raw: bool, hostfile: &std::path::Path, rank: Option<usize>) -> Result<()> {
-    use kvserve::ring;
-    let (hosts, group) = ring::connect(hostfile, rank, std::time::Duration::from_secs(60)).map_err(anyhow::Error::msg)?;
-    let rank = group.rank();
-    let layers = kvserve::pipeline::layers_to_split(spec, hosts.size()).map_err(anyhow::Error::msg)?;
-    let range = ring::pipeline_range(layers, rank, hosts.size());
-    let t0 = std::time::Instant::now();
-    let m = source::load_layers(spec, Some(range.clone()))?;
-    eprintln!("rank {rank} of {}: layers {}..{} of {layers} loaded in {:.1}s", hosts.size(), range.start, range.end, t0.elapsed().as_secs_f64());
-    let ids = prompt_ids(&m, prompt, system, raw)?;
-    let t = std::time::Instant::now();
-    let tokens = ring::pipeline_generate(&group, &m.model, &ids, max_tokens, &m.eos_ids).map_err(anyhow::Error::msg)?;
-    let secs = t.elapsed().as_secs_f64();
-    if rank == 0 {
-        println!("{}", m.tokenizer.decode(&tokens)?);
+    use kvserve::{pipeline, ring};
+    let timeout = std::time::Duration::from_secs(60);
+    let hosts = ring::Hostfile::read(hostfile).map_err(anyhow::Error::msg)?;
+    let rank = ring::rank_of(rank, &hosts).map_err(anyhow::Error::msg)?;
+    if rank > 0 {
+        follow_pipeline(spec, hostfile, rank, timeout, Some(pipeline::Split::Layers));
     }
-    eprintln!("rank {rank}: prompt {} tokens, {} tokens generated in {secs:.2}s", ids.len(), tokens.len());
-    Ok(())
+    let group = ring::join(&hosts, rank, timeout).map_err(anyhow::Error::msg)?;
+    let t0 = std::time::Instant::now();
+    let m = pipeline::lead(spec, std::sync::Arc::new(group), Some(pipeline::Split::Layers)).map_err(anyhow::Error::msg)?;
+    eprintln!("rank 0 of {}: loaded in {:.1}s", hosts.size(), t0.elapsed().as_secs_f64());
+    let done = generate_with(&m, prompt, system, max_tokens, SamplingParams::default(), raw);
+    if let Some(stage) = m.model.stage() {
+        stage.stop().context("stopping the other ranks")?;
+    }
+    done
 }
 
 fn run_generate(spec: &str, prompt: &str, system: Option<&str>, max_tokens: usize, sampling: SamplingParams, raw: bool) -> Result<()> {
     let t0 = std::time::Instant::now();
     let m = source::load(spec)?;
     eprintln!("loaded {} in {:.1}s", m.path.display(), t0.elapsed().as_secs_f64());
-    let ids = prompt_ids(&m, prompt, system, raw)?;
+    generate_with(&m, prompt, system, max_tokens, sampling, raw)
+}
+
+/// Generate from `prompt` with a loaded model, streaming the text to stdout.
+fn generate_with(m: &source::LoadedModel, prompt: &str, system: Option<&str>, max_tokens: usize, sampling: SamplingParams, raw: bool) -> Result<()> {
+    let ids = prompt_ids(m, prompt, system, raw)?;
     let ctx = m.model.config.context_length as usize;
     if ids.len() + max_tokens > ctx {
         bail!("prompt is {} tokens plus {max_tokens} to generate; model context is {ctx}", ids.len());

@@ -393,6 +393,37 @@ pub fn load_share(spec: &str, group: &std::sync::Arc<Group>, layers: i32, split:
     }
 }
 
+/// Rank 0's part of a group the ranks joined (`group`): load its share of
+/// `spec` split `split` (none: by layers), check every rank loaded the same
+/// model the same way, and lead the others: every cache made from now on
+/// ends with the other ranks' entry.
+pub fn lead(spec: &str, group: std::sync::Arc<Group>, split: Option<Split>) -> Result<crate::model::source::LoadedModel, String> {
+    let n = group.size();
+    let (total, split) = plan(spec, n, split)?;
+    let (mut m, range) = load_share(spec, &group, total, split)?;
+    let ranges = handshake(&group, &m.model, split, &range)?;
+    let c = &m.model.config;
+    // f16 keys and values the other ranks hold per token (linear layers hold less).
+    let kv_token = 2 * c.num_kv_heads as usize * c.head_dim as usize * 2;
+    let far = match split {
+        Split::Layers => (total - range.end) as usize * kv_token,
+        Split::Heads => (n - 1) * total as usize * kv_token,
+    };
+    match split {
+        Split::Layers => tracing::info!(
+            "rank 0 of {n} (split by layers): layers {}..{} of {total} here; {}",
+            range.start,
+            range.end,
+            (1..n).map(|r| format!("rank {r}: {}..{}", ranges[r].start, ranges[r].end)).collect::<Vec<_>>().join(", ")
+        ),
+        Split::Heads => tracing::info!("rank 0 of {n} (split by heads): {} of {} attention heads of every layer here", c.num_heads, c.num_heads * n as i32),
+    }
+    remote::enable(far);
+    let (hidden, dtype) = (c.hidden_size, m.model.activation_dtype());
+    m.model.set_stage(Stage::new(split, group, hidden, dtype, ranges));
+    Ok(m)
+}
+
 /// Check that every rank loaded the same model and that their layer ranges
 /// follow each other from 0 to the last layer; every rank gets the same
 /// answer (an all_gather of each rank's numbers).
@@ -437,6 +468,24 @@ pub fn handshake(group: &Group, model: &Transformer, split: Split, range: &std::
     Ok(ranges)
 }
 
+/// `h` (one row per id) through this rank's layers, row `i` extending the
+/// state `ids[i]` holds (a fresh one for an id not seen yet).
+fn run_states(model: &Transformer, states: &mut HashMap<u32, Vec<LayerKv>>, ids: &[u32], h: Array) -> Result<Array, MlxError> {
+    for id in ids {
+        states.entry(*id).or_insert_with(|| new_cache(model.num_layers()));
+    }
+    if let [id] = ids {
+        return model.run_blocks(h, states.get_mut(id).expect("inserted above"));
+    }
+    let mut taken: Vec<(u32, Vec<LayerKv>)> = ids.iter().map(|id| (*id, states.remove(id).expect("inserted above"))).collect();
+    let r = {
+        let mut caches: Vec<&mut [LayerKv]> = taken.iter_mut().map(|(_, c)| c.as_mut_slice()).collect();
+        model.run_rows(h, &mut caches)
+    };
+    states.extend(taken);
+    r
+}
+
 /// What a follower did, for its log.
 #[derive(Debug, Default)]
 pub struct Followed {
@@ -455,7 +504,8 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
     let layers = model.num_layers();
     let mut states: HashMap<u32, Vec<LayerKv>> = HashMap::new();
     let mut done = Followed::default();
-    let lost = |e: MlxError| format!("rank {rank} of {n} lost its link to rank {}: {}", rank - 1, link_error(&e.message));
+    let lost_to = |peer: usize| move |e: MlxError| format!("rank {rank} of {n} lost its link to rank {peer}: {}", link_error(&e.message));
+    let lost = lost_to(rank - 1);
     loop {
         let len = group.recv(&[1], Dtype::Int32, rank - 1).map_err(lost)?;
         len.eval().map_err(|e| lost(e.into()))?;
@@ -502,27 +552,14 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
                     let (rows, tokens, last_only) = (arg(i + 1)? as i32, arg(i + 2)? as i32, arg(i + 3)? == 1);
                     let ids: Vec<u32> = (0..rows as usize).map(|r| arg(i + 4 + r)).collect::<Result<_, _>>()?;
                     let h = group.recv(&[rows, tokens, hidden], dtype, rank - 1).map_err(lost)?;
-                    for id in &ids {
-                        states.entry(*id).or_insert_with(|| new_cache(layers));
-                    }
-                    let h = if rows == 1 {
-                        model.run_blocks(h, states.get_mut(&ids[0]).expect("inserted above")).map_err(|e| format!("rank {rank}: {e}"))?
-                    } else {
-                        let mut taken: Vec<(u32, Vec<LayerKv>)> = ids.iter().map(|id| (*id, states.remove(id).expect("inserted above"))).collect();
-                        let r = {
-                            let mut caches: Vec<&mut [LayerKv]> = taken.iter_mut().map(|(_, c)| c.as_mut_slice()).collect();
-                            model.run_rows(h, &mut caches)
-                        };
-                        states.extend(taken);
-                        r.map_err(|e| format!("rank {rank}: {e}"))?
-                    };
+                    let h = run_states(model, &mut states, &ids, h).map_err(|e| format!("rank {rank}: {e}"))?;
                     let h = if h.dtype() == dtype { h } else { h.as_dtype(dtype).map_err(|e| format!("rank {rank}: {e}"))? };
                     if rank + 1 < n {
-                        send_message(group, rank + 1, &words, Some(&h)).map_err(|e| format!("rank {rank} of {n} lost its link to rank {}: {}", rank + 1, link_error(&e.message)))?;
+                        send_message(group, rank + 1, &words, Some(&h)).map_err(lost_to(rank + 1))?;
                     } else {
                         // The head needs only the last position's state then.
                         let h = if last_only && tokens > 1 { h.index((.., (tokens - 1)..tokens, ..)) } else { h };
-                        group.send(&h, 0).and_then(|s| Ok(s.eval()?)).map_err(|e| format!("rank {rank} of {n} lost its link to rank 0: {}", link_error(&e.message)))?;
+                        group.send(&h, 0).and_then(|s| Ok(s.eval()?)).map_err(lost_to(0))?;
                     }
                     done.steps += 1;
                     done.tokens += (rows * tokens) as u64;
@@ -537,25 +574,11 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
                     let toks = words.get(start..start + (rows * tokens) as usize).ok_or_else(|| format!("rank {rank}: a step from rank 0 ended early (protocol out of step)"))?.to_vec();
                     // Passed on first: every rank computes at once, the all_sums joining them.
                     if rank + 1 < n {
-                        send_message(group, rank + 1, &words, None).map_err(|e| format!("rank {rank} of {n} lost its link to rank {}: {}", rank + 1, link_error(&e.message)))?;
-                    }
-                    for id in &ids {
-                        states.entry(*id).or_insert_with(|| new_cache(layers));
+                        send_message(group, rank + 1, &words, None).map_err(lost_to(rank + 1))?;
                     }
                     let step = |states: &mut HashMap<u32, Vec<LayerKv>>| -> Result<(), MlxError> {
                         let h = model.embed_tokens(&Array::from_slice(&toks, &[rows, tokens]))?;
-                        let h = if rows == 1 {
-                            model.run_blocks(h, states.get_mut(&ids[0]).expect("inserted above"))?
-                        } else {
-                            let mut taken: Vec<(u32, Vec<LayerKv>)> = ids.iter().map(|id| (*id, states.remove(id).expect("inserted above"))).collect();
-                            let r = {
-                                let mut caches: Vec<&mut [LayerKv]> = taken.iter_mut().map(|(_, c)| c.as_mut_slice()).collect();
-                                model.run_rows(h, &mut caches)
-                            };
-                            states.extend(taken);
-                            r?
-                        };
-                        Ok(h.eval()?)
+                        Ok(run_states(model, states, &ids, h)?.eval()?)
                     };
                     step(&mut states).map_err(|e| format!("rank {rank} of {n} lost its link to the group: {}", link_error(&e.message)))?;
                     done.steps += 1;
@@ -565,7 +588,7 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
                 }
                 STOP => {
                     if rank + 1 < n {
-                        send_message(group, rank + 1, &words, None).map_err(|e| format!("rank {rank}: {}", link_error(&e.message)))?;
+                        send_message(group, rank + 1, &words, None).map_err(lost_to(rank + 1))?;
                     }
                     return Ok(done);
                 }
@@ -574,7 +597,7 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
         }
         // Operations only (no step): passed on too.
         if rank + 1 < n && !passed_on {
-            send_message(group, rank + 1, &words, None).map_err(|e| format!("rank {rank} of {n} lost its link to rank {}: {}", rank + 1, link_error(&e.message)))?;
+            send_message(group, rank + 1, &words, None).map_err(lost_to(rank + 1))?;
         }
     }
 }

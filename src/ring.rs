@@ -8,7 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};
 
 use crate::mlx::distributed::Group;
@@ -204,50 +203,6 @@ pub fn pipeline_range(layers: i32, rank: usize, size: usize) -> std::ops::Range<
     let (per, extra) = (layers / n, layers % n);
     let start = r * per + r.min(extra);
     start..start + per + i32::from(r < extra)
-}
-
-/// Greedy generation with the model split over the group's ranks by layers
-/// (pipeline parallelism): rank 0 embeds the tokens, each rank runs its
-/// layers on the hidden states the previous one sends, the last computes
-/// the logits and the next token, which every rank learns through an
-/// all_sum. Every rank returns the same tokens (at most `max_tokens`, up to
-/// an id in `eos`, which is not included).
-pub fn pipeline_generate(group: &Group, model: &crate::model::Transformer, prompt: &[u32], max_tokens: usize, eos: &[u32]) -> Result<Vec<u32>, String> {
-    let err = |e: crate::mlx::MlxError| e.message;
-    let (rank, size) = (group.rank(), group.size());
-    let hidden = model.config.hidden_size;
-    let dtype = model.activation_dtype();
-    let mut cache = crate::cache::kv::new_cache(model.num_layers());
-    let mut input: Vec<u32> = prompt.to_vec();
-    let mut out = vec![];
-    while out.len() < max_tokens && !input.is_empty() {
-        let l = input.len() as i32;
-        let h = if rank == 0 {
-            model.embed_tokens(&Array::from_slice(&input, &[1, l])).map_err(err)?
-        } else {
-            group.recv(&[1, l, hidden], dtype, rank - 1).map_err(err)?
-        };
-        let h = model.run_blocks(h, &mut cache).map_err(err)?;
-        let mine = if rank + 1 < size {
-            group.send(&h, rank + 1).map_err(err)?.eval().map_err(|e| e.to_string())?;
-            0.0
-        } else {
-            let logits = model.head(h, true).map_err(err)?;
-            let id = mlx_rs::ops::indexing::argmax_axis(logits.index((0, 0, ..)), -1, None).map_err(|e| e.to_string())?;
-            id.eval().map_err(|e| e.to_string())?;
-            id.item_exact::<u32>() as f32
-        };
-        // Token ids are below 2^24: exact in f32.
-        let t = group.all_sum(&Array::from_slice(&[mine], &[1])).map_err(err)?;
-        t.eval().map_err(|e| e.to_string())?;
-        let next = t.as_slice::<f32>()[0] as u32;
-        if eos.contains(&next) {
-            break;
-        }
-        out.push(next);
-        input = vec![next];
-    }
-    Ok(out)
 }
 
 #[cfg(test)]

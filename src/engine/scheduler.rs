@@ -478,37 +478,14 @@ impl Scheduler {
 /// layers (the other ranks load the rest), check every rank loaded the same
 /// model, and make each cache end with the other ranks' entry.
 fn lead_pipeline(cfg: &EngineConfig, p: &super::worker::PipelineConfig) -> Result<LoadedModel, String> {
-    use crate::pipeline::{self, Split};
+    use crate::pipeline;
     let spec = cfg.model.as_str();
     if cfg.kv_bits.is_some() || cfg.cache_dir.is_some() {
         return Err("--kv-bits and --cache-dir are not supported with --hostfile yet: snapshots of a split model stay f16, in memory".into());
     }
-    let (hosts, group) = crate::ring::connect(&p.hostfile, Some(0), p.join_timeout)?;
-    let group = Arc::new(group);
-    let n = hosts.size();
-    let (total, split) = pipeline::plan(spec, n, p.split)?;
-    let (mut m, range) = pipeline::load_share(spec, &group, total, split)?;
-    let ranges = pipeline::handshake(&group, &m.model, split, &range)?;
-    let c = &m.model.config;
-    // f16 keys and values the other ranks hold per token (linear layers hold less).
-    let kv_token = 2 * c.num_kv_heads as usize * c.head_dim as usize * 2;
-    let far = match split {
-        Split::Layers => (total - range.end) as usize * kv_token,
-        Split::Heads => (n - 1) * total as usize * kv_token,
-    };
-    match split {
-        Split::Layers => tracing::info!(
-            "rank 0 of {n} (split by layers): layers {}..{} of {total} here; {}",
-            range.start,
-            range.end,
-            (1..n).map(|r| format!("rank {r}: {}..{}", ranges[r].start, ranges[r].end)).collect::<Vec<_>>().join(", ")
-        ),
-        Split::Heads => tracing::info!("rank 0 of {n} (split by heads): {} of {} attention heads of every layer here", c.num_heads, c.num_heads * n as i32),
-    }
-    crate::cache::kv::remote::enable(far);
+    let (_, group) = crate::ring::connect(&p.hostfile, Some(0), p.join_timeout)?;
+    let m = pipeline::lead(spec, Arc::new(group), p.split)?;
     pipeline::watch_steps(p.step_timeout);
-    let (hidden, dtype) = (c.hidden_size, m.model.activation_dtype());
-    m.model.set_stage(pipeline::Stage::new(split, group, hidden, dtype, ranges));
     Ok(m)
 }
 
