@@ -36,16 +36,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// 8 tests' port ranges of 6 per test process.
+/// This file's tests take the ring port slots 5 to 11 (tests/ring.rs has 0 to 4).
 fn hostfile(name: &str, ranks: usize) -> PathBuf {
-    // Ports from the process id and the test, so parallel runs and this
-    // file's tests (run at once) never share one.
-    let test = ["two", "three", "tensor", "lost", "mixed", "launch", "hybrid", "stopped"].iter().position(|n| *n == name).expect("a known test");
-    let base = 21000 + (std::process::id() % 800) as usize * 50 + test * 6;
-    let list: Vec<Vec<String>> = (0..ranks).map(|r| vec![format!("127.0.0.1:{}", base + r)]).collect();
-    let path = std::env::temp_dir().join(format!("kvserve-pipe-{name}-{}.json", std::process::id()));
-    std::fs::write(&path, serde_json::to_string(&list).unwrap()).unwrap();
-    path
+    let test = ["two", "tensor", "lost", "mixed", "launch", "hybrid", "stopped"].iter().position(|n| *n == name).expect("a known test");
+    common::ring_hostfile(&format!("pipe-{name}"), 5 + test, ranks)
 }
 
 /// The first port `hostfile(name, ..)` uses.
@@ -122,6 +116,20 @@ fn three_at_once(addr: &str) -> Vec<String> {
         })
         .collect();
     threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// A folder with the tiny fixture model `name` (made by mlx-lm) and
+/// SmolLM2's tokenizer, so that it can be served.
+fn tiny_with_smollm2_tokenizer(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("kvserve-pipe-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixtures().join("tiny").join(name).join(f), dir.join(f)).unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(smollm2_dir().join(f), dir.join(f)).unwrap();
+    }
+    dir
 }
 
 /// POST, or `None` when the server closed the connection without answering.
@@ -258,14 +266,7 @@ fn ranks_with_different_models_or_unsupported_flags_are_refused() {
     let _one = serial();
     let model = smollm2_dir();
     // A 2-layer model (a tiny llama made by mlx-lm) with SmolLM2's tokenizer.
-    let tiny = std::env::temp_dir().join(format!("kvserve-pipe-tiny-{}", std::process::id()));
-    std::fs::create_dir_all(&tiny).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixtures().join("tiny/llama_q4").join(f), tiny.join(f)).unwrap();
-    }
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(model.join(f), tiny.join(f)).unwrap();
-    }
+    let tiny = tiny_with_smollm2_tokenizer("llama_q4");
     let h = hostfile("mixed", 2);
     let mut other = follower(&tiny, &h, 1, "mixed", "pipeline");
     let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
@@ -348,14 +349,7 @@ fn mlx_launch_starts_the_ranks() {
 #[test]
 fn a_model_with_recurrent_state_splits_by_layers() {
     let _one = serial();
-    let dir = std::env::temp_dir().join(format!("kvserve-pipe-hybrid-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixtures().join("tiny/qwen3_5_vocab49152").join(f), dir.join(f)).unwrap();
-    }
-    for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(smollm2_dir().join(f), dir.join(f)).unwrap();
-    }
+    let dir = tiny_with_smollm2_tokenizer("qwen3_5_vocab49152");
     let m = dir.to_str().unwrap();
     let turn1 = conversation(&[("Tell me about rivers.", None)]);
     let one = Server::start(&["--model", m]);

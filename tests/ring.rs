@@ -3,6 +3,8 @@
 //! timeout with an error naming them; a malformed hostfile, or a rank it
 //! does not list, is named. (The ranks share this machine's 2 cores.)
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -13,16 +15,10 @@ fn kvserve() -> Command {
     c
 }
 
+/// This file's tests take the ring port slots 0 to 4.
 fn hostfile(name: &str, ranks: usize) -> PathBuf {
-    // Ports from the process id and the test, so neither parallel test runs
-    // nor this file's tests (run at once) share a port: a rank that meets
-    // another ring's rank joins the wrong ring.
-    let test = ["three", "alone", "ranks", "pipe2", "pipe3"].iter().position(|n| *n == name).expect("a known test");
-    let base = 20000 + (std::process::id() % 1500) as usize * 30 + test * 10;
-    let list: Vec<Vec<String>> = (0..ranks).map(|r| vec![format!("127.0.0.1:{}", base + r)]).collect();
-    let path = std::env::temp_dir().join(format!("kvserve-ring-{name}-{}.json", std::process::id()));
-    std::fs::write(&path, serde_json::to_string(&list).unwrap()).unwrap();
-    path
+    let slot = ["three", "alone", "ranks", "pipe2", "pipe3"].iter().position(|n| *n == name).expect("a known test");
+    common::ring_hostfile(name, slot, ranks)
 }
 
 fn text(o: &Output) -> String {
