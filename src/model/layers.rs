@@ -821,6 +821,32 @@ impl Attention {
         }
     }
 
+    /// A prompt chunk's attention (`q`: `[1, heads, l, d]` after the rotary
+    /// embedding, the chunk's keys and values already in `kv`) by
+    /// [`kernels::attn::prefill::chunk_attention`], fused and over the f16
+    /// cache in place; `None` where that kernel does not run on this CPU.
+    /// Returns `[1, l, heads * d]`.
+    fn fused_chunk(&self, q: &Array, kv: &LayerKv, l: i32, offset: i32) -> std::result::Result<Option<Array>, MlxError> {
+        if !kernels::attn::prefill::available() {
+            return Ok(None);
+        }
+        let q = q.contiguous()?;
+        mlx_rs::transforms::eval(kv.arrays().into_iter().chain([&q]))?;
+        let (kb, vb) = kv.buffers().ok_or_else(|| host_error("an empty cache after a write".into()))?;
+        let s = kb.shape().to_vec();
+        let (h, kvh, d) = (self.n_heads as usize, self.n_kv_heads as usize, self.head_dim as usize);
+        if s.len() != 4 || s[0] != 1 || s[1] as usize != kvh || s[3] as usize != d || vb.shape() != s.as_slice() {
+            return Err(host_error(format!("a KV buffer of shape {s:?} for {kvh} heads of {d}")));
+        }
+        let keys = kernels::attn::KvBuffer { data: f16_bits(kb)?, heads: kvh, capacity: s[2] as usize, len: kv.offset() as usize, dim: d };
+        let values = kernels::attn::KvBuffer { data: f16_bits(vb)?, ..keys };
+        let qd = q.try_as_slice::<f32>().map_err(|e| host_error(format!("chunk queries: {e}")))?;
+        let mut out = vec![0f32; h * l as usize * d];
+        let ran = kernels::attn::prefill::chunk_attention(qd, h, l as usize, offset as usize, &keys, &values, self.scale, &mut out)
+            .map_err(|e| host_error(e.to_string()))?;
+        Ok(if ran { Some(crate::mlx::array_from_vec(out, &[1, l, (h * d) as i32])?) } else { None })
+    }
+
     pub fn forward(&self, x: &Array, kv: &mut LayerKv) -> std::result::Result<Array, MlxError> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
         let (q, k, v, gate) = self.project(x)?;
@@ -830,6 +856,11 @@ impl Attention {
         let host_chunk = l > 1 && self.cpu_chunk_attention && q.dtype() == Dtype::Float32;
         let (k, v) = if host_chunk && cpu_kernels_enabled() {
             kv.append(k, v)?;
+            if b == 1 {
+                if let Some(o) = self.fused_chunk(&q, kv, l, offset)? {
+                    return self.output(o, gate);
+                }
+            }
             cache_f32(kv)?
         } else {
             kv.update_and_fetch(k, v)?

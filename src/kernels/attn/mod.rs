@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use super::pool::Pool;
 use super::qmv::f16_to_f32;
 
+pub mod prefill;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod x86;

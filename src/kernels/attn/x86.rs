@@ -101,3 +101,220 @@ unsafe fn accumulate_avx2(p: &[f32], g: usize, v: &[u16], d: usize, acc: &mut [f
         }
     }
 }
+
+// ---- Prompt-chunk attention (`prefill.rs`) on AVX-512F: 16 rows a vector.
+
+use super::prefill;
+
+/// The prompt-chunk primitives, when this CPU has AVX-512F.
+pub(super) fn prefill_avx512() -> Option<prefill::Prims> {
+    is_x86_feature_detected!("avx512f").then_some(prefill::Prims {
+        scores: p_scores,
+        softmax: p_softmax,
+        accumulate: p_accumulate,
+        widen: p_widen,
+    })
+}
+
+/// Whether the row-lane layouts hold what the loops index (`rp` a multiple
+/// of 16, `kb` of 4, `d` of 4, every slice long enough).
+fn fits(rp: usize, kb: usize, d: usize, lens: &[(usize, usize)]) -> bool {
+    rp % 16 == 0 && kb % 4 == 0 && d % 4 == 0 && lens.iter().all(|&(have, need)| have >= need)
+}
+
+fn p_scores(qt: &[f32], rp: usize, kf: &[f32], kb: usize, d: usize, s: &mut [f32]) {
+    if !fits(rp, kb, d, &[(qt.len(), d * rp), (kf.len(), kb * d), (s.len(), kb * rp)]) {
+        return prefill::scores_scalar(qt, rp, kf, kb, d, s);
+    }
+    // SAFETY: only `prefill_avx512()` hands this fn out, after detecting
+    // AVX-512F; `fits` checked the lengths the loops index by.
+    unsafe { scores_avx512(qt.as_ptr(), rp, kf.as_ptr(), kb, d, s.as_mut_ptr()) }
+}
+
+fn p_softmax(s: &mut [f32], rp: usize, kb: usize, m: &mut [f32], l: &mut [f32], ot: &mut [f32], d: usize) {
+    if !fits(rp, kb, d, &[(s.len(), kb * rp), (m.len(), rp), (l.len(), rp), (ot.len(), d * rp)]) {
+        return prefill::softmax_scalar(s, rp, kb, m, l, ot, d);
+    }
+    // SAFETY: as in `p_scores`.
+    unsafe { softmax_avx512(s.as_mut_ptr(), rp, kb, m.as_mut_ptr(), l.as_mut_ptr(), ot.as_mut_ptr(), d) }
+}
+
+fn p_accumulate(p: &[f32], rp: usize, vf: &[f32], kb: usize, d: usize, ot: &mut [f32]) {
+    if !fits(rp, kb, d, &[(p.len(), kb * rp), (vf.len(), kb * d), (ot.len(), d * rp)]) {
+        return prefill::accumulate_scalar(p, rp, vf, kb, d, ot);
+    }
+    // SAFETY: as in `p_scores`.
+    unsafe { accumulate_avx512(p.as_ptr(), rp, vf.as_ptr(), kb, d, ot.as_mut_ptr()) }
+}
+
+fn p_widen(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    // SAFETY: as in `p_scores`; `n` values are read and written.
+    unsafe { widen_avx512(src.as_ptr(), dst.as_mut_ptr(), n) }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn widen_avx512(src: *const u16, dst: *mut f32, n: usize) {
+    let mut i = 0;
+    while i + 16 <= n {
+        // SAFETY: `i + 16 <= n` values lie at both pointers.
+        unsafe { _mm512_storeu_ps(dst.add(i), _mm512_cvtph_ps(_mm256_loadu_si256(src.add(i) as *const __m256i))) };
+        i += 16;
+    }
+    while i < n {
+        // SAFETY: `i < n`.
+        unsafe { *dst.add(i) = super::f16_to_f32(*src.add(i)) };
+        i += 1;
+    }
+}
+
+/// Rows `r0..r0 + 16 NV` of `s` for keys `0..kb`, four keys at a time.
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_tile<const NV: usize>(qt: *const f32, rp: usize, kf: *const f32, kb: usize, d: usize, s: *mut f32, r0: usize) {
+    let mut j = 0;
+    while j < kb {
+        let mut acc = [[_mm512_setzero_ps(); NV]; 4];
+        for c in 0..d {
+            // SAFETY (all loads and stores): `c < d`, `j + 3 < kb`,
+            // `r0 + 16 NV <= rp`, within the lengths `p_scores` checked.
+            let row = unsafe { qt.add(c * rp + r0) };
+            let mut qv = [_mm512_setzero_ps(); NV];
+            for (v, x) in qv.iter_mut().enumerate() {
+                *x = unsafe { _mm512_loadu_ps(row.add(16 * v)) };
+            }
+            for (k, a) in acc.iter_mut().enumerate() {
+                let kv = _mm512_set1_ps(unsafe { *kf.add((j + k) * d + c) });
+                for v in 0..NV {
+                    a[v] = _mm512_fmadd_ps(kv, qv[v], a[v]);
+                }
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            for (v, x) in a.iter().enumerate() {
+                unsafe { _mm512_storeu_ps(s.add((j + k) * rp + r0 + 16 * v), *x) };
+            }
+        }
+        j += 4;
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn scores_avx512(qt: *const f32, rp: usize, kf: *const f32, kb: usize, d: usize, s: *mut f32) {
+    let mut r0 = 0;
+    while r0 < rp {
+        let nv = ((rp - r0) / 16).min(4);
+        // SAFETY: `r0 + 16 nv <= rp`; the rest as the caller checked.
+        unsafe {
+            match nv {
+                4 => scores_tile::<4>(qt, rp, kf, kb, d, s, r0),
+                3 => scores_tile::<3>(qt, rp, kf, kb, d, s, r0),
+                2 => scores_tile::<2>(qt, rp, kf, kb, d, s, r0),
+                _ => scores_tile::<1>(qt, rp, kf, kb, d, s, r0),
+            }
+        }
+        r0 += 16 * nv;
+    }
+}
+
+/// `ot[c][rows]` for `c` in four at a time, rows `r0..r0 + 16 NV`, over keys `0..kb`.
+#[target_feature(enable = "avx512f")]
+unsafe fn accumulate_tile<const NV: usize>(p: *const f32, rp: usize, vf: *const f32, kb: usize, d: usize, ot: *mut f32, r0: usize) {
+    let mut c = 0;
+    while c < d {
+        // SAFETY (all loads and stores): `c + 3 < d`, `j < kb`,
+        // `r0 + 16 NV <= rp`, within the lengths `p_accumulate` checked.
+        let mut acc = [[_mm512_setzero_ps(); NV]; 4];
+        for (k, a) in acc.iter_mut().enumerate() {
+            for (v, x) in a.iter_mut().enumerate() {
+                *x = unsafe { _mm512_loadu_ps(ot.add((c + k) * rp + r0 + 16 * v)) };
+            }
+        }
+        for j in 0..kb {
+            let row = unsafe { p.add(j * rp + r0) };
+            let mut pv = [_mm512_setzero_ps(); NV];
+            for (v, x) in pv.iter_mut().enumerate() {
+                *x = unsafe { _mm512_loadu_ps(row.add(16 * v)) };
+            }
+            for (k, a) in acc.iter_mut().enumerate() {
+                let vv = _mm512_set1_ps(unsafe { *vf.add(j * d + c + k) });
+                for v in 0..NV {
+                    a[v] = _mm512_fmadd_ps(vv, pv[v], a[v]);
+                }
+            }
+        }
+        for (k, a) in acc.iter().enumerate() {
+            for (v, x) in a.iter().enumerate() {
+                unsafe { _mm512_storeu_ps(ot.add((c + k) * rp + r0 + 16 * v), *x) };
+            }
+        }
+        c += 4;
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn accumulate_avx512(p: *const f32, rp: usize, vf: *const f32, kb: usize, d: usize, ot: *mut f32) {
+    let mut r0 = 0;
+    while r0 < rp {
+        let nv = ((rp - r0) / 16).min(4);
+        // SAFETY: `r0 + 16 nv <= rp`; the rest as the caller checked.
+        unsafe {
+            match nv {
+                4 => accumulate_tile::<4>(p, rp, vf, kb, d, ot, r0),
+                3 => accumulate_tile::<3>(p, rp, vf, kb, d, ot, r0),
+                2 => accumulate_tile::<2>(p, rp, vf, kb, d, ot, r0),
+                _ => accumulate_tile::<1>(p, rp, vf, kb, d, ot, r0),
+            }
+        }
+        r0 += 16 * nv;
+    }
+}
+
+/// `e^x` for `x <= 0`, 16 lanes: the same steps as `kernels::exp_nonpositive`.
+#[target_feature(enable = "avx512f")]
+fn exp16(x: __m512) -> __m512 {
+    const ROUND: f32 = 12_582_912.0;
+    let x = _mm512_max_ps(x, _mm512_set1_ps(-87.0));
+    let k = _mm512_fmadd_ps(x, _mm512_set1_ps(std::f32::consts::LOG2_E), _mm512_set1_ps(ROUND));
+    let n = _mm512_sub_ps(k, _mm512_set1_ps(ROUND));
+    let r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693_359_4), x);
+    let r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.121_944_4e-4), r);
+    let mut p = _mm512_set1_ps(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    }
+    let e = _mm512_add_epi32(_mm512_sub_epi32(_mm512_castps_si512(k), _mm512_set1_epi32(ROUND.to_bits() as i32)), _mm512_set1_epi32(127));
+    _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32::<23>(e)))
+}
+
+#[target_feature(enable = "avx512f")]
+unsafe fn softmax_avx512(s: *mut f32, rp: usize, kb: usize, m: *mut f32, l: *mut f32, ot: *mut f32, d: usize) {
+    let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+    let mut r0 = 0;
+    while r0 < rp {
+        // SAFETY (all loads and stores): `r0 + 16 <= rp`, `j < kb`, `c < d`,
+        // within the lengths `p_softmax` checked.
+        let m_old = unsafe { _mm512_loadu_ps(m.add(r0)) };
+        let mut mx = m_old;
+        for j in 0..kb {
+            mx = _mm512_max_ps(mx, unsafe { _mm512_loadu_ps(s.add(j * rp + r0)) });
+        }
+        let corr = exp16(_mm512_sub_ps(m_old, mx));
+        let mut sum = _mm512_setzero_ps();
+        for j in 0..kb {
+            let at = unsafe { s.add(j * rp + r0) };
+            let x = unsafe { _mm512_loadu_ps(at) };
+            let live = _mm512_cmp_ps_mask::<_CMP_NEQ_OQ>(x, ninf);
+            let e = _mm512_maskz_mov_ps(live, exp16(_mm512_sub_ps(x, mx)));
+            unsafe { _mm512_storeu_ps(at, e) };
+            sum = _mm512_add_ps(sum, e);
+        }
+        let lv = unsafe { _mm512_loadu_ps(l.add(r0)) };
+        unsafe { _mm512_storeu_ps(l.add(r0), _mm512_fmadd_ps(lv, corr, sum)) };
+        unsafe { _mm512_storeu_ps(m.add(r0), mx) };
+        for c in 0..d {
+            let at = unsafe { ot.add(c * rp + r0) };
+            unsafe { _mm512_storeu_ps(at, _mm512_mul_ps(_mm512_loadu_ps(at), corr)) };
+        }
+        r0 += 16;
+    }
+}
