@@ -827,14 +827,14 @@ impl Attention {
     /// cache in place; `None` where that kernel does not run on this CPU.
     /// Returns `[1, l, heads * d]`.
     fn fused_chunk(&self, q: &Array, kv: &LayerKv, l: i32, offset: i32) -> std::result::Result<Option<Array>, MlxError> {
-        if !kernels::attn::prefill::available() {
+        let (h, kvh, d) = (self.n_heads as usize, self.n_kv_heads as usize, self.head_dim as usize);
+        if !kernels::attn::prefill::supports(h, kvh, d) {
             return Ok(None);
         }
         let q = q.contiguous()?;
         mlx_rs::transforms::eval(kv.arrays().into_iter().chain([&q]))?;
         let (kb, vb) = kv.buffers().ok_or_else(|| host_error("an empty cache after a write".into()))?;
         let s = kb.shape().to_vec();
-        let (h, kvh, d) = (self.n_heads as usize, self.n_kv_heads as usize, self.head_dim as usize);
         if s.len() != 4 || s[0] != 1 || s[1] as usize != kvh || s[3] as usize != d || vb.shape() != s.as_slice() {
             return Err(host_error(format!("a KV buffer of shape {s:?} for {kvh} heads of {d}")));
         }

@@ -63,16 +63,19 @@ pub(crate) fn simd_prims() -> Option<Prims> {
             return None;
         }
         #[cfg(target_arch = "x86_64")]
-        if let Some(p) = super::x86::prefill_avx512() {
+        if let Some(p) = super::x86::prefill_avx512().or_else(super::x86::prefill_avx2) {
             return Some(p);
         }
         None
     })
 }
 
-/// Whether [`chunk_attention`] runs on this CPU (else it declines).
-pub fn available() -> bool {
-    simd_prims().is_some()
+/// Whether [`chunk_attention`] runs on this CPU for these heads (else the
+/// caller computes the chunk another way): a SIMD version, query heads a
+/// whole multiple of KV heads (at most [`MAX_GROUP`] a group) and a head
+/// dimension that is a multiple of 4, at most [`MAX_DIM`].
+pub fn supports(heads: usize, kv_heads: usize, dim: usize) -> bool {
+    simd_prims().is_some() && kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= MAX_GROUP && dim > 0 && dim <= MAX_DIM && dim % 4 == 0
 }
 
 pub(crate) fn scores_scalar(qt: &[f32], rp: usize, kf: &[f32], kb: usize, d: usize, s: &mut [f32]) {
@@ -309,6 +312,10 @@ mod tests {
         if let Some(p) = crate::kernels::attn::x86::prefill_avx512() {
             all.push(("avx512", p));
         }
+        #[cfg(target_arch = "x86_64")]
+        if let Some(p) = crate::kernels::attn::x86::prefill_avx2() {
+            all.push(("avx2", p));
+        }
         all
     }
 
@@ -353,25 +360,27 @@ mod tests {
     }
 
     #[test]
-    fn the_avx512_loops_agree_with_the_scalar_ones() {
+    fn the_simd_loops_agree_with_the_scalar_ones() {
         // The same blocks in the same order: only rounding (FMA) differs.
-        let Some((_, simd)) = prims().into_iter().find(|(n, _)| *n == "avx512") else {
-            eprintln!("no AVX-512 on this CPU: only the scalar path ran");
-            return;
-        };
-        let mut rng = Rng(7);
-        let (heads, kvh, d, l, offset) = (9, 3, 64, 100, 500);
-        let (t, cap) = (offset + l, offset + l);
-        let q: Vec<f32> = (0..heads * l * d).map(|_| rng.next() * 3.0).collect();
-        let k: Vec<u16> = (0..kvh * cap * d).map(|_| f16::from_f32(rng.next()).to_bits()).collect();
-        let v: Vec<u16> = (0..kvh * cap * d).map(|_| f16::from_f32(rng.next()).to_bits()).collect();
-        let keys = KvBuffer { data: &k, heads: kvh, capacity: cap, len: t, dim: d };
-        let values = KvBuffer { data: &v, ..keys };
-        let (mut a, mut b) = (vec![0f32; heads * l * d], vec![0f32; heads * l * d]);
-        chunk_attention_with(SCALAR, &q, heads, l, offset, &keys, &values, 0.125, &mut a).unwrap();
-        chunk_attention_with(simd, &q, heads, l, offset, &keys, &values, 0.125, &mut b).unwrap();
-        let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(err < 1e-5, "max difference {err}");
+        let all = prims();
+        if all.len() == 1 {
+            eprintln!("no SIMD version for this CPU: only the scalar path ran");
+        }
+        for (name, simd) in all.into_iter().skip(1) {
+            let mut rng = Rng(7);
+            let (heads, kvh, d, l, offset) = (9, 3, 64, 100, 500);
+            let (t, cap) = (offset + l, offset + l);
+            let q: Vec<f32> = (0..heads * l * d).map(|_| rng.next() * 3.0).collect();
+            let k: Vec<u16> = (0..kvh * cap * d).map(|_| f16::from_f32(rng.next()).to_bits()).collect();
+            let v: Vec<u16> = (0..kvh * cap * d).map(|_| f16::from_f32(rng.next()).to_bits()).collect();
+            let keys = KvBuffer { data: &k, heads: kvh, capacity: cap, len: t, dim: d };
+            let values = KvBuffer { data: &v, ..keys };
+            let (mut a, mut b) = (vec![0f32; heads * l * d], vec![0f32; heads * l * d]);
+            chunk_attention_with(SCALAR, &q, heads, l, offset, &keys, &values, 0.125, &mut a).unwrap();
+            chunk_attention_with(simd, &q, heads, l, offset, &keys, &values, 0.125, &mut b).unwrap();
+            let err = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-5, "{name}: max difference {err}");
+        }
     }
 
     #[test]

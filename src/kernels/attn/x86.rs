@@ -318,3 +318,174 @@ unsafe fn softmax_avx512(s: *mut f32, rp: usize, kb: usize, m: *mut f32, l: *mut
         r0 += 16;
     }
 }
+
+// ---- The same on AVX2 + FMA + F16C: 8 rows a vector, tiles of 16 rows.
+
+/// The prompt-chunk primitives on AVX2, FMA and F16C (CPUs without AVX-512).
+pub(super) fn prefill_avx2() -> Option<prefill::Prims> {
+    (is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")).then_some(prefill::Prims {
+        scores: p2_scores,
+        softmax: p2_softmax,
+        accumulate: p2_accumulate,
+        widen: p2_widen,
+    })
+}
+
+fn p2_scores(qt: &[f32], rp: usize, kf: &[f32], kb: usize, d: usize, s: &mut [f32]) {
+    if !fits(rp, kb, d, &[(qt.len(), d * rp), (kf.len(), kb * d), (s.len(), kb * rp)]) {
+        return prefill::scores_scalar(qt, rp, kf, kb, d, s);
+    }
+    // SAFETY: only `prefill_avx2()` hands this fn out, after detecting AVX2,
+    // FMA and F16C; `fits` checked the lengths the loops index by.
+    unsafe { scores_avx2_16(qt.as_ptr(), rp, kf.as_ptr(), kb, d, s.as_mut_ptr()) }
+}
+
+fn p2_softmax(s: &mut [f32], rp: usize, kb: usize, m: &mut [f32], l: &mut [f32], ot: &mut [f32], d: usize) {
+    if !fits(rp, kb, d, &[(s.len(), kb * rp), (m.len(), rp), (l.len(), rp), (ot.len(), d * rp)]) {
+        return prefill::softmax_scalar(s, rp, kb, m, l, ot, d);
+    }
+    // SAFETY: as in `p2_scores`.
+    unsafe { softmax_avx2(s.as_mut_ptr(), rp, kb, m.as_mut_ptr(), l.as_mut_ptr(), ot.as_mut_ptr(), d) }
+}
+
+fn p2_accumulate(p: &[f32], rp: usize, vf: &[f32], kb: usize, d: usize, ot: &mut [f32]) {
+    if !fits(rp, kb, d, &[(p.len(), kb * rp), (vf.len(), kb * d), (ot.len(), d * rp)]) {
+        return prefill::accumulate_scalar(p, rp, vf, kb, d, ot);
+    }
+    // SAFETY: as in `p2_scores`.
+    unsafe { accumulate_avx2_16(p.as_ptr(), rp, vf.as_ptr(), kb, d, ot.as_mut_ptr()) }
+}
+
+fn p2_widen(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    // SAFETY: as in `p2_scores`; `n` values are read and written.
+    unsafe { widen_f16c(src.as_ptr(), dst.as_mut_ptr(), n) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen_f16c(src: *const u16, dst: *mut f32, n: usize) {
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: `i + 8 <= n` values lie at both pointers.
+        unsafe { _mm256_storeu_ps(dst.add(i), _mm256_cvtph_ps(_mm_loadu_si128(src.add(i) as *const __m128i))) };
+        i += 8;
+    }
+    while i < n {
+        // SAFETY: `i < n`.
+        unsafe { *dst.add(i) = super::f16_to_f32(*src.add(i)) };
+        i += 1;
+    }
+}
+
+/// Scores for rows in tiles of 16 (two vectors) by four keys.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn scores_avx2_16(qt: *const f32, rp: usize, kf: *const f32, kb: usize, d: usize, s: *mut f32) {
+    let mut r0 = 0;
+    while r0 < rp {
+        let mut j = 0;
+        while j < kb {
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            for c in 0..d {
+                // SAFETY (all loads and stores): `c < d`, `j + 3 < kb`,
+                // `r0 + 16 <= rp`, within the lengths `p2_scores` checked.
+                let row = unsafe { qt.add(c * rp + r0) };
+                let q0 = unsafe { _mm256_loadu_ps(row) };
+                let q1 = unsafe { _mm256_loadu_ps(row.add(8)) };
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let kv = _mm256_set1_ps(unsafe { *kf.add((j + k) * d + c) });
+                    a[0] = _mm256_fmadd_ps(kv, q0, a[0]);
+                    a[1] = _mm256_fmadd_ps(kv, q1, a[1]);
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                unsafe { _mm256_storeu_ps(s.add((j + k) * rp + r0), a[0]) };
+                unsafe { _mm256_storeu_ps(s.add((j + k) * rp + r0 + 8), a[1]) };
+            }
+            j += 4;
+        }
+        r0 += 16;
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn accumulate_avx2_16(p: *const f32, rp: usize, vf: *const f32, kb: usize, d: usize, ot: *mut f32) {
+    let mut r0 = 0;
+    while r0 < rp {
+        let mut c = 0;
+        while c < d {
+            // SAFETY (all loads and stores): `c + 3 < d`, `j < kb`,
+            // `r0 + 16 <= rp`, within the lengths `p2_accumulate` checked.
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            for (k, a) in acc.iter_mut().enumerate() {
+                a[0] = unsafe { _mm256_loadu_ps(ot.add((c + k) * rp + r0)) };
+                a[1] = unsafe { _mm256_loadu_ps(ot.add((c + k) * rp + r0 + 8)) };
+            }
+            for j in 0..kb {
+                let row = unsafe { p.add(j * rp + r0) };
+                let p0 = unsafe { _mm256_loadu_ps(row) };
+                let p1 = unsafe { _mm256_loadu_ps(row.add(8)) };
+                for (k, a) in acc.iter_mut().enumerate() {
+                    let vv = _mm256_set1_ps(unsafe { *vf.add(j * d + c + k) });
+                    a[0] = _mm256_fmadd_ps(vv, p0, a[0]);
+                    a[1] = _mm256_fmadd_ps(vv, p1, a[1]);
+                }
+            }
+            for (k, a) in acc.iter().enumerate() {
+                unsafe { _mm256_storeu_ps(ot.add((c + k) * rp + r0), a[0]) };
+                unsafe { _mm256_storeu_ps(ot.add((c + k) * rp + r0 + 8), a[1]) };
+            }
+            c += 4;
+        }
+        r0 += 16;
+    }
+}
+
+/// `e^x` for `x <= 0`, 8 lanes: the same steps as `exp16`.
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: __m256) -> __m256 {
+    const ROUND: f32 = 12_582_912.0;
+    let x = _mm256_max_ps(x, _mm256_set1_ps(-87.0));
+    let k = _mm256_fmadd_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E), _mm256_set1_ps(ROUND));
+    let n = _mm256_sub_ps(k, _mm256_set1_ps(ROUND));
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+    let r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.121_944_4e-4), r);
+    let mut p = _mm256_set1_ps(1.0 / 5040.0);
+    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let e = _mm256_add_epi32(_mm256_sub_epi32(_mm256_castps_si256(k), _mm256_set1_epi32(ROUND.to_bits() as i32)), _mm256_set1_epi32(127));
+    _mm256_mul_ps(p, _mm256_castsi256_ps(_mm256_slli_epi32::<23>(e)))
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(s: *mut f32, rp: usize, kb: usize, m: *mut f32, l: *mut f32, ot: *mut f32, d: usize) {
+    let ninf = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut r0 = 0;
+    while r0 < rp {
+        // SAFETY (all loads and stores): `r0 + 8 <= rp`, `j < kb`, `c < d`,
+        // within the lengths `p2_softmax` checked.
+        let m_old = unsafe { _mm256_loadu_ps(m.add(r0)) };
+        let mut mx = m_old;
+        for j in 0..kb {
+            mx = _mm256_max_ps(mx, unsafe { _mm256_loadu_ps(s.add(j * rp + r0)) });
+        }
+        let corr = exp8(_mm256_sub_ps(m_old, mx));
+        let mut sum = _mm256_setzero_ps();
+        for j in 0..kb {
+            let at = unsafe { s.add(j * rp + r0) };
+            let x = unsafe { _mm256_loadu_ps(at) };
+            let live = _mm256_cmp_ps::<_CMP_NEQ_OQ>(x, ninf);
+            let e = _mm256_and_ps(live, exp8(_mm256_sub_ps(x, mx)));
+            unsafe { _mm256_storeu_ps(at, e) };
+            sum = _mm256_add_ps(sum, e);
+        }
+        let lv = unsafe { _mm256_loadu_ps(l.add(r0)) };
+        unsafe { _mm256_storeu_ps(l.add(r0), _mm256_fmadd_ps(lv, corr, sum)) };
+        unsafe { _mm256_storeu_ps(m.add(r0), mx) };
+        for c in 0..d {
+            let at = unsafe { ot.add(c * rp + r0) };
+            unsafe { _mm256_storeu_ps(at, _mm256_mul_ps(_mm256_loadu_ps(at), corr)) };
+        }
+        r0 += 8;
+    }
+}
