@@ -62,3 +62,20 @@ pub fn exit_immediately(code: i32) -> ! {
     // SAFETY: _exit takes no pointers and does not return.
     unsafe { libc::_exit(code) }
 }
+
+/// Puts the calling thread in Linux's idle scheduling class (`SCHED_IDLE`):
+/// it runs only on a core nothing else wants, so background work (writing
+/// snapshot files: hashing and copying hundreds of MB) never delays the
+/// engine. Returns whether it took effect (false elsewhere than Linux).
+pub fn make_this_thread_idle() -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads `param` only; pid 0 is the calling thread.
+        unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        false
+    }
+}

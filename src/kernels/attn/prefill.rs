@@ -17,9 +17,10 @@
 //! run down columns with no horizontal reductions. Rows are query-major
 //! (`row = i * group + r`: query `i` of the piece, head `r` of the group).
 //!
-//! The inner loops run on AVX-512 (`x86.rs`); the scalar versions here are
-//! their reference. Without AVX-512 [`chunk_attention`] declines and the
-//! caller keeps MLX's products (BLAS) and the Rust softmax.
+//! The inner loops run on AVX-512 or AVX2+FMA+F16C (`x86.rs`); the scalar
+//! versions here are their reference. Without either (ARM for now)
+//! [`chunk_attention`] declines and the caller keeps MLX's products (BLAS)
+//! around a Rust softmax.
 
 use std::sync::OnceLock;
 
@@ -54,24 +55,34 @@ pub(crate) struct Prims {
 
 pub(crate) const SCALAR: Prims = Prims { scores: scores_scalar, softmax: softmax_scalar, accumulate: accumulate_scalar, widen: widen_scalar };
 
-/// The SIMD inner loops this CPU runs, if any (`KVSERVE_KERNELS=scalar`,
-/// `ref` or `mlx` turn them off).
+/// The inner loops this CPU runs, if any: AVX-512, else AVX2, else none
+/// (the caller keeps MLX's BLAS products). `KVSERVE_KERNELS=avx2` or
+/// `avx512` asks for one (none if the CPU lacks it), `scalar` or `ref` for
+/// the scalar loops (slow: for checking), `mlx` for none.
 pub(crate) fn simd_prims() -> Option<Prims> {
     static P: OnceLock<Option<Prims>> = OnceLock::new();
     *P.get_or_init(|| {
-        if matches!(std::env::var("KVSERVE_KERNELS").as_deref(), Ok("scalar" | "ref" | "mlx")) {
-            return None;
-        }
+        let asked = std::env::var("KVSERVE_KERNELS").unwrap_or_default();
         #[cfg(target_arch = "x86_64")]
-        if let Some(p) = super::x86::prefill_avx512().or_else(super::x86::prefill_avx2) {
-            return Some(p);
+        {
+            use super::x86::{prefill_avx2, prefill_avx512};
+            match asked.as_str() {
+                "scalar" | "ref" => Some(SCALAR),
+                "mlx" => None,
+                "avx2" => prefill_avx2(),
+                "avx512" => prefill_avx512(),
+                _ => prefill_avx512().or_else(prefill_avx2),
+            }
         }
-        None
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            matches!(asked.as_str(), "scalar" | "ref").then_some(SCALAR)
+        }
     })
 }
 
 /// Whether [`chunk_attention`] runs on this CPU for these heads (else the
-/// caller computes the chunk another way): a SIMD version, query heads a
+/// caller computes the chunk another way): loops to run, query heads a
 /// whole multiple of KV heads (at most [`MAX_GROUP`] a group) and a head
 /// dimension that is a multiple of 4, at most [`MAX_DIM`].
 pub fn supports(heads: usize, kv_heads: usize, dim: usize) -> bool {
@@ -134,7 +145,7 @@ fn widen_scalar(src: &[u16], dst: &mut [f32]) {
 /// chunk's own keys and values already written (`len == offset + l`);
 /// `out`: `[l, heads, d]` f32 (token-major, as the output projection reads
 /// it). Returns `Ok(false)`, leaving `out` alone, when this CPU has no SIMD
-/// version (the caller computes it another way).
+/// version and none was asked for (the caller computes it another way).
 #[allow(clippy::too_many_arguments)]
 pub fn chunk_attention(q: &[f32], heads: usize, l: usize, offset: usize, keys: &KvBuffer, values: &KvBuffer, scale: f32, out: &mut [f32]) -> Result<bool, AttnError> {
     match simd_prims() {
