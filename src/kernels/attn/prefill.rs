@@ -280,18 +280,7 @@ mod tests {
     use half::f16;
 
     use super::*;
-
-    /// xorshift, values in [-2, 2).
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> f32 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
-        }
-    }
+    use crate::kernels::attn::tests::Rng;
 
     /// Plain causal attention in f64 over the f16 cache: `[l, heads, d]`.
     #[allow(clippy::too_many_arguments)]

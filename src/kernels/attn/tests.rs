@@ -2,11 +2,12 @@ use half::f16;
 
 use super::*;
 
-/// A small deterministic generator (xorshift), values in [-2, 2).
-struct Rng(u64);
+/// A small deterministic generator (xorshift), values in [-2, 2); the
+/// prompt-chunk kernel's tests use it too.
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next(&mut self) -> f32 {
+    pub(super) fn next(&mut self) -> f32 {
         self.0 ^= self.0 << 13;
         self.0 ^= self.0 >> 7;
         self.0 ^= self.0 << 17;
