@@ -480,37 +480,34 @@ pub fn load(path: &Path, layers: usize, tokens: usize, fingerprint: &str) -> Res
     Ok(out)
 }
 
-/// The first `len` tokens of a KV buffer `[b, heads, capacity, dim]` (f16,
-/// bf16 or f32, row-contiguous) as `[b, heads, len, dim]` bytes; `None` for
-/// any other layout (the caller slices it through MLX instead).
-fn first_tokens(buf: &Array, len: i32) -> Result<Option<(Elem, Vec<i32>, Vec<u8>)>, StoreError> {
+/// An f16, bf16 or f32 array's data as bytes (evaluated here); `None` for
+/// another dtype or a layout that is not row-contiguous.
+fn bytes_of(a: &Array) -> Option<&[u8]> {
+    match a.dtype() {
+        Dtype::Float16 => a.try_as_slice::<half::f16>().ok().map(bytemuck::cast_slice),
+        Dtype::Bfloat16 => a.try_as_slice::<half::bf16>().ok().map(bytemuck::cast_slice),
+        Dtype::Float32 => a.try_as_slice::<f32>().ok().map(bytemuck::cast_slice),
+        _ => None,
+    }
+}
+
+/// The first `len` tokens of a KV buffer `[b, heads, capacity, dim]` as
+/// `[b, heads, len, dim]` bytes, one copy; `None` where [`bytes_of`] gives
+/// nothing (the caller slices it through MLX instead).
+fn first_tokens(buf: &Array, len: i32) -> Option<(Elem, Vec<i32>, Vec<u8>)> {
     let shape = buf.shape().to_vec();
     if shape.len() != 4 || len < 0 || len > shape[2] {
-        return Ok(None);
+        return None;
     }
-    buf.eval().map_err(MlxError::from)?;
-    let bytes: &[u8] = match buf.dtype() {
-        Dtype::Float16 => match buf.try_as_slice::<half::f16>() {
-            Ok(x) => bytemuck::cast_slice(x),
-            Err(_) => return Ok(None),
-        },
-        Dtype::Bfloat16 => match buf.try_as_slice::<half::bf16>() {
-            Ok(x) => bytemuck::cast_slice(x),
-            Err(_) => return Ok(None),
-        },
-        Dtype::Float32 => match buf.try_as_slice::<f32>() {
-            Ok(x) => bytemuck::cast_slice(x),
-            Err(_) => return Ok(None),
-        },
-        _ => return Ok(None),
-    };
-    let (heads, cap, row) = ((shape[0] * shape[1]) as usize, shape[2] as usize, shape[3] as usize * if buf.dtype() == Dtype::Float32 { 4 } else { 2 });
+    let (heads, cap) = ((shape[0] * shape[1]) as usize, shape[2] as usize);
+    let bytes = bytes_of(buf).filter(|_| heads * cap > 0)?;
+    let row = bytes.len() / (heads * cap);
     let take = len as usize * row;
     let mut out = Vec::with_capacity(heads * take);
     for h in 0..heads {
         out.extend_from_slice(&bytes[h * cap * row..h * cap * row + take]);
     }
-    Ok(Some((Elem::of(buf.dtype()), vec![shape[0], shape[1], len, shape[3]], out)))
+    Some((Elem::of(buf.dtype()), vec![shape[0], shape[1], len, shape[3]], out))
 }
 
 /// A snapshot to write, copied out of MLX; the writer thread hashes it and
@@ -836,41 +833,40 @@ impl Store {
             // head's first tokens, one copy (slicing them in MLX and making
             // that contiguous was a second, single-threaded one: 0.26 s of
             // the engine's time for a 12K-token SmolLM2 snapshot).
-            if let (None, Some((kb, vb))) = (l.recurrent(), l.buffers()) {
-                if let (Some(k), Some(v)) = (first_tokens(kb, l.offset())?, first_tokens(vb, l.offset())?) {
-                    for (kind, (tdtype, shape, bytes)) in [(Kind::Keys, k), (Kind::Values, v)] {
-                        dtype = kb.dtype();
-                        let end = offset + bytes.len() as u64;
-                        tensors.push(Tensor { layer: i, kind, dtype: tdtype, shape, start: offset, end });
-                        offset = end;
-                        data.push(bytes);
-                    }
-                    continue;
+            let direct = match (l.recurrent(), l.buffers()) {
+                (None, Some((kb, vb))) => first_tokens(kb, l.offset()).zip(first_tokens(vb, l.offset())).map(|kv| (kb.dtype(), kv)),
+                _ => None,
+            };
+            let pieces = match direct {
+                Some((kv_dtype, (k, v))) => {
+                    dtype = kv_dtype;
+                    vec![(Kind::Keys, k), (Kind::Values, v)]
                 }
-            }
-            let pair = match l.recurrent() {
-                Some((c, st)) => [(Kind::Conv, c.clone()), (Kind::State, st.clone())],
                 None => {
-                    let (k, v) = l.state().ok_or_else(|| file_err(&path, format!("layer {i} is empty")))?;
-                    dtype = k.dtype();
-                    [(Kind::Keys, k), (Kind::Values, v)]
+                    let pair = match l.recurrent() {
+                        Some((c, st)) => [(Kind::Conv, c.clone()), (Kind::State, st.clone())],
+                        None => {
+                            let (k, v) = l.state().ok_or_else(|| file_err(&path, format!("layer {i} is empty")))?;
+                            dtype = k.dtype();
+                            [(Kind::Keys, k), (Kind::Values, v)]
+                        }
+                    };
+                    let mut pieces = Vec::with_capacity(2);
+                    for (kind, a) in pair {
+                        let a = match a.dtype() {
+                            Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32 => a,
+                            _ => a.as_dtype(Dtype::Float32).map_err(MlxError::from)?,
+                        };
+                        let a = a.contiguous().map_err(MlxError::from)?;
+                        a.eval().map_err(MlxError::from)?;
+                        // safetensors is little-endian, as every platform MLX runs on.
+                        let bytes = bytes_of(&a).ok_or_else(|| file_err(&path, format!("layer {i}: no data after making it contiguous")))?.to_vec();
+                        pieces.push((kind, (Elem::of(a.dtype()), a.shape().to_vec(), bytes)));
+                    }
+                    pieces
                 }
             };
-            for (kind, a) in pair {
-                let a = match a.dtype() {
-                    Dtype::Float16 | Dtype::Bfloat16 | Dtype::Float32 => a,
-                    _ => a.as_dtype(Dtype::Float32).map_err(MlxError::from)?,
-                };
-                let a = a.contiguous().map_err(MlxError::from)?;
-                a.eval().map_err(MlxError::from)?;
-                let shape = a.shape().to_vec();
-                // safetensors is little-endian, as every platform MLX runs on.
-                let tdtype = Elem::of(a.dtype());
-                let bytes: Vec<u8> = match tdtype {
-                    Elem::F16 => bytemuck::cast_slice::<half::f16, u8>(a.as_slice::<half::f16>()).to_vec(),
-                    Elem::BF16 => bytemuck::cast_slice::<half::bf16, u8>(a.as_slice::<half::bf16>()).to_vec(),
-                    Elem::F32 => bytemuck::cast_slice::<f32, u8>(a.as_slice::<f32>()).to_vec(),
-                };
+            for (kind, (tdtype, shape, bytes)) in pieces {
                 let end = offset + bytes.len() as u64;
                 tensors.push(Tensor { layer: i, kind, dtype: tdtype, shape, start: offset, end });
                 offset = end;

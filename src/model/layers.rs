@@ -268,6 +268,19 @@ fn f16_bits(a: &Array) -> std::result::Result<&[u16], MlxError> {
     Ok(bytemuck::cast_slice(a.try_as_slice::<half::f16>().map_err(|e| host_error(format!("KV buffer: {e}")))?))
 }
 
+/// `kv`'s keys and values as kvserve's attention kernels read them: its
+/// f16 buffers `[1, kv_heads, capacity, dim]` in place, `offset` tokens
+/// valid; `None` for an empty cache.
+fn kv_views(kv: &LayerKv, kvh: usize, d: usize) -> std::result::Result<Option<(kernels::attn::KvBuffer<'_>, kernels::attn::KvBuffer<'_>)>, MlxError> {
+    let Some((kb, vb)) = kv.buffers() else { return Ok(None) };
+    let s = kb.shape();
+    if s.len() != 4 || s[0] != 1 || s[1] as usize != kvh || s[3] as usize != d || vb.shape() != s {
+        return Err(host_error(format!("a KV buffer of shape {s:?} for {kvh} heads of {d}")));
+    }
+    let keys = kernels::attn::KvBuffer { data: f16_bits(kb)?, heads: kvh, capacity: s[2] as usize, len: kv.offset() as usize, dim: d };
+    Ok(Some((keys, kernels::attn::KvBuffer { data: f16_bits(vb)?, ..keys })))
+}
+
 /// An error for a CPU decode step that cannot go on (after the checks made
 /// at load time, a broken invariant).
 #[track_caller]
@@ -715,27 +728,16 @@ impl Attention {
         let mut out = vec![0f32; rows * h * d];
         {
             // Every row's cache as MLX holds it, read in place.
+            let empty = kernels::attn::KvBuffer { data: &[], heads: kvh, capacity: 0, len: 0, dim: d };
             let mut bufs = Vec::with_capacity(rows);
             for kv in kvs.iter() {
-                let pos = kv.offset() as usize;
-                bufs.push(match kv.buffers() {
-                    Some((kb, vb)) => {
-                        let s = kb.shape();
-                        if s.len() != 4 || s[0] != 1 || s[1] as usize != kvh || s[3] as usize != d || vb.shape() != s {
-                            return Err(host_error(format!("a KV buffer of shape {s:?} for {kvh} heads of {d}")));
-                        }
-                        (f16_bits(kb)?, f16_bits(vb)?, s[2] as usize, pos)
-                    }
-                    None => (&[][..], &[][..], 0, 0),
-                });
+                bufs.push(kv_views(kv, kvh, d)?.unwrap_or((empty, empty)));
             }
             let mut attn_rows: Vec<kernels::attn::Row> = bufs
                 .iter()
                 .zip(&new_kv)
                 .zip(q.chunks_exact(h * d).zip(out.chunks_exact_mut(h * d)))
-                .map(|((&(kd, vd, cap, len), (k16, v16)), (q, out))| {
-                    let keys = kernels::attn::KvBuffer { data: kd, heads: kvh, capacity: cap, len, dim: d };
-                    let values = kernels::attn::KvBuffer { data: vd, ..keys };
+                .map(|((&(keys, values), (k16, v16)), (q, out))| {
                     kernels::attn::Row { q, keys, values, new_k: bytemuck::cast_slice(k16), new_v: bytemuck::cast_slice(v16), out }
                 })
                 .collect();
@@ -832,14 +834,8 @@ impl Attention {
             return Ok(None);
         }
         let q = q.contiguous()?;
-        mlx_rs::transforms::eval(kv.arrays().into_iter().chain([&q]))?;
-        let (kb, vb) = kv.buffers().ok_or_else(|| host_error("an empty cache after a write".into()))?;
-        let s = kb.shape().to_vec();
-        if s.len() != 4 || s[0] != 1 || s[1] as usize != kvh || s[3] as usize != d || vb.shape() != s.as_slice() {
-            return Err(host_error(format!("a KV buffer of shape {s:?} for {kvh} heads of {d}")));
-        }
-        let keys = kernels::attn::KvBuffer { data: f16_bits(kb)?, heads: kvh, capacity: s[2] as usize, len: kv.offset() as usize, dim: d };
-        let values = kernels::attn::KvBuffer { data: f16_bits(vb)?, ..keys };
+        mlx_rs::transforms::eval(kv.arrays().chain([&q]))?;
+        let (keys, values) = kv_views(kv, kvh, d)?.ok_or_else(|| host_error("an empty cache after a write".into()))?;
         let qd = q.try_as_slice::<f32>().map_err(|e| host_error(format!("chunk queries: {e}")))?;
         let mut out = vec![0f32; h * l as usize * d];
         let ran = kernels::attn::prefill::chunk_attention(qd, h, l as usize, offset as usize, &keys, &values, self.scale, &mut out)

@@ -27,7 +27,7 @@ use std::sync::OnceLock;
 use parking_lot::Mutex;
 
 use crate::kernels::pool::Pool;
-use crate::kernels::qmv::f16_to_f32;
+use crate::kernels::qmv::widen_f16_here;
 use super::{AttnError, KvBuffer, MAX_DIM, MAX_GROUP};
 
 /// Most queries per piece of work (64 measured best for SmolLM2 at 12K
@@ -49,17 +49,15 @@ pub(crate) struct Prims {
     pub softmax: fn(s: &mut [f32], rp: usize, kb: usize, m: &mut [f32], l: &mut [f32], ot: &mut [f32], d: usize),
     /// `ot[c * rp + row] += sum_j vf[j * d + c] * p[j * rp + row]`.
     pub accumulate: fn(p: &[f32], rp: usize, vf: &[f32], kb: usize, d: usize, ot: &mut [f32]),
-    /// f16 bits to f32.
-    pub widen: fn(src: &[u16], dst: &mut [f32]),
 }
 
-pub(crate) const SCALAR: Prims = Prims { scores: scores_scalar, softmax: softmax_scalar, accumulate: accumulate_scalar, widen: widen_scalar };
+pub(crate) const SCALAR: Prims = Prims { scores: scores_scalar, softmax: softmax_scalar, accumulate: accumulate_scalar };
 
 /// The inner loops this CPU runs, if any: AVX-512, else AVX2, else none
 /// (the caller keeps MLX's BLAS products). `KVSERVE_KERNELS=avx2` or
 /// `avx512` asks for one (none if the CPU lacks it), `scalar` or `ref` for
 /// the scalar loops (slow: for checking), `mlx` for none.
-pub(crate) fn simd_prims() -> Option<Prims> {
+pub(crate) fn selected_prims() -> Option<Prims> {
     static P: OnceLock<Option<Prims>> = OnceLock::new();
     *P.get_or_init(|| {
         let asked = std::env::var("KVSERVE_KERNELS").unwrap_or_default();
@@ -86,7 +84,18 @@ pub(crate) fn simd_prims() -> Option<Prims> {
 /// whole multiple of KV heads (at most [`MAX_GROUP`] a group) and a head
 /// dimension that is a multiple of 4, at most [`MAX_DIM`].
 pub fn supports(heads: usize, kv_heads: usize, dim: usize) -> bool {
-    simd_prims().is_some() && kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= MAX_GROUP && dim > 0 && dim <= MAX_DIM && dim % 4 == 0
+    selected_prims().is_some() && unsupported(heads, kv_heads, dim).is_none()
+}
+
+/// Why these heads are not taken, if they are not.
+fn unsupported(heads: usize, kvh: usize, d: usize) -> Option<String> {
+    if kvh == 0 || heads % kvh != 0 || heads / kvh > MAX_GROUP {
+        return Some(format!("{heads} query heads over {kvh} KV heads"));
+    }
+    if d == 0 || d > MAX_DIM || d % 4 != 0 {
+        return Some(format!("head dimension {d} (a multiple of 4, at most {MAX_DIM})"));
+    }
+    None
 }
 
 pub(crate) fn scores_scalar(qt: &[f32], rp: usize, kf: &[f32], kb: usize, d: usize, s: &mut [f32]) {
@@ -133,10 +142,6 @@ pub(crate) fn accumulate_scalar(p: &[f32], rp: usize, vf: &[f32], kb: usize, d: 
     }
 }
 
-fn widen_scalar(src: &[u16], dst: &mut [f32]) {
-    dst.iter_mut().zip(src).for_each(|(d, &h)| *d = f16_to_f32(h));
-}
-
 /// `out = softmax(scale * q K^T + causal mask) V` for a chunk of `l`
 /// queries at positions `offset..offset + l`, every query head `h` reading
 /// KV head `h / (heads / kv_heads)`.
@@ -148,7 +153,7 @@ fn widen_scalar(src: &[u16], dst: &mut [f32]) {
 /// version and none was asked for (the caller computes it another way).
 #[allow(clippy::too_many_arguments)]
 pub fn chunk_attention(q: &[f32], heads: usize, l: usize, offset: usize, keys: &KvBuffer, values: &KvBuffer, scale: f32, out: &mut [f32]) -> Result<bool, AttnError> {
-    match simd_prims() {
+    match selected_prims() {
         Some(p) => chunk_attention_with(p, q, heads, l, offset, keys, values, scale, out).map(|()| true),
         None => Ok(false),
     }
@@ -171,11 +176,8 @@ pub(crate) fn chunk_attention_with(
     if (values.heads, values.dim, values.len, values.capacity) != (kvh, d, keys.len, keys.capacity) {
         return bad("keys and values differ in layout".into());
     }
-    if kvh == 0 || heads % kvh != 0 || heads / kvh > MAX_GROUP {
-        return bad(format!("{heads} query heads over {kvh} KV heads"));
-    }
-    if d == 0 || d > MAX_DIM || d % 4 != 0 {
-        return bad(format!("head dimension {d} (a multiple of 4, at most {MAX_DIM})"));
+    if let Some(why) = unsupported(heads, kvh, d) {
+        return bad(why);
     }
     if l == 0 || keys.len != offset + l || keys.len > keys.capacity {
         return bad(format!("{l} queries at {offset} over {} cached tokens (capacity {})", keys.len, keys.capacity));
@@ -193,21 +195,19 @@ pub(crate) fn chunk_attention_with(
     let pieces_per_head = l.div_ceil(per);
     let pieces = kvh * pieces_per_head;
     let results: Vec<Mutex<Vec<f32>>> = (0..pieces).map(|_| Mutex::new(Vec::new())).collect();
-    // The last queries see the most keys: hand them out first.
+    // Piece t: KV head and first query. The last queries see the most
+    // keys: they are handed out first.
+    let place = |t: usize| (t % kvh, (pieces_per_head - 1 - t / kvh) * per);
     let run = |t: usize| {
-        let (h, qb) = (t % kvh, pieces_per_head - 1 - t / kvh);
-        let q0 = qb * per;
-        let nq = per.min(l - q0);
-        *results[t].lock() = piece(p, q, l, d, g, h, q0, nq, offset, keys, values, scale);
+        let (h, q0) = place(t);
+        *results[t].lock() = piece(p, q, l, d, g, h, q0, per.min(l - q0), offset, keys, values, scale);
     };
     if !(pieces > 1 && pool.threads() > 1 && pool.run(pieces, &run)) {
         (0..pieces).for_each(run);
     }
     for (t, r) in results.iter().enumerate() {
-        let (h, qb) = (t % kvh, pieces_per_head - 1 - t / kvh);
-        let r = r.lock();
-        let q0 = qb * per;
-        for (i, rows) in r.chunks_exact(g * d).enumerate() {
+        let (h, q0) = place(t);
+        for (i, rows) in r.lock().chunks_exact(g * d).enumerate() {
             let at = ((q0 + i) * heads + h * g) * d;
             out[at..at + g * d].copy_from_slice(rows);
         }
@@ -242,8 +242,8 @@ fn piece(p: Prims, q: &[f32], l: usize, d: usize, g: usize, h: usize, q0: usize,
     while j0 < end {
         let kb = KEYS.min(end - j0);
         let kb4 = kb.next_multiple_of(4);
-        (p.widen)(keys.rows(h, j0, j0 + kb), &mut kf[..kb * d]);
-        (p.widen)(values.rows(h, j0, j0 + kb), &mut vf[..kb * d]);
+        widen_f16_here(keys.rows(h, j0, j0 + kb), &mut kf[..kb * d]);
+        widen_f16_here(values.rows(h, j0, j0 + kb), &mut vf[..kb * d]);
         kf[kb * d..kb4 * d].fill(0.0);
         vf[kb * d..kb4 * d].fill(0.0);
         (p.scores)(&qt, rp, &kf[..kb4 * d], kb4, d, &mut s[..kb4 * rp]);

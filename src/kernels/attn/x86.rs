@@ -112,7 +112,6 @@ pub(super) fn prefill_avx512() -> Option<prefill::Prims> {
         scores: p_scores,
         softmax: p_softmax,
         accumulate: p_accumulate,
-        widen: p_widen,
     })
 }
 
@@ -145,27 +144,6 @@ fn p_accumulate(p: &[f32], rp: usize, vf: &[f32], kb: usize, d: usize, ot: &mut 
     }
     // SAFETY: as in `p_scores`.
     unsafe { accumulate_avx512(p.as_ptr(), rp, vf.as_ptr(), kb, d, ot.as_mut_ptr()) }
-}
-
-fn p_widen(src: &[u16], dst: &mut [f32]) {
-    let n = src.len().min(dst.len());
-    // SAFETY: as in `p_scores`; `n` values are read and written.
-    unsafe { widen_avx512(src.as_ptr(), dst.as_mut_ptr(), n) }
-}
-
-#[target_feature(enable = "avx512f")]
-unsafe fn widen_avx512(src: *const u16, dst: *mut f32, n: usize) {
-    let mut i = 0;
-    while i + 16 <= n {
-        // SAFETY: `i + 16 <= n` values lie at both pointers.
-        unsafe { _mm512_storeu_ps(dst.add(i), _mm512_cvtph_ps(_mm256_loadu_si256(src.add(i) as *const __m256i))) };
-        i += 16;
-    }
-    while i < n {
-        // SAFETY: `i < n`.
-        unsafe { *dst.add(i) = super::f16_to_f32(*src.add(i)) };
-        i += 1;
-    }
 }
 
 /// Rows `r0..r0 + 16 NV` of `s` for keys `0..kb`, four keys at a time.
@@ -327,7 +305,6 @@ pub(super) fn prefill_avx2() -> Option<prefill::Prims> {
         scores: p2_scores,
         softmax: p2_softmax,
         accumulate: p2_accumulate,
-        widen: p2_widen,
     })
 }
 
@@ -354,27 +331,6 @@ fn p2_accumulate(p: &[f32], rp: usize, vf: &[f32], kb: usize, d: usize, ot: &mut
     }
     // SAFETY: as in `p2_scores`.
     unsafe { accumulate_avx2_16(p.as_ptr(), rp, vf.as_ptr(), kb, d, ot.as_mut_ptr()) }
-}
-
-fn p2_widen(src: &[u16], dst: &mut [f32]) {
-    let n = src.len().min(dst.len());
-    // SAFETY: as in `p2_scores`; `n` values are read and written.
-    unsafe { widen_f16c(src.as_ptr(), dst.as_mut_ptr(), n) }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn widen_f16c(src: *const u16, dst: *mut f32, n: usize) {
-    let mut i = 0;
-    while i + 8 <= n {
-        // SAFETY: `i + 8 <= n` values lie at both pointers.
-        unsafe { _mm256_storeu_ps(dst.add(i), _mm256_cvtph_ps(_mm_loadu_si128(src.add(i) as *const __m128i))) };
-        i += 8;
-    }
-    while i < n {
-        // SAFETY: `i < n`.
-        unsafe { *dst.add(i) = super::f16_to_f32(*src.add(i)) };
-        i += 1;
-    }
 }
 
 /// Scores for rows in tiles of 16 (two vectors) by four keys.

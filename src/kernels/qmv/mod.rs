@@ -288,18 +288,21 @@ pub fn widen_f16(src: &[u16], dst: &mut [f32]) -> Result<(), KernelError> {
     if src.len() != dst.len() {
         return Err(KernelError::Length { what: "dst", expected: src.len(), got: dst.len(), rows: 1, cols: src.len(), m: 1 });
     }
-    let simd = selected().isa != Isa::Scalar;
-    let piece = |s: &[u16], d: &mut [f32]| {
-        #[cfg(target_arch = "x86_64")]
-        if simd && x86::widen_f16_avx2(s, d).is_some() {
-            return;
-        }
-        let _ = simd;
-        d.iter_mut().zip(s).for_each(|(d, &h)| *d = f16_to_f32(h));
-    };
     const PIECE: usize = 1 << 16;
-    Pool::global(MAX_THREADS).each(src.chunks(PIECE).zip(dst.chunks_mut(PIECE)).collect(), &|_, (s, d)| piece(s, d));
+    Pool::global(MAX_THREADS).each(src.chunks(PIECE).zip(dst.chunks_mut(PIECE)).collect(), &|_, (s, d)| widen_f16_here(s, d));
     Ok(())
+}
+
+/// [`widen_f16`] on this thread (AVX2 + F16C where the CPU has them and
+/// `KVSERVE_KERNELS` allows SIMD); the shorter of the two lengths.
+pub(crate) fn widen_f16_here(src: &[u16], dst: &mut [f32]) {
+    let n = src.len().min(dst.len());
+    let (src, dst) = (&src[..n], &mut dst[..n]);
+    #[cfg(target_arch = "x86_64")]
+    if selected().isa != Isa::Scalar && x86::widen_f16_avx2(src, dst).is_some() {
+        return;
+    }
+    dst.iter_mut().zip(src).for_each(|(d, &h)| *d = f16_to_f32(h));
 }
 
 /// [`qmv`] on the scalar reference, single-threaded.
