@@ -390,14 +390,12 @@ fn serve(args: ServeArgs) -> Result<()> {
                 bail!("--step-timeout is {}; it must be a number of seconds above 0, at most 86400", args.step_timeout);
             }
             let step_timeout = std::time::Duration::from_secs_f64(args.step_timeout);
-            if rank > 0 {
-                follow_pipeline(args.model.as_deref().expect("clap requires --model without --proxy"), hostfile, rank, join_timeout, args.split);
-            }
             if args.kv_bits.is_some() {
                 bail!("--kv-bits is not supported with --hostfile yet: snapshots of a split model stay f16");
             }
-            if args.cache_dir.is_some() {
-                bail!("--cache-dir is not supported with --hostfile yet: snapshots of a split model are kept in memory only");
+            if rank > 0 {
+                let cache = cache_dir.as_deref().map(|d| (d, &cache_disk));
+                follow_pipeline(args.model.as_deref().expect("clap requires --model without --proxy"), hostfile, rank, join_timeout, args.split, cache);
             }
             Some(kvserve::engine::worker::PipelineConfig { hostfile: hostfile.clone(), join_timeout, split: args.split, step_timeout })
         }
@@ -467,7 +465,14 @@ fn serve(args: ServeArgs) -> Result<()> {
 /// A rank but 0 of `kvserve serve --hostfile`: join, load this rank's
 /// layers, check every rank has the same model, then follow rank 0's steps
 /// until it stops (exit 0) or a link is lost (exit 69, every rank alike).
-fn follow_pipeline(spec: &str, hostfile: &std::path::Path, rank: usize, timeout: std::time::Duration, split: Option<kvserve::pipeline::Split>) -> ! {
+fn follow_pipeline(
+    spec: &str,
+    hostfile: &std::path::Path,
+    rank: usize,
+    timeout: std::time::Duration,
+    split: Option<kvserve::pipeline::Split>,
+    cache: Option<(&std::path::Path, &kvserve::engine::worker::CacheDisk)>,
+) -> ! {
     use kvserve::{pipeline, ring};
     let fail = |code: i32, why: String| -> ! {
         tracing::error!("{why}");
@@ -480,12 +485,13 @@ fn follow_pipeline(spec: &str, hostfile: &std::path::Path, rank: usize, timeout:
     let (total, split) = pipeline::plan(spec, n, split).unwrap_or_else(|e| fail(1, e));
     let t0 = std::time::Instant::now();
     let (m, range) = pipeline::load_share(spec, &group, total, split).unwrap_or_else(|e| fail(1, e));
-    pipeline::handshake(&group, &m.model, split, &range).unwrap_or_else(|e| fail(1, e));
+    pipeline::handshake(&group, &m.model, split, &range, cache.is_some()).unwrap_or_else(|e| fail(1, e));
+    let shares = cache.and_then(|(root, disk)| pipeline::share_store(root, disk, &m, rank, n, split, &range));
     match split {
         pipeline::Split::Layers => eprintln!("rank {rank} of {n}: layers {}..{} of {total} loaded in {:.1}s; following rank 0", range.start, range.end, t0.elapsed().as_secs_f64()),
         pipeline::Split::Heads => eprintln!("rank {rank} of {n}: {} attention heads of each of {total} layers loaded in {:.1}s; following rank 0", m.model.config.num_heads, t0.elapsed().as_secs_f64()),
     }
-    match pipeline::follow(&group, &m.model) {
+    match pipeline::follow(&group, &m.model, shares.as_ref()) {
         Ok(done) => {
             eprintln!("rank {rank}: rank 0 stopped; {} steps, {} tokens computed here", done.steps, done.tokens);
             drop(m);
@@ -828,11 +834,11 @@ fn run_pipeline_generate(spec: &str, prompt: &str, system: Option<&str>, max_tok
     let hosts = ring::Hostfile::read(hostfile).map_err(anyhow::Error::msg)?;
     let rank = ring::rank_of(rank, &hosts).map_err(anyhow::Error::msg)?;
     if rank > 0 {
-        follow_pipeline(spec, hostfile, rank, timeout, Some(pipeline::Split::Layers));
+        follow_pipeline(spec, hostfile, rank, timeout, Some(pipeline::Split::Layers), None);
     }
     let group = ring::join(&hosts, rank, timeout).map_err(anyhow::Error::msg)?;
     let t0 = std::time::Instant::now();
-    let m = pipeline::lead(spec, std::sync::Arc::new(group), Some(pipeline::Split::Layers)).map_err(anyhow::Error::msg)?;
+    let m = pipeline::lead(spec, std::sync::Arc::new(group), Some(pipeline::Split::Layers), false).map_err(anyhow::Error::msg)?;
     eprintln!("rank 0 of {}: loaded in {:.1}s", hosts.size(), t0.elapsed().as_secs_f64());
     let done = generate_with(&m, prompt, system, max_tokens, SamplingParams::default(), raw);
     if let Some(stage) = m.model.stage() {

@@ -146,7 +146,7 @@ pub struct Stage {
     /// The layers each rank holds, for messages.
     ranges: Vec<std::ops::Range<i32>>,
     /// Bytes sent to rank 1 and received from the last rank, by kind of step.
-    pub traffic: Mutex<Traffic>,
+    pub traffic: std::sync::Arc<Mutex<Traffic>>,
 }
 
 /// Bytes rank 0 sent down the pipeline and got back, as measured.
@@ -185,30 +185,21 @@ impl std::fmt::Display for Traffic {
 
 impl Stage {
     pub fn new(split: Split, group: std::sync::Arc<Group>, hidden: i32, dtype: Dtype, ranges: Vec<std::ops::Range<i32>>) -> Stage {
-        Stage { split, group, hidden, dtype, ranges, traffic: Mutex::new(Traffic::default()) }
+        Stage { split, group, hidden, dtype, ranges, traffic: Default::default() }
     }
 
     pub fn split(&self) -> Split {
         self.split
     }
 
+    /// Rank `rank`'s share of the snapshot files (see [`share_name`]).
+    pub fn share_name(&self, rank: usize) -> (String, String) {
+        share_name(self.split, rank, self.group.size(), &self.ranges[rank])
+    }
+
     /// The link to the other ranks failed: the group is broken for good.
     pub fn lost(&self, e: MlxError) -> MlxError {
-        let e = link_error(&e.message);
-        let n = self.group.size();
-        let others = match self.split {
-            Split::Layers => {
-                let later: Vec<String> = (1..n).map(|r| format!("rank {r} (layers {}..{})", self.ranges[r].start, self.ranges[r].end)).collect();
-                format!("the model's later layers are on other ranks ({})", later.join(", "))
-            }
-            Split::Heads => format!("the model's other heads are on ranks 1 to {}", n - 1),
-        };
-        let why = format!(
-            "{others}, and a step with them failed: {e}; no step can be computed without them, so every rank exits (status {EXIT_RANK_LOST}) for a supervisor to restart the group"
-        );
-        set_broken(why.clone());
-        IN_STEP.store(false, Ordering::SeqCst);
-        mlx_err(why)
+        lost_group(self.split, &self.ranges, e)
     }
 
     fn send_words(&self, words: &[u32]) -> Result<(), MlxError> {
@@ -314,6 +305,106 @@ impl Stage {
     }
 }
 
+/// Rank 0 lost its link to the other ranks (`ranges`: the layers each
+/// holds): the group is broken for good.
+fn lost_group(split: Split, ranges: &[std::ops::Range<i32>], e: MlxError) -> MlxError {
+    let e = link_error(&e.message);
+    let n = ranges.len();
+    let others = match split {
+        Split::Layers => {
+            let later: Vec<String> = (1..n).map(|r| format!("rank {r} (layers {}..{})", ranges[r].start, ranges[r].end)).collect();
+            format!("the model's later layers are on other ranks ({})", later.join(", "))
+        }
+        Split::Heads => format!("the model's other heads are on ranks 1 to {}", n - 1),
+    };
+    let why = format!(
+        "{others}, and a step with them failed: {e}; no step can be computed without them, so every rank exits (status {EXIT_RANK_LOST}) for a supervisor to restart the group"
+    );
+    set_broken(why.clone());
+    IN_STEP.store(false, Ordering::SeqCst);
+    mlx_err(why)
+}
+
+/// What a rank answers to [`remote::LOAD`].
+mod share {
+    pub const READ: i32 = 0;
+    pub const MISSING: i32 = 1;
+    pub const UNREADABLE: i32 = 2;
+    pub const NO_FOLDER: i32 = 3;
+}
+
+/// Rank 0 of a pipeline with snapshot files: send `words` (ending in
+/// [`remote::LOAD`]) and gather every rank's answer; an error names the
+/// ranks that could not read their share.
+fn load_shares(group: &Group, split: Split, ranges: &[std::ops::Range<i32>], traffic: &Mutex<Traffic>, words: Vec<u32>) -> Result<(), String> {
+    if broken() {
+        return Err(why_broken());
+    }
+    let lost = |e: MlxError| lost_group(split, ranges, e).message;
+    enter_step();
+    traffic.lock().ops_out += 4 * (1 + words.len() as u64);
+    send_message(group, 1, &words, None).map_err(lost)?;
+    let all = group.all_gather(&Array::from_slice(&[share::READ], &[1])).map_err(lost)?;
+    all.eval().map_err(|e| lost(e.into()))?;
+    IN_STEP.store(false, Ordering::SeqCst);
+    let failed: Vec<String> = all
+        .as_slice::<i32>()
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| **s != share::READ)
+        .map(|(r, s)| match *s {
+            share::MISSING => format!("rank {r} has no share of it (deleted, or never written there)"),
+            share::UNREADABLE => format!("rank {r} could not read its share (its log says why)"),
+            _ => format!("rank {r} keeps no snapshot files (its folder could not be opened)"),
+        })
+        .collect();
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(failed.join("; ")),
+    }
+}
+
+/// Where rank `rank` of `n` keeps its share of the snapshot files
+/// (`--cache-dir`): the subfolder `rank-R-of-N` of the model's folder, and
+/// what its fingerprint adds to the model's: the split and the layers held.
+/// So a split model's files never mix with one process's, nor with
+/// another split's.
+pub fn share_name(split: Split, rank: usize, n: usize, range: &std::ops::Range<i32>) -> (String, String) {
+    (format!("rank-{rank}-of-{n}"), format!("; split by {}, rank {rank} of {n}, layers {}..{}", split.name(), range.start, range.end))
+}
+
+/// A rank but 0's store for its shares of the snapshots (`--cache-dir`,
+/// see [`share_name`]), bounded like rank 0's, on its own.
+pub fn share_store(
+    root: &std::path::Path,
+    disk: &crate::engine::worker::CacheDisk,
+    m: &crate::model::source::LoadedModel,
+    rank: usize,
+    n: usize,
+    split: Split,
+    range: &std::ops::Range<i32>,
+) -> Option<crate::cache::store::Store> {
+    let share = share_name(split, rank, n, range);
+    let (dir, fp) = crate::engine::policy::snapshot_folder(root, disk, &m.path, m.tokenizer.chat_template.as_deref(), Some(&share));
+    match crate::cache::store::Store::open(&dir, fp) {
+        Ok(store) => {
+            if let (true, Some(folder)) = (disk.per_model, dir.parent()) {
+                crate::cache::disk::write_model_file(folder, &m.path, &store.fingerprint);
+            }
+            if let Some(b) = disk.bound_bytes.or_else(|| disk.per_model.then(|| crate::cache::disk::default_budget(root))) {
+                store.bound_disk(&dir, b);
+            }
+            eprintln!("rank {rank} of {n}: snapshot shares in {}", dir.display());
+            Some(store)
+        }
+        Err(e) => {
+            tracing::warn!("rank {rank}: snapshot shares kept in memory only: {e}");
+            eprintln!("kvserve: rank {rank}: snapshot shares kept in memory only: {e}");
+            None
+        }
+    }
+}
+
 /// MLX's own words for a failed link (`[ring] connection to a peer was
 /// lost`), without the locations its error text carries.
 pub fn link_error(message: &str) -> String {
@@ -397,11 +488,11 @@ pub fn load_share(spec: &str, group: &std::sync::Arc<Group>, layers: i32, split:
 /// `spec` split `split` (none: by layers), check every rank loaded the same
 /// model the same way, and lead the others: every cache made from now on
 /// ends with the other ranks' entry.
-pub fn lead(spec: &str, group: std::sync::Arc<Group>, split: Option<Split>) -> Result<crate::model::source::LoadedModel, String> {
+pub fn lead(spec: &str, group: std::sync::Arc<Group>, split: Option<Split>, persist: bool) -> Result<crate::model::source::LoadedModel, String> {
     let n = group.size();
     let (total, split) = plan(spec, n, split)?;
     let (mut m, range) = load_share(spec, &group, total, split)?;
-    let ranges = handshake(&group, &m.model, split, &range)?;
+    let ranges = handshake(&group, &m.model, split, &range, persist)?;
     let c = &m.model.config;
     // f16 keys and values the other ranks hold per token (linear layers hold less).
     let kv_token = 2 * c.num_kv_heads as usize * c.head_dim as usize * 2;
@@ -420,32 +511,44 @@ pub fn lead(spec: &str, group: std::sync::Arc<Group>, split: Option<Split>) -> R
     }
     remote::enable(far);
     let (hidden, dtype) = (c.hidden_size, m.model.activation_dtype());
-    m.model.set_stage(Stage::new(split, group, hidden, dtype, ranges));
+    let stage = Stage::new(split, group.clone(), hidden, dtype, ranges.clone());
+    if persist {
+        // Snapshot files: the other ranks read their shares when rank 0 reads its file.
+        let traffic = stage.traffic.clone();
+        remote::set_loader(Box::new(move |words| load_shares(&group, split, &ranges, &traffic, words)));
+    }
+    m.model.set_stage(stage);
     Ok(m)
 }
 
 /// Check that every rank loaded the same model and that their layer ranges
 /// follow each other from 0 to the last layer; every rank gets the same
-/// answer (an all_gather of each rank's numbers).
-pub fn handshake(group: &Group, model: &Transformer, split: Split, range: &std::ops::Range<i32>) -> Result<Vec<std::ops::Range<i32>>, String> {
+/// answer (an all_gather of each rank's numbers). `persist`: this rank
+/// keeps snapshot files (`--cache-dir`); all must, or none.
+pub fn handshake(group: &Group, model: &Transformer, split: Split, range: &std::ops::Range<i32>, persist: bool) -> Result<Vec<std::ops::Range<i32>>, String> {
     let c = &model.config;
     let code = match split {
         Split::Layers => 0,
         Split::Heads => 1,
     };
-    let mine = [c.num_layers, c.hidden_size, c.vocab_size, range.start, range.end, code];
+    const ROW: usize = 7;
+    let mine = [c.num_layers, c.hidden_size, c.vocab_size, range.start, range.end, code, i32::from(persist)];
     let gone = |e: MlxError| {
         format!("rank {}: another rank left before every rank had loaded its layers (its own log says why): {}", group.rank(), link_error(&e.message))
     };
-    let all = group.all_gather(&Array::from_slice(&mine, &[1, 6])).map_err(gone)?;
+    let all = group.all_gather(&Array::from_slice(&mine, &[1, ROW as i32])).map_err(gone)?;
     all.eval().map_err(|e| gone(e.into()))?;
     let v: Vec<i32> = all.as_slice::<i32>().to_vec();
     let n = group.size();
     let mut ranges = vec![];
     for r in 0..n {
-        let row = &v[r * 6..r * 6 + 6];
+        let row = &v[r * ROW..(r + 1) * ROW];
         if row[5] != code {
             return Err(format!("rank {r} splits the model {}, rank {} {}: start every rank with the same --split", if row[5] == 1 { "by heads" } else { "by layers" }, group.rank(), if code == 1 { "by heads" } else { "by layers" }));
+        }
+        if row[6] != mine[6] {
+            let says = |p: i32| if p == 1 { "keeps snapshot files (--cache-dir)" } else { "keeps snapshots in memory only (no --cache-dir)" };
+            return Err(format!("rank {r} {}, rank {} {}: start every rank with --cache-dir, or none", says(row[6]), group.rank(), says(mine[6])));
         }
         if row[..3] != mine[..3] {
             return Err(format!(
@@ -497,7 +600,9 @@ pub struct Followed {
 /// to this rank's share, run its layers on the hidden states the previous
 /// rank sends, pass them on, until [`STOP`]. An error is a lost link (or a
 /// protocol out of step): the caller exits with [`EXIT_RANK_LOST`].
-pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
+/// With `shares` (`--cache-dir`), this rank writes, reads and deletes its
+/// share of every snapshot file when rank 0 does.
+pub fn follow(group: &Group, model: &Transformer, shares: Option<&crate::cache::store::Store>) -> Result<Followed, String> {
     let (rank, n) = (group.rank(), group.size());
     let hidden = model.config.hidden_size;
     let dtype = model.activation_dtype();
@@ -548,6 +653,60 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
                     model.reserve(s, tokens as i32).map_err(|e| format!("rank {rank}: {e}"))?;
                     i += 3;
                 }
+                remote::SAVE => {
+                    let (id, len) = (arg(i + 1)?, arg(i + 2)? as usize);
+                    let tokens = words.get(i + 3..i + 3 + len).ok_or_else(|| format!("rank {rank}: a message from rank 0 ended early (protocol out of step)"))?;
+                    if let Some(store) = shares {
+                        match states.get(&id) {
+                            Some(s) => {
+                                if let Err(e) = store.save(tokens, s) {
+                                    tracing::warn!("rank {rank}: share of a snapshot not written: {e}");
+                                }
+                            }
+                            None => tracing::warn!("rank {rank}: rank 0 saved a snapshot this rank holds no share of"),
+                        }
+                    }
+                    i += 3 + len;
+                }
+                remote::UNLINK => {
+                    let key = [arg(i + 1)?, arg(i + 2)?, arg(i + 3)?];
+                    if let Some(store) = shares {
+                        let _ = std::fs::remove_file(store.path_for_key(key));
+                    }
+                    i += 4;
+                }
+                remote::LOAD => {
+                    let (id, tokens) = (arg(i + 1)?, arg(i + 2)? as usize);
+                    let key = [arg(i + 3)?, arg(i + 4)?, arg(i + 5)?];
+                    // Passed on first: every rank reads at once, then all answer.
+                    if rank + 1 < n {
+                        send_message(group, rank + 1, &words, None).map_err(lost_to(rank + 1))?;
+                    }
+                    let status = match shares {
+                        None => share::NO_FOLDER,
+                        Some(store) => {
+                            let path = store.path_for_key(key);
+                            match crate::cache::store::load(&path, layers, tokens, &store.fingerprint) {
+                                Ok(l) => {
+                                    crate::cache::disk::touch(&path);
+                                    states.insert(id, l);
+                                    share::READ
+                                }
+                                Err(_) if !path.exists() => share::MISSING,
+                                Err(e) => {
+                                    tracing::warn!("rank {rank}: {e}");
+                                    eprintln!("kvserve: rank {rank}: cannot read a share of a snapshot: {e}");
+                                    share::UNREADABLE
+                                }
+                            }
+                        }
+                    };
+                    let gone = |e: MlxError| format!("rank {rank} of {n} lost its link to the group: {}", link_error(&e.message));
+                    let all = group.all_gather(&Array::from_slice(&[status], &[1])).map_err(gone)?;
+                    all.eval().map_err(|e| gone(e.into()))?;
+                    passed_on = true;
+                    i = words.len();
+                }
                 FORWARD => {
                     let (rows, tokens, last_only) = (arg(i + 1)? as i32, arg(i + 2)? as i32, arg(i + 3)? == 1);
                     let ids: Vec<u32> = (0..rows as usize).map(|r| arg(i + 4 + r)).collect::<Result<_, _>>()?;
@@ -589,6 +748,9 @@ pub fn follow(group: &Group, model: &Transformer) -> Result<Followed, String> {
                 STOP => {
                     if rank + 1 < n {
                         send_message(group, rank + 1, &words, None).map_err(lost_to(rank + 1))?;
+                    }
+                    if let Some(store) = shares {
+                        store.flush();
                     }
                     return Ok(done);
                 }

@@ -36,9 +36,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// This file's tests take the ring port slots 5 to 11 (tests/ring.rs has 0 to 4).
+/// This file's tests take the ring port slots 5 to 12 (tests/ring.rs has 0 to 4).
 fn hostfile(name: &str, ranks: usize) -> PathBuf {
-    let test = ["two", "tensor", "lost", "mixed", "launch", "hybrid", "stopped"].iter().position(|n| *n == name).expect("a known test");
+    let test = ["two", "tensor", "lost", "mixed", "launch", "hybrid", "stopped", "files"].iter().position(|n| *n == name).expect("a known test");
     common::ring_hostfile(&format!("pipe-{name}"), 5 + test, ranks)
 }
 
@@ -56,8 +56,14 @@ fn log_path(name: &str, rank: usize) -> PathBuf {
 
 /// A rank but 0: `kvserve serve --hostfile` with its log in a file.
 fn follower(model: &Path, h: &Path, rank: usize, name: &str, split: &str) -> Child {
+    follower_with(model, h, rank, name, split, &[])
+}
+
+/// [`follower`] with more flags.
+fn follower_with(model: &Path, h: &Path, rank: usize, name: &str, split: &str, more: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_kvserve"))
         .args(["serve", "--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", &rank.to_string(), "--join-timeout", "60", "--split", split])
+        .args(more)
         .env("KVSERVE_NO_CONFIG", "1")
         .env("RUST_BACKTRACE", "0")
         .env_remove("MLX_RANK")
@@ -281,15 +287,33 @@ fn ranks_with_different_models_or_unsupported_flags_are_refused() {
     let log1 = read(&log_path("mixed", 1));
     assert!(code.is_some_and(|c| c != 0) && log1.contains("every rank must serve the same model"), "rank 1 ({code:?}): {log1}");
     eprintln!("rank 0: {}", text.lines().filter(|l| l.contains("same model")).last().unwrap_or(""));
-    for (flag, value, says) in [("--kv-bits", "8", "--kv-bits is not supported with --hostfile"), ("--cache-dir", "/tmp", "--cache-dir is not supported with --hostfile")] {
+    for rank in ["0", "1"] {
         let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
-            .args(["serve", "--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", "0", flag, value])
+            .args(["serve", "--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", rank, "--kv-bits", "8"])
             .env("KVSERVE_NO_CONFIG", "1")
             .output()
             .unwrap();
         let text = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success() && text.contains(says), "{flag}: {text}");
+        assert!(!out.status.success() && text.contains("--kv-bits is not supported with --hostfile"), "rank {rank}, --kv-bits: {text}");
     }
+    // Snapshot files on some ranks only: refused on every rank.
+    let files = std::env::temp_dir().join(format!("kvserve-pipe-mixed-files-{}", std::process::id()));
+    let mut without = follower(&model, &h, 1, "mixed", "pipeline");
+    let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        .args(["serve", "--model", model.to_str().unwrap(), "--hostfile", h.to_str().unwrap(), "--rank", "0", "--port", "0", "--no-trace", "--join-timeout", "60"])
+        .args(["--cache-dir", files.to_str().unwrap()])
+        .env("KVSERVE_NO_CONFIG", "1")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr).to_string();
+    let says = "start every rank with --cache-dir, or none";
+    assert!(!out.status.success() && text.contains(says), "rank 0: {text}");
+    let code = wait_exit(&mut without, Duration::from_secs(30));
+    let log1 = read(&log_path("mixed", 1));
+    assert!(code.is_some_and(|c| c != 0) && log1.contains(says), "rank 1 ({code:?}): {log1}");
+    eprintln!("rank 1 without --cache-dir: {}", log1.lines().filter(|l| l.contains(says)).last().unwrap_or(""));
+    let _ = std::fs::remove_dir_all(files);
     let _ = std::fs::remove_file(h);
     let _ = std::fs::remove_dir_all(tiny);
 }
@@ -416,4 +440,97 @@ fn a_rank_that_stops_answering_is_given_up_after_the_step_timeout() {
     let _ = f.kill();
     let _ = f.wait();
     let _ = std::fs::remove_file(h);
+}
+
+/// The snapshot files of `folder` (a rank's share folder), by name.
+fn snapshot_names(folder: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(folder)
+        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str().map(str::to_string)).filter(|n| n.ends_with(".safetensors")).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// `--cache-dir` over 2 ranks split by layers: each rank writes its share
+/// of every snapshot to its own folder (`rank-R-of-2`), named as rank 0's
+/// file; after a restart of the whole group, a turn reads its prefix from
+/// those files on both ranks (rank 1 computes only what rank 0 does) and
+/// answers as before. A share missing on rank 1 is a miss for the whole
+/// snapshot, said on rank 0, never a wrong answer.
+#[test]
+fn snapshot_files_are_kept_by_every_rank_and_read_after_a_restart() {
+    let _one = serial();
+    let model = smollm2_dir();
+    let m = model.to_str().unwrap();
+    let files = std::env::temp_dir().join(format!("kvserve-pipe-files-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&files);
+    let dir = files.to_str().unwrap();
+    let h = hostfile("files", 2);
+    let log0 = log_path("files", 0);
+    let group = |run: &str| {
+        let f = follower_with(&model, &h, 1, "files", "pipeline", &["--cache-dir", dir]);
+        let lead = Server::start_env(&["--model", m, "--hostfile", h.to_str().unwrap(), "--rank", "0", "--cache-dir", dir], Some(&log0), &[]);
+        eprintln!("{run}: group started");
+        (f, lead)
+    };
+    let stop = |mut f: Child, lead: Server| -> (u64, String) {
+        lead.stop();
+        let code = wait_exit(&mut f, Duration::from_secs(30));
+        let log = read(&log_path("files", 1));
+        assert_eq!(code, Some(0), "rank 1 exits 0 when rank 0 stops: {log}");
+        (computed(&log).1, read(&log0))
+    };
+    let turn1 = conversation(&[("Which rivers flow into the Black Sea?", None)]);
+    let turn2 = |a1: &str| conversation(&[("Which rivers flow into the Black Sea?", Some(a1)), ("Which is the longest?", None)]);
+    // One process with no cache: both turns computed whole. (A warm turn
+    // computes in other chunks than a cold one, and here that turns one
+    // greedy token: the cold answer is the reference for a miss.)
+    let one = Server::start(&["--model", m, "--cache-bytes", "0"]);
+    let (cold1, _) = chat(&one.addr, &turn1);
+    let (cold2, _) = chat(&one.addr, &turn2(&cold1));
+    one.stop();
+
+    // Run 1: two turns, then a clean stop (every snapshot written on both ranks).
+    let (f, lead) = group("run 1");
+    let (a1, _) = chat(&lead.addr, &turn1);
+    assert_eq!(a1, cold1, "turn 1 over 2 ranks answers as one process");
+    let turn2 = turn2(&a1);
+    let (a2, u2) = chat(&lead.addr, &turn2);
+    stop(f, lead);
+    let (here, there) = (snapshot_names(&files.join("rank-0-of-2")), snapshot_names(&files.join("rank-1-of-2")));
+    assert!(!here.is_empty(), "rank 0 wrote its snapshot files: {:?}", std::fs::read_dir(&files).map(|r| r.flatten().map(|e| e.path()).collect::<Vec<_>>()));
+    assert_eq!(here, there, "rank 1 holds a share of every snapshot file rank 0 holds, under the same names");
+    eprintln!("run 1: {} snapshot files on each rank: {here:?}", here.len());
+
+    // Run 2: the group restarted; turn 2 again reads from the files on both ranks.
+    let (f, lead) = group("run 2");
+    let (b2, v2) = chat(&lead.addr, &turn2);
+    let (rank1, log) = stop(f, lead);
+    assert_eq!(b2, a2, "after a restart, turn 2 answers as before");
+    let (p2, cached) = (v2["prompt_tokens"].as_u64().unwrap(), v2["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap());
+    assert!(cached + 16 >= p2, "turn 2 read its prompt from the files: {cached} of {p2} cached");
+    let uncached = p2 - cached + v2["completion_tokens"].as_u64().unwrap();
+    // The warm-up token, the uncached prompt tokens and the answer's steps: rank 1 read the rest from its share.
+    assert!(rank1 <= 1 + uncached + 1, "rank 1 computed {rank1} tokens; {uncached} if it read its share of the {cached} cached ones");
+    assert!(!log.contains("ignoring a cached snapshot"), "{log}");
+    eprintln!("run 2 (restarted): turn 2 {p2} tokens, {cached} from the files; rank 1 computed {rank1} tokens; answer as before (run 1 read {} from memory)", u2["prompt_tokens_details"]["cached_tokens"]);
+
+    // Run 3: rank 1's shares deleted: the snapshot is a miss for the whole group.
+    for n in &there {
+        std::fs::remove_file(files.join("rank-1-of-2").join(n)).unwrap();
+    }
+    let (f, lead) = group("run 3");
+    let (c2, w2) = chat(&lead.addr, &turn2);
+    let (rank1, log) = stop(f, lead);
+    assert_eq!(c2, cold2, "with rank 1's shares gone, turn 2 is computed whole, and answers as one process does");
+    let cached = w2["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert_eq!(cached, 0, "nothing read: rank 1 had no share");
+    assert!(rank1 >= p2, "rank 1 computed the whole prompt again: {rank1} tokens");
+    let line = log.lines().find(|l| l.contains("ignoring a cached snapshot")).unwrap_or_else(|| panic!("rank 0 says why it computed again: {log}"));
+    assert!(line.contains("rank 1 has no share of it"), "{line}");
+    eprintln!("run 3 (rank 1's shares deleted): {}", line.split("ignoring").nth(1).unwrap_or(line));
+    // The new snapshot was written on both ranks again.
+    assert_eq!(snapshot_names(&files.join("rank-0-of-2")), snapshot_names(&files.join("rank-1-of-2")));
+    let _ = std::fs::remove_file(h);
+    let _ = std::fs::remove_dir_all(files);
 }

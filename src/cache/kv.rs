@@ -301,11 +301,35 @@ pub mod remote {
     pub const FREE: u32 = 4;
     /// `[RESERVE, id, tokens]`: room for `tokens` tokens.
     pub const RESERVE: u32 = 5;
+    /// `[SAVE, id, n, token...]`: write the state's share to this rank's
+    /// snapshot folder, named by its `n` tokens as rank 0 names its file.
+    pub const SAVE: u32 = 9;
+    /// `[UNLINK, key...]`: rank 0 deleted its snapshot file named by `key`
+    /// (the 12 bytes of the name, in 3 words); delete this rank's share.
+    pub const UNLINK: u32 = 10;
+    /// `[LOAD, id, tokens, key...]`: read this rank's share of the snapshot
+    /// file `key` into a new state `id`; then every rank says whether it
+    /// could (an all_gather), so a share missing anywhere is a miss for all.
+    /// Always a message's last words.
+    pub const LOAD: u32 = 11;
 
     static ENABLED: AtomicBool = AtomicBool::new(false);
     static NEXT_ID: AtomicU32 = AtomicU32::new(1);
     static BYTES_PER_TOKEN: AtomicUsize = AtomicUsize::new(0);
     static QUEUE: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+    /// Sends a message ending in [`LOAD`] and waits for every rank's answer
+    /// (set by the pipeline's rank 0, which holds the link).
+    static LOADER: std::sync::OnceLock<Loader> = std::sync::OnceLock::new();
+
+    /// See [`set_loader`].
+    pub type Loader = Box<dyn Fn(Vec<u32>) -> Result<(), String> + Send + Sync>;
+
+    /// How [`load`] reaches the other ranks: `f` sends the words it is given
+    /// (queued operations, then [`LOAD`]) and returns once every rank has
+    /// answered, an error naming those that could not read their share.
+    pub fn set_loader(f: Loader) {
+        let _ = LOADER.set(f);
+    }
 
     /// From now on [`super::new_cache`] ends every cache with an entry for
     /// the layers other ranks hold, whose KV takes `bytes_per_token` there.
@@ -333,6 +357,31 @@ pub mod remote {
 
     fn queue(words: &[u32]) {
         QUEUE.lock().extend_from_slice(words);
+    }
+
+    /// Queue a write of state `id`'s share on every other rank, named by
+    /// `tokens` (the same name as rank 0's file for them).
+    pub fn save(id: u32, tokens: &[u32]) {
+        let mut q = QUEUE.lock();
+        q.extend_from_slice(&[SAVE, id, tokens.len() as u32]);
+        q.extend_from_slice(tokens);
+    }
+
+    /// Queue the deletion of the other ranks' shares of the file `key`.
+    pub fn unlink(key: [u32; 3]) {
+        queue(&[UNLINK, key[0], key[1], key[2]]);
+    }
+
+    /// The other ranks' shares of the snapshot file `key` (of `tokens`
+    /// tokens), read back: an entry standing for them, or why a rank could not.
+    pub fn load(key: [u32; 3], tokens: i32) -> Result<super::LayerKv, String> {
+        let loader = LOADER.get().ok_or("this process leads no other ranks")?;
+        let r = RemoteKv::new();
+        let mut words = take_queued();
+        words.extend([LOAD, r.id, tokens.max(0) as u32, key[0], key[1], key[2]]);
+        // On failure `r` is dropped: the ranks that did read their share free it.
+        loader(words)?;
+        Ok(super::LayerKv { remote: Some(r), offset: tokens, ..Default::default() })
     }
 
     /// One remote state's id; copies get their own, and dropping it frees it there.

@@ -68,6 +68,30 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A snapshot file's name (24 hex digits, the hash of its tokens) as the 3
+/// words the other ranks of a pipeline name their shares by; `None` for any
+/// other name.
+pub fn key_of(path: &Path) -> Option<[u32; 3]> {
+    let stem = path.file_stem()?.to_str()?;
+    if !super::disk::is_snapshot(path) {
+        return None;
+    }
+    let byte = |i: usize| u8::from_str_radix(&stem[2 * i..2 * i + 2], 16).ok();
+    let word = |w: usize| -> Option<u32> { Some(u32::from_le_bytes([byte(4 * w)?, byte(4 * w + 1)?, byte(4 * w + 2)?, byte(4 * w + 3)?])) };
+    Some([word(0)?, word(1)?, word(2)?])
+}
+
+/// Delete a snapshot file rank 0 no longer indexes; when other ranks of a
+/// pipeline hold shares of it, theirs go too (with the next message).
+pub fn delete(path: &Path) {
+    let _ = std::fs::remove_file(path);
+    if crate::cache::kv::remote::enabled() {
+        if let Some(key) = key_of(path) {
+            crate::cache::kv::remote::unlink(key);
+        }
+    }
+}
+
 /// A snapshot found on disk: its file and the tokens it holds.
 pub struct OnDisk {
     pub path: PathBuf,
@@ -811,6 +835,12 @@ impl Store {
         self.dir.join(format!("{name}.safetensors"))
     }
 
+    /// The file named by `key` (see [`key_of`]) in this folder.
+    pub fn path_for_key(&self, key: [u32; 3]) -> PathBuf {
+        let bytes: Vec<u8> = key.iter().flat_map(|w| w.to_le_bytes()).collect();
+        self.dir.join(format!("{}.safetensors", hex(&bytes)))
+    }
+
     /// Queue `layers` (holding `tokens`) for writing; the copy out of MLX is
     /// made here, the disk write on the writer thread. Returns the file path.
     pub fn save(&self, tokens: &[u32], layers: &[LayerKv]) -> Result<PathBuf, StoreError> {
@@ -828,7 +858,15 @@ impl Store {
         let mut data: Vec<Vec<u8>> = vec![];
         let mut dtype = Dtype::Float32;
         let mut offset = 0u64;
+        // The layers other ranks hold (the last entry, on rank 0 of a
+        // pipeline): each writes its share, named as this file, once this
+        // one is queued.
+        let mut remote = None;
         for (i, l) in layers.iter().enumerate() {
+            if let Some(id) = l.remote_id() {
+                remote = Some(id);
+                continue;
+            }
             // Keys and values straight from the cache's buffers: each
             // head's first tokens, one copy (slicing them in MLX and making
             // that contiguous was a second, single-threaded one: 0.26 s of
@@ -875,6 +913,9 @@ impl Store {
         }
         let w = PendingWrite { path: path.clone(), fingerprint: self.fingerprint.clone(), dtype: Elem::of(dtype).name(), tokens: tokens.to_vec(), tensors, data };
         self.send(Job::Write(w)).map_err(|e| file_err(&path, e))?;
+        if let Some(id) = remote {
+            crate::cache::kv::remote::save(id, tokens);
+        }
         Ok(path)
     }
 

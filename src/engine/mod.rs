@@ -1,7 +1,7 @@
 //! Generation: sampling and the prefill/decode loop.
 
 pub mod generate;
-mod policy;
+pub(crate) mod policy;
 pub mod request;
 pub mod sampler;
 mod scheduler;

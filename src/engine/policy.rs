@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::cache::kv::{new_cache, LayerKv, PackedKv};
+use crate::cache::kv::{new_cache, remote, LayerKv, PackedKv};
 use crate::mlx::MlxError;
 use crate::cache::prefix::{CacheStats, Cached, EntryId, PrefixCache};
 use crate::cache::disk;
@@ -91,6 +91,34 @@ fn model_files(path: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// Read the snapshot file `path` of `layers` layers and `tokens` tokens. On
+/// rank 0 of a pipeline the file holds this rank's layers, and the last
+/// entry stands for the other ranks' shares, which they read at once from
+/// their own folders: a share missing or damaged anywhere fails the whole.
+fn load_snapshot(store: &Store, path: &Path, layers: usize, tokens: usize) -> Result<Vec<LayerKv>, String> {
+    if !remote::enabled() {
+        return store::load(path, layers, tokens, &store.fingerprint).map_err(|e| e.to_string());
+    }
+    let mut here = store::load(path, layers - 1, tokens, &store.fingerprint).map_err(|e| e.to_string())?;
+    let key = store::key_of(path).ok_or_else(|| format!("{}: not a snapshot file's name", path.display()))?;
+    let far = remote::load(key, tokens as i32).map_err(|e| format!("{}: {e}", path.display()))?;
+    here.push(far);
+    Ok(here)
+}
+
+/// Where the snapshot files of the model at `model_path` (rendered with
+/// `template`) go under `root`, and their fingerprint. A rank of a split
+/// model keeps its `share` of them (a subfolder's name, and what its
+/// fingerprint adds: the split, the rank and the layers it holds) apart.
+pub fn snapshot_folder(root: &Path, disk: &CacheDisk, model_path: &Path, template: Option<&str>, share: Option<&(String, String)>) -> (PathBuf, String) {
+    let fp = store::fingerprint(&model_files(model_path), template);
+    let dir = if disk.per_model { root.join(&fp[..disk::KEY_LEN.min(fp.len())]) } else { root.to_path_buf() };
+    match share {
+        Some((folder, what)) => (dir.join(folder), format!("{fp}{what}")),
+        None => (dir, fp),
+    }
+}
+
 /// What [`CachePolicy::lookup`] found.
 pub(super) struct Lookup {
     /// The KV state to compute the rest of the prompt on.
@@ -127,7 +155,9 @@ pub(super) struct CachePolicy {
 
 impl CachePolicy {
     /// An empty cache of `budget` bytes; with `dir`, snapshots of the model
-    /// at `model_path` persist there and those already there are indexed.
+    /// at `model_path` persist there and those already there are indexed
+    /// (rank 0 of a split model: its `share` of them, in a folder of its
+    /// own, see [`snapshot_folder`]).
     #[allow(clippy::too_many_arguments)]
     pub fn open(
         budget: usize,
@@ -135,6 +165,7 @@ impl CachePolicy {
         disk: &CacheDisk,
         model_path: &Path,
         template: Option<&str>,
+        share: Option<(String, String)>,
         layers: usize,
         kv_bits: Option<i32>,
         exact: bool,
@@ -142,15 +173,18 @@ impl CachePolicy {
     ) -> Self {
         let mut cache = if exact { PrefixCache::exact(budget) } else { PrefixCache::new(budget) };
         let store = dir.and_then(|root| {
-            let fp = store::fingerprint(&model_files(model_path), template);
-            let dir = if disk.per_model { root.join(&fp[..disk::KEY_LEN.min(fp.len())]) } else { root.to_path_buf() };
+            let (dir, fp) = snapshot_folder(root, disk, model_path, template, share.as_ref());
             let store = Store::open(&dir, fp).map_err(|e| tracing::warn!("prompt cache kept in memory only: {e}")).ok()?;
             if disk.per_model {
-                disk::write_model_file(&dir, model_path, &store.fingerprint);
+                // The model's folder (a rank's share is in a subfolder of it): `kvserve cache ls|rm` find it.
+                let folder = if share.is_some() { dir.parent().unwrap_or(&dir) } else { dir.as_path() };
+                disk::write_model_file(folder, model_path, &store.fingerprint);
             }
             // The per-user folder is bounded by default; a folder given by
             // name only when --cache-disk-bytes says so.
             let bound = disk.bound_bytes.or_else(|| disk.per_model.then(|| disk::default_budget(root)));
+            // A rank's share is bounded on its own (the other ranks' folders may be on other machines).
+            let root = if share.is_some() { dir.as_path() } else { root };
             match bound {
                 Some(b) => {
                     tracing::info!("prompt cache on disk: {} (at most {:.1} GB under {})", dir.display(), b as f64 / 1e9, root.display());
@@ -230,7 +264,7 @@ impl CachePolicy {
             self.cache.remove(id);
         }
         if let Some(f) = held.taken_file {
-            let _ = std::fs::remove_file(f);
+            store::delete(&f);
         }
         if let Err(e) = self.cache.check() {
             tracing::error!("the prompt cache's index is inconsistent after the failure ({e}); clearing it");
@@ -254,7 +288,7 @@ impl CachePolicy {
     fn forget_removed(&mut self) {
         for s in self.cache.take_removed() {
             if let Some(f) = s.file {
-                let _ = std::fs::remove_file(f);
+                store::delete(&f);
             }
         }
     }
@@ -311,19 +345,24 @@ impl CachePolicy {
         while let Some(id) = self.unsaved.pop() {
             let (Some(tokens), Some(snap)) = (self.cache.tokens_of(id), self.cache.value(id).cloned()) else { continue };
             let Some(kept) = &snap.layers else { continue };
-            let layers = match kept.layers() {
-                Ok(l) => l,
-                Err(e) => {
-                    tracing::warn!("snapshot not written to disk: {e}");
-                    return true;
-                }
+            // As kept (a copy would be one more for the other ranks of a
+            // pipeline too), or unpacked.
+            let saved = match &**kept {
+                Kept::Full(layers) => store.save(&tokens, layers),
+                packed => match packed.layers() {
+                    Ok(layers) => store.save(&tokens, &layers),
+                    Err(e) => {
+                        tracing::warn!("snapshot not written to disk: {e}");
+                        return true;
+                    }
+                },
             };
-            match store.save(&tokens, &layers) {
+            match saved {
                 Ok(path) => {
                     self.obsolete.retain(|(by, old)| {
                         let gone = by.is_none_or(|by| by == id);
                         if gone && *old != path {
-                            let _ = std::fs::remove_file(old);
+                            store::delete(old);
                         }
                         !gone
                     });
@@ -366,7 +405,7 @@ impl CachePolicy {
             };
             let layers = match (&hit.value.layers, &hit.value.file, &self.store) {
                 (Some(l), _, _) => l.clone(),
-                (None, Some(f), Some(store)) => match store::load(f, self.layers, hit.entry_len, &store.fingerprint) {
+                (None, Some(f), Some(store)) => match load_snapshot(store, f, self.layers, hit.entry_len) {
                     Ok(l) => {
                         // Read: the last to go when the disk bound deletes.
                         disk::touch(f);

@@ -113,7 +113,18 @@ impl Scheduler {
         let kv_bits = cfg.kv_bits.map(i32::from);
         let exact_cache = model.has_recurrent_state();
         let policy =
-            CachePolicy::open(cfg.cache_bytes, cfg.cache_dir.as_deref(), &cfg.cache_disk, &path, tokenizer.chat_template.as_deref(), model.num_layers(), kv_bits, exact_cache, stats);
+            CachePolicy::open(
+            cfg.cache_bytes,
+            cfg.cache_dir.as_deref(),
+            &cfg.cache_disk,
+            &path,
+            tokenizer.chat_template.as_deref(),
+            model.stage().map(|s| s.share_name(0)),
+            model.num_layers(),
+            kv_bits,
+            exact_cache,
+            stats,
+        );
         let snapshot_dir = policy.dir().map(Path::to_path_buf);
         let info = Arc::new(ModelInfo { name, path, tokenizer, template, eos_ids, context, kv_bytes_per_token, snapshot_dir, exact_cache });
         let s = Scheduler {
@@ -480,11 +491,11 @@ impl Scheduler {
 fn lead_pipeline(cfg: &EngineConfig, p: &super::worker::PipelineConfig) -> Result<LoadedModel, String> {
     use crate::pipeline;
     let spec = cfg.model.as_str();
-    if cfg.kv_bits.is_some() || cfg.cache_dir.is_some() {
-        return Err("--kv-bits and --cache-dir are not supported with --hostfile yet: snapshots of a split model stay f16, in memory".into());
+    if cfg.kv_bits.is_some() {
+        return Err("--kv-bits is not supported with --hostfile yet: snapshots of a split model stay f16".into());
     }
     let (_, group) = crate::ring::connect(&p.hostfile, Some(0), p.join_timeout)?;
-    let m = pipeline::lead(spec, Arc::new(group), p.split)?;
+    let m = pipeline::lead(spec, Arc::new(group), p.split, cfg.cache_dir.is_some())?;
     pipeline::watch_steps(p.step_timeout);
     Ok(m)
 }

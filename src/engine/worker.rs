@@ -242,6 +242,8 @@ fn run(rx: mpsc::Receiver<Msg>, mut s: Scheduler) {
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     if s.policy.has_unsaved() {
                         let _ = guarded(&mut s, "writing a snapshot", |s| s.policy.persist_one());
+                        // The other ranks of a pipeline write their shares now.
+                        s.flush_remote();
                     }
                     s.policy.publish();
                     stale = true;
