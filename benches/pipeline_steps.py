@@ -3,12 +3,14 @@
 127.0.0.1 (MLX's ring backend), by layers and by heads.
 
 Usage: python3 benches/pipeline_steps.py [MODEL] [--tokens N]
+(KVSERVE=path picks the binary; default target/release/kvserve.)
 
 Each configuration: the ranks are started, one warm-up request, then one
 streamed request of N tokens (greedy); the time per decode step is the time
 between the first and the last streamed token over the tokens between them.
-The ranks share this machine's cores, so this measures the protocol's cost
-on loopback, not what separate machines would do.
+The ranks share this machine's cores (and its GPU, if any), so this
+measures the protocol's cost on loopback, not what separate machines would
+do. Each configuration's greedy answer is compared with one process's.
 """
 import json
 import os
@@ -19,7 +21,7 @@ import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KVSERVE = os.path.join(ROOT, "target", "release", "kvserve")
+KVSERVE = os.environ.get("KVSERVE") or os.path.join(ROOT, "target", "release", "kvserve")
 
 
 def start(model, ranks, split, base_port):
@@ -51,7 +53,7 @@ def stream(addr, prompt, tokens):
     body = json.dumps({"model": "m", "stream": True, "max_tokens": tokens, "temperature": 0, "messages": [{"role": "user", "content": prompt}]}).encode()
     req = urllib.request.Request(f"http://{addr}/v1/chat/completions", data=body, headers={"content-type": "application/json"})
     t0 = time.time()
-    times = []
+    times, text = [], []
     with urllib.request.urlopen(req) as r:
         for raw in r:
             line = raw.decode().strip()
@@ -60,7 +62,8 @@ def stream(addr, prompt, tokens):
             d = json.loads(line[6:])
             if d.get("choices") and d["choices"][0].get("delta", {}).get("content"):
                 times.append(time.time())
-    return t0, times
+                text.append(d["choices"][0]["delta"]["content"])
+    return t0, times, "".join(text)
 
 
 def main():
@@ -68,24 +71,46 @@ def main():
     tokens = int(sys.argv[sys.argv.index("--tokens") + 1]) if "--tokens" in sys.argv else 128
     prompt = "Write a long story about a lighthouse keeper and a storm."
     rows = []
+    alone = None
     for i, (ranks, split) in enumerate([(1, "-"), (2, "pipeline"), (3, "pipeline"), (3, "tensor")]):
-        lead, procs, addr = start(model, ranks, split, 23500 + 10 * i + (os.getpid() % 500) * 50)
+        try:
+            lead, procs, addr = start(model, ranks, split, 23500 + 10 * i + (os.getpid() % 500) * 50)
+        except (Exception, SystemExit) as e:
+            # Said, and the next configuration tried (a rank that did not start says why in its log).
+            print(f"{ranks} rank(s) {split:8}: did not start: {str(e)[-1500:]}", flush=True)
+            for r in range(1, ranks):
+                log = os.path.join(tempfile.gettempdir(), f"kvserve-steps-rank{r}.log")
+                print(f"    rank {r}: {open(log).read()[-800:] if os.path.exists(log) else '(no log)'}", flush=True)
+            subprocess.run(["pkill", "-f", "kvserve-steps-"], check=False)
+            continue
         try:
             stream(addr, "Say hello.", 8)
-            t0, times = stream(addr, prompt, tokens)
+            t0, times, text = stream(addr, prompt, tokens)
             step = (times[-1] - times[0]) / max(len(times) - 1, 1)
-            rows.append((ranks, split, len(times), times[0] - t0, step))
-            print(f"{ranks} rank(s) {split:8}: first token {times[0] - t0:.2f} s, {len(times)} streamed pieces, {step * 1e3:.1f} ms per decode step ({1 / step:.1f} tok/s)", flush=True)
+            alone = text if alone is None else alone
+            same = text == alone
+            rows.append((ranks, split, len(times), times[0] - t0, step, same))
+            print(f"{ranks} rank(s) {split:8}: first token {times[0] - t0:.2f} s, {len(times)} streamed pieces, {step * 1e3:.1f} ms per decode step ({1 / step:.1f} tok/s); answer {'equals' if same else 'DIFFERS from'} one process's", flush=True)
+            if not same:
+                print(f"    one process: {alone[:200]!r}\n    this:        {text[:200]!r}", flush=True)
+        except Exception as e:
+            print(f"{ranks} rank(s) {split:8}: failed: {e}", flush=True)
         finally:
             lead.terminate()
-            lead.wait(timeout=60)
+            try:
+                lead.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                lead.kill()
             err = lead.stderr.read()
             for line in err.splitlines():
-                if "pipeline traffic" in line or "all_sum of partial sums" in line:
-                    print("   ", line.split("kvserve: ")[-1])
+                if "pipeline traffic" in line or "all_sum of partial sums" in line or "error" in line.lower():
+                    print("   ", line.split("kvserve: ")[-1][:600])
             for p in procs:
-                p.wait(timeout=60)
-    print(json.dumps([{"ranks": r, "split": s, "pieces": n, "first_token_s": round(f, 3), "step_ms": round(t * 1e3, 2)} for r, s, n, f, t in rows]))
+                try:
+                    p.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+    print(json.dumps([{"ranks": r, "split": s, "pieces": n, "first_token_s": round(f, 3), "step_ms": round(t * 1e3, 2), "same_answer": same} for r, s, n, f, t, same in rows]))
 
 
 if __name__ == "__main__":

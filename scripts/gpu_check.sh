@@ -11,7 +11,9 @@
 #   1. unpack: libmlx.so, the mlx and mlx-lm wheels and kvserve into one
 #      site-packages-style folder, nvidia/ linked to the machine's runtime wheels;
 #   2. kvserve check on the GPU (backend and device line);
-#   3. parity: mlx-lm builds tests/parity.rs's tiny models and computes their
+#   3. kvserve check; 3b. the model split over 1-3 ranks of MLX's ring on
+#      loopback (benches/pipeline_steps.py), each answer against one process's;
+#   4. parity: mlx-lm builds tests/parity.rs's tiny models and computes their
 #      reference logits and greedy tokens ON THE GPU (make_tiny.py with
 #      KVSERVE_REF_DEVICE=gpu); the parity tests, built for CUDA, compare;
 #   4. benchmark: benches/gpu_bench.py, kvserve against mlx_lm.server on a
@@ -87,6 +89,10 @@ step "2. random-weight models (mlx-lm's classes, 4-bit, bf16)"
 
 step "3. kvserve check"
 timeout 120 "$kv" check --model "$w/models/SmolLM2-135M-shape-random"; echo "kvserve check exit $?"
+
+step "3b. one model split over 1, 2 and 3 ranks on this GPU (MLX's ring backend on loopback; answers against one process's)"
+KVSERVE="$kv" timeout 240 "$py" benches/pipeline_steps.py "$w/models/SmolLM2-135M-shape-random" --tokens 64 2>&1 | tee "$out/pipeline_steps.log"
+echo "pipeline_steps exit ${PIPESTATUS[0]}"
 
 step "4. parity with mlx-lm on the GPU"
 ref_device=gpu; [ "$cpu_run" = 1 ] && ref_device=cpu
