@@ -10,15 +10,17 @@
 # Steps (each prints its time; it all takes about 4 minutes on an H100):
 #   1. unpack: libmlx.so, the mlx and mlx-lm wheels and kvserve into one
 #      site-packages-style folder, nvidia/ linked to the machine's runtime wheels;
-#   2. kvserve check on the GPU (backend and device line);
-#   3. kvserve check; 3b. the model split over 1-3 ranks of MLX's ring on
-#      loopback (benches/pipeline_steps.py), each answer against one process's;
+#   2. a random-weight SmolLM2-135M-shaped model (mlx-lm's classes, 4-bit, bf16);
+#   3. kvserve check on the GPU (backend and device line);
+#   3b. that model split over 1-3 ranks of MLX's ring on loopback
+#      (benches/pipeline_steps.py), each answer against one process's;
 #   4. parity: mlx-lm builds tests/parity.rs's tiny models and computes their
 #      reference logits and greedy tokens ON THE GPU (make_tiny.py with
 #      KVSERVE_REF_DEVICE=gpu); the parity tests, built for CUDA, compare;
-#   4. benchmark: benches/gpu_bench.py, kvserve against mlx_lm.server on a
-#      random-weight SmolLM2-135M-shaped model (4-bit, bf16), then, time
-#      permitting (GPU_CHECK_BIG=0 skips it), a Qwen3-4B-shaped one.
+#      4b. snapshot resumes (prefix_exactness);
+#   5. benchmark: benches/gpu_bench.py, kvserve against mlx_lm.server on the
+#      SmolLM2-shaped model, then, time permitting (GPU_CHECK_BIG=0 skips
+#      it), a Qwen3-4B-shaped one (6).
 # Results go to OUT_DIR (default results/gpu; also $OUT when set).
 # Usage: bash scripts/gpu_check.sh BUNDLE [OUT_DIR]
 set -uo pipefail
