@@ -4,7 +4,8 @@ a 3-rank tensor split is slow here). Starts SmolLM2 split over N ranks on
 127.0.0.1 with --cache-dir, asks one question, stops the group, starts it
 again and asks the same question: the second run should read the prompt from
 the files on every rank (each other rank computes only the answer).
-Usage: python3 benches/pipeline_files.py [tensor|pipeline] [ranks]  (after cargo build --release)"""
+Usage: python3 benches/pipeline_files.py [tensor|pipeline] [ranks] [rank 0's other flags, e.g. --kv-bits 8]
+(after cargo build --release)"""
 import json, subprocess, time, urllib.request, re, os, shutil, sys
 split = sys.argv[1] if len(sys.argv) > 1 else "tensor"
 n = int(sys.argv[2]) if len(sys.argv) > 2 else 3
@@ -14,7 +15,7 @@ env = {"KVSERVE_NO_CONFIG": "1", "PATH": "/usr/bin:/bin"}
 base = ["target/release/kvserve", "serve", "--model", "models/SmolLM2-135M-Instruct", "--hostfile", hf, "--split", split, "--cache-dir", d, "--no-trace", "--port", "0"]
 def group(run):
     fs = [subprocess.Popen(base + ["--rank", str(r)], stdout=subprocess.DEVNULL, stderr=open(f"/tmp/tf-{run}-r{r}.log", "w"), env=env) for r in range(1, n)]
-    p = subprocess.Popen(base + ["--rank", "0"], stdout=subprocess.PIPE, stderr=open(f"/tmp/tf-{run}-r0.log", "w"), env=env, text=True)
+    p = subprocess.Popen(base + ["--rank", "0"] + sys.argv[3:], stdout=subprocess.PIPE, stderr=open(f"/tmp/tf-{run}-r0.log", "w"), env=env, text=True)
     for line in p.stdout:
         m = re.search(r"listening on http://(\S+)", line)
         if m: return p, fs, m.group(1)

@@ -390,9 +390,6 @@ fn serve(args: ServeArgs) -> Result<()> {
                 bail!("--step-timeout is {}; it must be a number of seconds above 0, at most 86400", args.step_timeout);
             }
             let step_timeout = std::time::Duration::from_secs_f64(args.step_timeout);
-            if args.kv_bits.is_some() {
-                bail!("--kv-bits is not supported with --hostfile yet: snapshots of a split model stay f16");
-            }
             if rank > 0 {
                 let cache = cache_dir.as_deref().map(|d| (d, &cache_disk));
                 follow_pipeline(args.model.as_deref().expect("clap requires --model without --proxy"), hostfile, rank, join_timeout, args.split, cache);
@@ -493,7 +490,7 @@ fn follow_pipeline(
     }
     match pipeline::follow(&group, &m.model, shares.as_ref()) {
         Ok(done) => {
-            eprintln!("rank {rank}: rank 0 stopped; {} steps, {} tokens computed here", done.steps, done.tokens);
+            eprintln!("rank {rank}: rank 0 stopped; {} steps, {} tokens computed here; {} snapshots kept quantized", done.steps, done.tokens, done.packed);
             drop(m);
             kvserve::mlx::exit(0)
         }

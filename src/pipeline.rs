@@ -25,7 +25,7 @@ use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};
 use parking_lot::Mutex;
 
-use crate::cache::kv::{new_cache, remote, LayerKv};
+use crate::cache::kv::{new_cache, remote, LayerKv, PackedKv};
 use crate::mlx::distributed::Group;
 use crate::mlx::MlxError;
 use crate::model::Transformer;
@@ -594,6 +594,8 @@ fn run_states(model: &Transformer, states: &mut HashMap<u32, Vec<LayerKv>>, ids:
 pub struct Followed {
     pub steps: u64,
     pub tokens: u64,
+    /// Snapshots kept quantized here (rank 0's `--kv-bits`).
+    pub packed: u64,
 }
 
 /// A follower's loop (every rank but 0): apply rank 0's cache operations
@@ -608,6 +610,10 @@ pub fn follow(group: &Group, model: &Transformer, shares: Option<&crate::cache::
     let dtype = model.activation_dtype();
     let layers = model.num_layers();
     let mut states: HashMap<u32, Vec<LayerKv>> = HashMap::new();
+    // Snapshots kept quantized (rank 0's --kv-bits): each layer packed, or
+    // as it was where it cannot be (empty, a recurrent state, a head
+    // dimension MLX does not quantize).
+    let mut packed: HashMap<u32, Vec<Result<PackedKv, LayerKv>>> = HashMap::new();
     let mut done = Followed::default();
     let lost_to = |peer: usize| move |e: MlxError| format!("rank {rank} of {n} lost its link to rank {peer}: {}", link_error(&e.message));
     let lost = lost_to(rank - 1);
@@ -644,8 +650,30 @@ pub fn follow(group: &Group, model: &Transformer, shares: Option<&crate::cache::
                     i += 3;
                 }
                 remote::FREE => {
-                    states.remove(&arg(i + 1)?);
+                    let id = arg(i + 1)?;
+                    states.remove(&id);
+                    packed.remove(&id);
                     i += 2;
+                }
+                remote::PACK => {
+                    let (from, to, bits) = (arg(i + 1)?, arg(i + 2)?, arg(i + 3)? as i32);
+                    let fail = |e: MlxError| format!("rank {rank}: {e}");
+                    if let Some(s) = states.get(&from) {
+                        let kept: Vec<Result<PackedKv, LayerKv>> = s.iter().map(|l| Ok(PackedKv::pack(l, bits)?.ok_or_else(|| l.snapshot()))).collect::<Result<_, MlxError>>().map_err(fail)?;
+                        mlx_rs::transforms::eval(kept.iter().flatten().flat_map(PackedKv::arrays)).map_err(|e| fail(e.into()))?;
+                        packed.insert(to, kept);
+                        done.packed += 1;
+                    }
+                    i += 4;
+                }
+                remote::UNPACK => {
+                    let (from, to) = (arg(i + 1)?, arg(i + 2)?);
+                    let state = match packed.get(&from) {
+                        Some(p) => p.iter().map(|l| l.as_ref().map_or_else(|l| Ok(l.snapshot()), PackedKv::unpack)).collect::<Result<Vec<_>, _>>().map_err(|e| format!("rank {rank}: {e}"))?,
+                        None => new_cache(layers),
+                    };
+                    states.insert(to, state);
+                    i += 3;
                 }
                 remote::RESERVE => {
                     let (id, tokens) = (arg(i + 1)?, arg(i + 2)?);

@@ -312,6 +312,11 @@ pub mod remote {
     /// could (an all_gather), so a share missing anywhere is a miss for all.
     /// Always a message's last words.
     pub const LOAD: u32 = 11;
+    /// `[PACK, from, to, bits]`: keep state `from` quantized to `bits` (as
+    /// `--kv-bits` keeps snapshots) under `to`.
+    pub const PACK: u32 = 12;
+    /// `[UNPACK, from, to]`: the packed state `from`, unpacked, under `to`.
+    pub const UNPACK: u32 = 13;
 
     static ENABLED: AtomicBool = AtomicBool::new(false);
     static NEXT_ID: AtomicU32 = AtomicU32::new(1);
@@ -411,6 +416,18 @@ pub mod remote {
         pub fn reserve(&self, tokens: i32) {
             queue(&[RESERVE, self.id, tokens.max(0) as u32]);
         }
+
+        /// A copy kept quantized to `bits` there.
+        pub fn pack(&self, bits: i32) -> Self {
+            let to = Self::new();
+            queue(&[PACK, self.id, to.id, bits as u32]);
+            to
+        }
+
+        /// An unpacked copy of this packed state.
+        pub fn unpack(&self) -> Self {
+            self.copy(UNPACK)
+        }
     }
 
     impl Clone for RemoteKv {
@@ -430,14 +447,17 @@ pub mod remote {
 /// quantization (`q * scale + bias` per group of the head dimension, as
 /// mlx-lm's quantized KV cache) of the valid tokens only. A snapshot so
 /// kept takes 8.5 bits a value at 8 bits (4.5 at 4) against f16's 16;
-/// computing on it means unpacking it to f16 first.
-#[derive(Clone)]
+/// computing on it means unpacking it to f16 first. On rank 0 of a split
+/// model, the entry for the other ranks' layers packs there.
 pub struct PackedKv {
-    keys: [Array; 3],
-    values: [Array; 3],
-    group: i32,
-    bits: i32,
+    held: Held,
     offset: i32,
+}
+
+enum Held {
+    Here { keys: [Array; 3], values: [Array; 3], group: i32, bits: i32 },
+    /// Packed on the other ranks of a pipeline, with what it takes there.
+    Far { r: remote::RemoteKv, nbytes: usize },
 }
 
 impl PackedKv {
@@ -447,21 +467,33 @@ impl PackedKv {
     }
 
     /// `l`'s valid tokens quantized to `bits` (lazily); `None` when `l` is
-    /// empty or its head dimension is not a multiple of 32.
+    /// empty or its head dimension is not a multiple of 32. The other
+    /// ranks' entry packs there (their layers share this model's head
+    /// dimension; one they cannot pack they keep as it is).
     pub fn pack(l: &LayerKv, bits: i32) -> Result<Option<Self>, MlxError> {
+        if let Some(r) = &l.remote {
+            // Their f16 bytes, at `bits` a value plus a scale and a bias (f16) per group of 64.
+            let nbytes = (l.kv_nbytes() as f64 * (bits as f64 / 8.0 + 4.0 / 64.0) / 2.0) as usize;
+            return Ok((l.offset > 0).then(|| PackedKv { held: Held::Far { r: r.pack(bits), nbytes }, offset: l.offset }));
+        }
         let Some((k, v)) = l.state() else { return Ok(None) };
         let Some(group) = Self::group_for(k.shape()[3]) else { return Ok(None) };
         let q = |a: &Array| -> Result<[Array; 3], MlxError> {
             let (p, s, b) = ops::quantize(a, group, bits)?;
             Ok([p, s, b])
         };
-        Ok(Some(PackedKv { keys: q(&k)?, values: q(&v)?, group, bits, offset: l.offset }))
+        Ok(Some(PackedKv { held: Held::Here { keys: q(&k)?, values: q(&v)?, group, bits }, offset: l.offset }))
     }
 
     /// Back to an f16 layer state holding exactly the packed tokens (lazily).
     pub fn unpack(&self) -> Result<LayerKv, MlxError> {
-        let d = |[p, s, b]: &[Array; 3]| -> Result<Array, MlxError> { Ok(ops::dequantize(p, s, b, self.group, self.bits)?) };
-        LayerKv::from_state(d(&self.keys)?, d(&self.values)?)
+        match &self.held {
+            Held::Here { keys, values, group, bits } => {
+                let d = |[p, s, b]: &[Array; 3]| -> Result<Array, MlxError> { Ok(ops::dequantize(p, s, b, *group, *bits)?) };
+                LayerKv::from_state(d(keys)?, d(values)?)
+            }
+            Held::Far { r, .. } => Ok(LayerKv { remote: Some(r.unpack()), offset: self.offset, ..Default::default() }),
+        }
     }
 
     pub fn offset(&self) -> i32 {
@@ -469,12 +501,19 @@ impl PackedKv {
     }
 
     pub fn nbytes(&self) -> usize {
-        self.arrays().map(Array::nbytes).sum()
+        match &self.held {
+            Held::Here { .. } => self.arrays().map(Array::nbytes).sum(),
+            Held::Far { nbytes, .. } => *nbytes,
+        }
     }
 
     /// The packed arrays, to evaluate before the snapshot is kept.
     pub fn arrays(&self) -> impl Iterator<Item = &Array> {
-        self.keys.iter().chain(self.values.iter())
+        let here = match &self.held {
+            Held::Here { keys, values, .. } => Some(keys.iter().chain(values.iter())),
+            Held::Far { .. } => None,
+        };
+        here.into_iter().flatten()
     }
 }
 

@@ -491,9 +491,6 @@ impl Scheduler {
 fn lead_pipeline(cfg: &EngineConfig, p: &super::worker::PipelineConfig) -> Result<LoadedModel, String> {
     use crate::pipeline;
     let spec = cfg.model.as_str();
-    if cfg.kv_bits.is_some() {
-        return Err("--kv-bits is not supported with --hostfile yet: snapshots of a split model stay f16".into());
-    }
     let (_, group) = crate::ring::connect(&p.hostfile, Some(0), p.join_timeout)?;
     let m = pipeline::lead(spec, Arc::new(group), p.split, cfg.cache_dir.is_some())?;
     pipeline::watch_steps(p.step_timeout);
