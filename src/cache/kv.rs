@@ -548,6 +548,24 @@ mod tests {
         drop(part);
         drop(live);
         assert_eq!(take_queued(), vec![FREE, c, FREE, a]);
+        // --kv-bits: a packed copy there, unpacked into a new entry; both freed when dropped.
+        let mut live = LayerKv::new_remote();
+        let a = live.remote_id().unwrap();
+        assert!(PackedKv::pack(&live, 8).unwrap().is_none(), "nothing to pack before the other ranks computed");
+        live.advance_remote(300);
+        let p = PackedKv::pack(&live, 8).unwrap().expect("packed there");
+        assert_eq!(p.offset(), 300);
+        assert!(p.arrays().next().is_none(), "nothing held here");
+        let back = p.unpack().unwrap();
+        assert_eq!(back.offset(), 300);
+        let (pid, bid) = (a + 1, back.remote_id().unwrap());
+        // Snapshot files: write a share named by these tokens; delete the one named by a key.
+        remote::save(bid, &[7, 8, 9]);
+        remote::unlink([1, 2, 3]);
+        drop(back);
+        drop(p);
+        assert_eq!(take_queued(), vec![PACK, a, pid, 8, UNPACK, pid, bid, SAVE, bid, 3, 7, 8, 9, UNLINK, 1, 2, 3, FREE, bid, FREE, pid]);
+        drop(live);
         assert!(LayerKv::new_remote().state().is_none() && LayerKv::new_remote().arrays().next().is_none());
         let _ = take_queued();
     }

@@ -938,6 +938,23 @@ mod tests {
     const FP: &str = "test-fingerprint";
     const LAYERS: usize = 2;
 
+    /// A file's name gives the 3 words the other ranks of a pipeline name
+    /// their shares by, and those words give the same name back.
+    #[test]
+    fn snapshot_names_round_trip_through_their_key() {
+        let dir = std::env::temp_dir().join(format!("kvserve-key-{}", std::process::id()));
+        let store = Store::open(&dir, FP.into()).unwrap();
+        for tokens in [vec![], vec![1u32], vec![5, 6, 7, 8, 9]] {
+            let path = store.path_for(&tokens);
+            let key = key_of(&path).expect("a snapshot file's name");
+            assert_eq!(store.path_for_key(key), path);
+        }
+        assert_eq!(key_of(Path::new("/m/model.safetensors")), None);
+        assert_eq!(key_of(Path::new("/m/0123456789abcdef01234567.json")), None);
+        assert_eq!(key_of(Path::new("/m/0123456789abcdef01234567.safetensors")), Some([0x67452301, 0xefcdab89, 0x67452301]));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// A fresh folder in the temporary directory, removed when dropped.
     struct Folder(PathBuf);
 
