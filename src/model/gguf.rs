@@ -78,7 +78,7 @@ impl Meta<'_> {
 /// affine triples under `{base}.weight` (packed), `{base}.scales` and
 /// `{base}.biases`, as MLX's loader names them. Also returns, per GGUF type,
 /// (tensors, largest error, largest error over its group's range).
-fn read_tensors(path: &Path, h: &Header) -> Result<(HashMap<String, Array>, BTreeMap<u32, (usize, f32, f32)>), ModelError> {
+fn read_tensors(path: &Path, h: &Header, keep: &dyn Fn(&str) -> bool) -> Result<(HashMap<String, Array>, BTreeMap<u32, (usize, f32, f32)>), ModelError> {
     let f = std::fs::File::open(path).map_err(|e| err(path, e.to_string()))?;
     let mut out = HashMap::new();
     let mut stats: BTreeMap<u32, (usize, f32, f32)> = BTreeMap::new();
@@ -86,10 +86,11 @@ fn read_tensors(path: &Path, h: &Header) -> Result<(HashMap<String, Array>, BTre
     // at most a batch of raw and converted copies is held); MLX arrays are
     // made here, on this thread.
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
-    for batch in h.tensors.chunks(threads) {
+    let wanted: Vec<&TensorInfo> = h.tensors.iter().filter(|t| keep(&t.name)).collect();
+    for batch in wanted.chunks(threads) {
         let done: Vec<Result<(Decoded, &TensorInfo), ModelError>> = std::thread::scope(|s| {
             let f = &f;
-            let jobs: Vec<_> = batch.iter().map(|t| s.spawn(move || decode_tensor(path, f, h, t).map(|d| (d, t)))).collect();
+            let jobs: Vec<_> = batch.iter().map(|&t| s.spawn(move || decode_tensor(path, f, h, t).map(|d| (d, t)))).collect();
             jobs.into_iter().map(|j| j.join().unwrap_or_else(|_| Err(err(path, "a tensor conversion thread panicked")))).collect()
         });
         for r in done {
@@ -217,6 +218,19 @@ fn pre_tokenizer(pre: &str) -> Option<Value> {
 /// Open a GGUF file and convert it. `requant` re-quantizes every matrix
 /// (otherwise quantized tensors keep the file's own blocks).
 pub fn convert(path: &Path, requant: Option<QuantSpec>) -> Result<Converted, ModelError> {
+    convert_layers(path, requant, None)
+}
+
+/// The decoder layer a GGUF tensor belongs to (`blk.N.`), if any.
+fn layer_of(name: &str) -> Option<i32> {
+    name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
+}
+
+/// [`convert`], reading only the tensors of the decoder layers in `range`
+/// (and those outside any layer: the embedding, the final norm, the head):
+/// one rank's share of a model split by layers. The rest of the file is
+/// never read.
+pub fn convert_layers(path: &Path, requant: Option<QuantSpec>, range: Option<std::ops::Range<i32>>) -> Result<Converted, ModelError> {
     if !path.is_file() {
         return Err(err(path, "file not found"));
     }
@@ -229,11 +243,16 @@ pub fn convert(path: &Path, requant: Option<QuantSpec>) -> Result<Converted, Mod
 
     // MLX's loader reads the types it converts exactly (memory-mapped);
     // a file with any other type is read and converted here.
-    let arrays = if header.tensors.iter().all(|t| gguf_quants::MLX_NATIVE.contains(&t.ty)) {
+    let keep = |name: &str| match (&range, layer_of(name)) {
+        (Some(r), Some(l)) => r.contains(&l),
+        _ => true,
+    };
+    // (MLX's loader reads every tensor, so a share is read here.)
+    let arrays = if range.is_none() && header.tensors.iter().all(|t| gguf_quants::MLX_NATIVE.contains(&t.ty)) {
         let g = Gguf::load(path).map_err(|e| err(path, format!("cannot load GGUF: {e}")))?;
         g.arrays().map_err(|e| err(path, format!("cannot read tensors: {e}")))?
     } else {
-        let (arrays, stats) = read_tensors(path, &header)?;
+        let (arrays, stats) = read_tensors(path, &header, &keep)?;
         for (ty, (n, error, rel)) in stats {
             let how = match gguf_quants::mapping(ty) {
                 None => "dense, float32".to_string(),

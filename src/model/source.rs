@@ -99,7 +99,8 @@ fn load_part(spec: &str, range: Option<std::ops::Range<i32>>, shard: Option<supe
         if path.extension().is_none_or(|x| x != "gguf") {
             return Err(ModelError::Load { file: path.display().to_string(), message: "not a .gguf file or a model directory".into() });
         }
-        let c = gguf::convert(&path, None)?;
+        // A rank of a model split by layers reads only its layers' tensors.
+        let c = gguf::convert_layers(&path, None, range.clone().filter(|_| shard.is_none()))?;
         let cfg = gguf::parse_config(&c, &path)?;
         let tj = serde_json::to_vec(&c.tokenizer).expect("json");
         let tokenizer = Tokenizer::from_json(&tj, &c.tokenizer_config, None, &path.display().to_string()).map_err(tok_err)?;

@@ -215,12 +215,12 @@ pub fn request_ok(addr: &str, path: &str) -> Option<serde_json::Value> {
 
 /// An MLX ring hostfile of `ranks` ranks on 127.0.0.1, written to a temp
 /// file named after `name`. Each test that joins a ring has its own `slot`
-/// (0..13, across the test files), and each test process its own ports, so
+/// (0..16, across the test files), and each test process its own ports, so
 /// tests running at once never share a port: a rank that meets another
 /// ring's rank joins the wrong ring.
 pub fn ring_hostfile(name: &str, slot: usize, ranks: usize) -> PathBuf {
-    assert!(slot < 13 && ranks <= 6, "slot {slot}, {ranks} ranks: beyond the port ranges");
-    let base = 20000 + (std::process::id() % 550) as usize * 80 + slot * 6;
+    assert!(slot < 16 && ranks <= 5, "slot {slot}, {ranks} ranks: beyond the port ranges");
+    let base = 20000 + (std::process::id() % 550) as usize * 80 + slot * 5;
     let list: Vec<Vec<String>> = (0..ranks).map(|r| vec![format!("127.0.0.1:{}", base + r)]).collect();
     let path = std::env::temp_dir().join(format!("kvserve-ring-{name}-{}.json", std::process::id()));
     std::fs::write(&path, serde_json::to_string(&list).unwrap()).unwrap();
