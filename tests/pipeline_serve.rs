@@ -40,9 +40,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// This file's tests take the ring port slots 5 to 13 (tests/ring.rs has 0 to 4).
+/// This file's tests take the ring port slots 5 to 14 (tests/ring.rs has 0 to 4).
 fn hostfile(name: &str, ranks: usize) -> PathBuf {
-    let test = ["two", "tensor", "lost", "mixed", "launch", "hybrid", "stopped", "files", "gguf"].iter().position(|n| *n == name).expect("a known test");
+    let test = ["two", "tensor", "lost", "mixed", "launch", "hybrid", "stopped", "files", "gguf", "moe"].iter().position(|n| *n == name).expect("a known test");
     common::ring_hostfile(&format!("pipe-{name}"), 5 + test, ranks)
 }
 
@@ -580,4 +580,47 @@ fn a_gguf_file_splits_by_layers_and_each_rank_reads_only_its_share() {
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && text.contains("a GGUF file is split by layers only"), "{text}");
     let _ = std::fs::remove_file(h);
+}
+
+/// Mixtures of experts (tiny qwen3_moe and glm4_moe made by mlx-lm, 8
+/// experts of which 2 a token, glm4_moe with a shared expert and a dense
+/// first layer, both with SmolLM2's tokenizer) split by heads over 2 ranks:
+/// each rank holds half of every expert's columns (and of the attention
+/// heads); the router is whole on both. Two turns answer as one process,
+/// the second from the cache on both ranks.
+#[test]
+fn mixtures_of_experts_split_by_heads() {
+    let _one = serial();
+    for (name, layers) in [("qwen3_moe_vocab49152", 2u64), ("glm4_moe_vocab49152", 3)] {
+        let dir = tiny_with_smollm2_tokenizer(name);
+        let m = dir.to_str().unwrap();
+        let turn1 = conversation(&[("Tell me about rivers.", None)]);
+        let one = Server::start(&["--model", m]);
+        let (a1, _) = chat(&one.addr, &turn1);
+        let turn2 = conversation(&[("Tell me about rivers.", Some(&a1)), ("And lakes?", None)]);
+        let (a2, _) = chat(&one.addr, &turn2);
+        one.stop();
+        assert!(!a1.is_empty() && !a2.is_empty(), "{name}: answers to compare: {a1:?} {a2:?}");
+        let h = hostfile("moe", 2);
+        let mut f = follower(&dir, &h, 1, "moe", "tensor");
+        let log0 = log_path("moe", 0);
+        let lead = Server::start_env(&["--model", m, "--hostfile", h.to_str().unwrap(), "--rank", "0", "--split", "tensor"], Some(&log0), &[]);
+        let (b1, _) = chat(&lead.addr, &turn1);
+        let (b2, u2) = chat(&lead.addr, &turn2);
+        lead.stop();
+        let code = wait_exit(&mut f, Duration::from_secs(30));
+        let log = read(&log_path("moe", 1));
+        assert_eq!(code, Some(0), "{name}: {log}");
+        assert!(log.contains(&format!("2 attention heads of each of {layers} layers")), "{name}: rank 1 holds half the heads: {log}");
+        assert_eq!((b1.as_str(), b2.as_str()), (a1.as_str(), a2.as_str()), "{name}: 2 ranks split by heads answer as one process");
+        let (p2, cached2) = (u2["prompt_tokens"].as_u64().unwrap(), u2["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap());
+        assert!(cached2 > 0, "{name}: turn 2 read turn 1 from the cache: {cached2} of {p2}");
+        let sums = read(&log0).lines().find(|l| l.contains("all_sum of partial sums")).unwrap_or_default().to_string();
+        let (_, tokens) = computed(&log);
+        // 2 all_sums (attention, then the experts or MLP) per layer, of 128 f32 per token.
+        assert!(sums.contains(&format!(" {} bytes", 2 * layers * 512 * tokens)), "{name}: {sums}; {tokens} tokens computed");
+        eprintln!("{name} by heads over 2 ranks: answers equal one process's; turn 2 read {cached2} of {p2} tokens; {}", sums.trim());
+        let _ = std::fs::remove_file(h);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 
 use mlx_rs::fast::{self, ScaledDotProductAttentionMask};
-use mlx_rs::ops::{self, indexing::IndexOp};
+use mlx_rs::ops::{self, indexing::{Ellipsis, IndexOp}};
 use mlx_rs::{Array, Dtype};
 
 use super::config::{ModelConfig, QuantSpec, RopeScaling};
@@ -52,7 +52,7 @@ pub struct Shard {
 
 /// Which part of a weight matrix a rank keeps.
 #[derive(Clone, Copy)]
-enum Part {
+pub(crate) enum Part {
     /// Its share of the output rows.
     Rows,
     /// Its share of the input columns.
@@ -128,59 +128,62 @@ impl Weights {
     }
 
     /// [`linear`](Self::linear), keeping only this rank's `part` when the
-    /// model is sharded ([`Shard`]): a contiguous copy of those rows or
-    /// columns (of the packed values, scales and biases, for quantized
-    /// weights: a column share must start and end on a quantization group).
+    /// model is sharded ([`Shard`]).
     fn linear_part(&mut self, prefix: &str, bias: bool, part: Part) -> Result<Linear> {
-        let mut l = self.linear(prefix, bias)?;
-        let Some(sh) = self.shard.clone() else { return Ok(l) };
+        let l = self.linear(prefix, bias)?;
+        let (weight, bias) = self.cut_to_share(prefix, l.weight, l.bias, part)?;
+        Ok(Linear { weight, bias, ..l })
+    }
+
+    /// A weight `[.., out, in]` (dense, or MLX's packed values, scales and
+    /// biases) and its bias `[.., out]`, cut to this rank's `part` when the
+    /// model is sharded ([`Shard`]): a contiguous copy of its share of the
+    /// output rows, or of the input columns (for quantized weights a column
+    /// share must start and end on a quantization group). The leading axes
+    /// (a mixture's experts) are kept whole. Unchanged when not sharded.
+    pub(crate) fn cut_to_share(&self, prefix: &str, weight: LinearWeight, bias: Option<Array>, part: Part) -> Result<(LinearWeight, Option<Array>)> {
+        let Some(sh) = self.shard.clone() else { return Ok((weight, bias)) };
         let bad = |what: String| ModelError::Invalid(format!("{prefix}: cannot be split over {} ranks by heads: {what}", sh.ranks));
-        let share = |len: i32, unit: i32| -> Result<std::ops::Range<i32>> {
-            if len % sh.ranks != 0 || (len / sh.ranks) % unit != 0 {
-                return Err(bad(format!("{len} does not divide into {} shares of whole {unit}s", sh.ranks)));
+        let share = |len: i32, unit: &str| -> Result<std::ops::Range<i32>> {
+            if len % sh.ranks != 0 {
+                return Err(bad(format!("{len} does not divide into {} shares of whole {unit}", sh.ranks)));
             }
             let per = len / sh.ranks;
             Ok(sh.rank * per..(sh.rank + 1) * per)
         };
-        let cut = |a: &Array, r: std::ops::Range<i32>, part: Part| -> std::result::Result<Array, MlxError> {
-            let piece = match part {
-                Part::Rows => a.index((r, ..)),
-                Part::Cols => a.index((.., r)),
-            };
+        // Rows: the second-to-last axis; columns (and a bias's rows): the last.
+        let cut = |a: &Array, r: std::ops::Range<i32>, last: bool| -> std::result::Result<Array, MlxError> {
+            let piece = if last { a.index((Ellipsis, r)) } else { a.index((Ellipsis, r, ..)) };
             let c = piece.contiguous()?;
             c.eval()?;
             Ok(c)
         };
-        l.weight = match (&l.weight, part) {
-            (LinearWeight::Dense(w), Part::Rows) => LinearWeight::Dense(cut(w, share(w.shape()[0], 1)?, part)?),
-            (LinearWeight::Dense(w), Part::Cols) => LinearWeight::Dense(cut(w, share(w.shape()[1], 1)?, part)?),
+        let dim = |a: &Array, from_end: usize| a.shape()[a.ndim() - from_end];
+        let weight = match (&weight, part) {
+            (LinearWeight::Dense(w), Part::Rows) => LinearWeight::Dense(cut(w, share(dim(w, 2), "rows")?, false)?),
+            (LinearWeight::Dense(w), Part::Cols) => LinearWeight::Dense(cut(w, share(dim(w, 1), "columns")?, true)?),
             (LinearWeight::Quantized(q), Part::Rows) => {
-                let r = share(q.packed.shape()[0], 1)?;
-                LinearWeight::Quantized(QuantizedMatrix { packed: cut(&q.packed, r.clone(), part)?, scales: cut(&q.scales, r.clone(), part)?, biases: cut(&q.biases, r, part)?, ..q.clone() })
+                let r = share(dim(&q.packed, 2), "rows")?;
+                LinearWeight::Quantized(QuantizedMatrix { packed: cut(&q.packed, r.clone(), false)?, scales: cut(&q.scales, r.clone(), false)?, biases: cut(&q.biases, r, false)?, ..q.clone() })
             }
             (LinearWeight::Quantized(q), Part::Cols) => {
                 // Columns in groups: each rank's share is whole groups (and whole u32 words).
-                let groups = share(q.scales.shape()[1], 1)?;
+                let groups = share(dim(&q.scales, 1), &format!("groups of {}", q.group_size))?;
                 if (q.group_size * q.bits) % 32 != 0 {
                     return Err(bad(format!("a group of {} {}-bit values is not whole 32-bit words", q.group_size, q.bits)));
                 }
                 let per_group = q.group_size * q.bits / 32;
                 let words = groups.start * per_group..groups.end * per_group;
-                LinearWeight::Quantized(QuantizedMatrix { packed: cut(&q.packed, words, part)?, scales: cut(&q.scales, groups.clone(), part)?, biases: cut(&q.biases, groups, part)?, ..q.clone() })
+                LinearWeight::Quantized(QuantizedMatrix { packed: cut(&q.packed, words, true)?, scales: cut(&q.scales, groups.clone(), true)?, biases: cut(&q.biases, groups, true)?, ..q.clone() })
             }
         };
-        if let Some(b) = &l.bias {
-            match part {
-                Part::Rows => {
-                    let r = share(b.shape()[0], 1)?;
-                    let column = b.reshape(&[-1, 1]).map_err(MlxError::from)?;
-                    l.bias = Some(cut(&column, r, part)?.reshape(&[-1]).map_err(MlxError::from)?);
-                }
-                // A bias after the sum would be added once per rank.
-                Part::Cols => return Err(bad("a bias on a projection whose shares are summed".into())),
-            }
-        }
-        Ok(l)
+        let bias = match (bias, part) {
+            (Some(b), Part::Rows) => Some(cut(&b, share(dim(&b, 1), "rows")?, true)?),
+            // A bias after the sum would be added once per rank.
+            (Some(_), Part::Cols) => return Err(bad("a bias on a projection whose shares are summed".into())),
+            (None, _) => None,
+        };
+        Ok((weight, bias))
     }
 
     pub fn embedding(&mut self, prefix: &str) -> Result<Embedding> {
@@ -1098,8 +1101,8 @@ impl Transformer {
                 reduce: w.shard.as_ref().map(|s| s.group.clone()),
             });
             let b = blocks.last().expect("pushed above");
-            if w.shard.is_some() && (matches!(b.ff, FeedForward::Moe(_)) || matches!(b.attn, Mixer::Linear(_))) {
-                return Err(ModelError::Invalid(format!("{p}: mixtures of experts and linear attention are not split by heads yet (use --split pipeline)")));
+            if w.shard.is_some() && matches!(b.attn, Mixer::Linear(_)) {
+                return Err(ModelError::Invalid(format!("{p}: linear attention is not split by heads yet (use --split pipeline)")));
             }
         }
         let norm = w.rms_norm("model.norm", cfg.rms_norm_eps)?;

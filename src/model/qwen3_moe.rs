@@ -8,37 +8,36 @@ use mlx_rs::ops::{self, indexing::{Ellipsis, IndexOp}};
 use mlx_rs::Array;
 
 use super::config::{ExpertActivation, ModelConfig, MoeConfig, Router};
-use super::layers::{FeedForward, Linear, Mlp, Transformer, Weights};
+use super::layers::{FeedForward, Linear, LinearWeight, Mlp, Part, Transformer, Weights};
 use super::ModelError;
-use crate::mlx::{MlxError, QuantizedMatrix};
+use crate::mlx::MlxError;
 
 /// Experts' weights stacked on a leading axis: `[experts, out, in]`, and
 /// their biases `[experts, out]` (gpt_oss).
 struct ExpertWeight {
-    w: ExpertMatrix,
+    w: LinearWeight,
     bias: Option<Array>,
 }
 
-enum ExpertMatrix {
-    Dense(Array),
-    Quantized(QuantizedMatrix),
-}
-
 impl ExpertWeight {
-    fn load(w: &mut Weights, prefix: &str, bias: bool) -> Result<Self, ModelError> {
+    /// Split by heads ([`super::layers::Shard`]), each rank keeps its `part`
+    /// of every expert: gate and up their share of the rows, down the same
+    /// share of its columns (so the ranks' outputs sum to the whole).
+    fn load(w: &mut Weights, prefix: &str, bias: bool, part: Part) -> Result<Self, ModelError> {
         let m = match w.quantized(prefix)? {
-            Some(q) => ExpertMatrix::Quantized(q),
-            None => ExpertMatrix::Dense(w.take(&format!("{prefix}.weight"))?),
+            Some(q) => LinearWeight::Quantized(q),
+            None => LinearWeight::Dense(w.take(&format!("{prefix}.weight"))?),
         };
         let bias = if bias { Some(w.take(&format!("{prefix}.bias"))?) } else { None };
+        let (m, bias) = w.cut_to_share(prefix, m, bias, part)?;
         Ok(ExpertWeight { w: m, bias })
     }
 
     /// `x [.., 1, in]` through the experts named by `idx [.., k]` -> `[.., k, 1, out]`.
     fn forward(&self, x: &Array, idx: &Array) -> Result<Array, MlxError> {
         let y = match &self.w {
-            ExpertMatrix::Dense(w) => ops::gather_mm(x, w.swap_axes(-1, -2)?, None, idx, false)?,
-            ExpertMatrix::Quantized(q) => ops::gather_qmm(
+            LinearWeight::Dense(w) => ops::gather_mm(x, w.swap_axes(-1, -2)?, None, idx, false)?,
+            LinearWeight::Quantized(q) => ops::gather_qmm(
                 x, &q.packed, &q.scales, &q.biases, None, idx, true, q.group_size, q.bits, false,
             )?,
         };
@@ -80,9 +79,9 @@ impl SparseMoe {
         let experts = format!("{p}.{}", moe.experts_name);
         Ok(SparseMoe {
             gate: w.linear(&format!("{p}.{}", moe.router_name), moe.biases)?,
-            gate_proj: ExpertWeight::load(w, &format!("{experts}.gate_proj"), moe.biases)?,
-            up_proj: ExpertWeight::load(w, &format!("{experts}.up_proj"), moe.biases)?,
-            down_proj: ExpertWeight::load(w, &format!("{experts}.down_proj"), moe.biases)?,
+            gate_proj: ExpertWeight::load(w, &format!("{experts}.gate_proj"), moe.biases, Part::Rows)?,
+            up_proj: ExpertWeight::load(w, &format!("{experts}.up_proj"), moe.biases, Part::Rows)?,
+            down_proj: ExpertWeight::load(w, &format!("{experts}.down_proj"), moe.biases, Part::Cols)?,
             activation: moe.activation,
             top_k: moe.experts_per_token,
             norm_topk_prob: moe.norm_topk_prob,

@@ -169,6 +169,53 @@ MODELS = {
         },
         (64, 4),
     ),
+    # A mixture of experts with SmolLM2's vocabulary, served over HTTP split
+    # by heads over 2 ranks (tests/pipeline_serve.rs): its expert widths
+    # (128) are two quantization groups, so each rank keeps whole groups.
+    "qwen3_moe_vocab49152": (
+        "qwen3_moe",
+        {
+            "vocab_size": 49152,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": True,
+            "head_dim": 32,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 128,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+            "norm_topk_prob": True,
+            "eos_token_id": 2,
+        },
+        (64, 4),
+    ),
+    # glm4_moe likewise (a dense first layer, a shared expert, the grouped
+    # sigmoid router, q/k/v biases, q/k norms, partial rotary).
+    "glm4_moe_vocab49152": (
+        "glm4_moe",
+        {
+            "vocab_size": 49152,
+            "num_hidden_layers": 3,
+            "rope_theta": 1000000.0,
+            "rope_scaling": None,
+            "tie_word_embeddings": False,
+            "head_dim": 32,
+            "n_routed_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 128,
+            "norm_topk_prob": True,
+            "n_group": 4,
+            "topk_group": 2,
+            "n_shared_experts": 1,
+            "routed_scaling_factor": 2.5,
+            "first_k_dense_replace": 1,
+            "use_qk_norm": True,
+            "attention_bias": True,
+            "partial_rotary_factor": 0.5,
+            "eos_token_id": 2,
+        },
+        (64, 4),
+    ),
     # The same hybrid with SmolLM2's vocabulary, served over HTTP with
     # SmolLM2's tokenizer and template (tests/hybrid_session.rs).
     "qwen3_5_vocab49152": (
