@@ -451,7 +451,7 @@ pub fn plan(spec: &str, ranks: usize, asked: Option<Split>) -> Result<(i32, Spli
     let c = crate::model::load_config(&path).map_err(|e| e.to_string())?;
     let n = ranks as i32;
     let divides = c.num_heads % n == 0 && c.num_kv_heads % n == 0;
-    let plain = matches!(c.model_type.as_str(), "llama" | "qwen2" | "qwen3" | "qwen3_moe" | "glm4_moe") && !c.sinks && c.windows.iter().all(Option::is_none) && !c.attn_output_gate && !c.o_bias && !c.mlp_bias;
+    let plain = matches!(c.model_type.as_str(), "llama" | "qwen2" | "qwen3" | "qwen3_moe" | "glm4_moe" | "gpt_oss") && !c.attn_output_gate;
     let split = match asked {
         Some(Split::Heads) if !divides => {
             return Err(format!("--split tensor: {} attention heads and {} key-value heads do not divide over {ranks} ranks; use --split pipeline", c.num_heads, c.num_kv_heads))

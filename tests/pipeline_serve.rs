@@ -582,16 +582,19 @@ fn a_gguf_file_splits_by_layers_and_each_rank_reads_only_its_share() {
     let _ = std::fs::remove_file(h);
 }
 
-/// Mixtures of experts (tiny qwen3_moe and glm4_moe made by mlx-lm, 8
-/// experts of which 2 a token, glm4_moe with a shared expert and a dense
-/// first layer, both with SmolLM2's tokenizer) split by heads over 2 ranks:
-/// each rank holds half of every expert's columns (and of the attention
-/// heads); the router is whole on both. Two turns answer as one process,
-/// the second from the cache on both ranks.
+/// Mixtures of experts (tiny qwen3_moe, glm4_moe and gpt_oss made by
+/// mlx-lm, 8 experts of which 2 a token; glm4_moe with a shared expert and
+/// a dense first layer; gpt_oss with attention sinks, sliding windows and
+/// biases after the summed projections; all with SmolLM2's tokenizer) split
+/// by heads over 2 ranks: each rank holds half of every expert's columns
+/// (and of the attention heads and their sinks); the router is whole on
+/// both, and rank 0 alone adds the biases of o_proj and the experts' down
+/// projections. Two turns answer as one process, the second from the cache
+/// on both ranks.
 #[test]
 fn mixtures_of_experts_split_by_heads() {
     let _one = serial();
-    for (name, layers) in [("qwen3_moe_vocab49152", 2u64), ("glm4_moe_vocab49152", 3)] {
+    for (name, layers) in [("qwen3_moe_vocab49152", 2u64), ("glm4_moe_vocab49152", 3), ("gpt_oss_vocab49152", 4)] {
         let dir = tiny_with_smollm2_tokenizer(name);
         let m = dir.to_str().unwrap();
         let turn1 = conversation(&[("Tell me about rivers.", None)]);

@@ -179,11 +179,24 @@ impl Weights {
         };
         let bias = match (bias, part) {
             (Some(b), Part::Rows) => Some(cut(&b, share(dim(&b, 1), "rows")?, true)?),
-            // A bias after the sum would be added once per rank.
-            (Some(_), Part::Cols) => return Err(bad("a bias on a projection whose shares are summed".into())),
+            // The ranks' outputs are summed: the bias is added once, by rank 0.
+            (Some(b), Part::Cols) => (sh.rank == 0).then_some(b),
             (None, _) => None,
         };
         Ok((weight, bias))
+    }
+
+    /// This rank's share of a per-head vector (`[heads]`) when sharded.
+    fn heads_share(&self, prefix: &str, a: Array) -> Result<Array> {
+        let Some(sh) = &self.shard else { return Ok(a) };
+        let n = a.shape()[a.ndim() - 1];
+        if n % sh.ranks != 0 {
+            return Err(ModelError::Invalid(format!("{prefix}: {n} heads do not divide over {} ranks", sh.ranks)));
+        }
+        let per = n / sh.ranks;
+        let c = a.index((Ellipsis, sh.rank * per..(sh.rank + 1) * per)).contiguous().map_err(MlxError::from)?;
+        c.eval().map_err(MlxError::from)?;
+        Ok(c)
     }
 
     pub fn embedding(&mut self, prefix: &str) -> Result<Embedding> {
@@ -638,10 +651,18 @@ fn softmax_row(row: &mut [f32], visible: usize) {
 impl Attention {
     /// `cfg` gives this rank's heads when the model is sharded.
     pub fn load(w: &mut Weights, p: &str, cfg: &ModelConfig, layer: usize) -> Result<Self> {
-        let sinks = if cfg.sinks { Some(w.take(&format!("{p}.sinks"))?) } else { None };
+        // One sink per head: a rank keeps its heads' (a window masks
+        // positions, the same for every head).
+        let sinks = match cfg.sinks {
+            true => {
+                let all = w.take(&format!("{p}.sinks"))?;
+                Some(w.heads_share(&format!("{p}.sinks"), all)?)
+            }
+            false => None,
+        };
         let window = cfg.windows.get(layer).copied().flatten();
-        if w.shard.is_some() && (sinks.is_some() || window.is_some() || cfg.attn_output_gate) {
-            return Err(ModelError::Invalid(format!("{p}: attention with sinks, a sliding window or an output gate is not split by heads yet (use --split pipeline)")));
+        if w.shard.is_some() && cfg.attn_output_gate {
+            return Err(ModelError::Invalid(format!("{p}: attention with an output gate is not split by heads yet (use --split pipeline)")));
         }
         // kvserve's own attention (CPU chunks, host decode) has no sinks,
         // windows or YaRN scale: those layers go through MLX's attention.

@@ -216,6 +216,30 @@ MODELS = {
         },
         (64, 4),
     ),
+    # gpt_oss likewise (attention sinks, sliding windows on every other
+    # layer, biases on o_proj and the experts, YaRN).
+    "gpt_oss_vocab49152": (
+        "gpt_oss",
+        {
+            "vocab_size": 49152,
+            "num_hidden_layers": 4,
+            "head_dim": 32,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "intermediate_size": 128,
+            "sliding_window": 8,
+            "rope_theta": 150000.0,
+            "rope_scaling": {
+                "rope_type": "yarn",
+                "factor": 32.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "original_max_position_embeddings": 4096,
+            },
+            "eos_token_id": 2,
+        },
+        (64, 4),
+    ),
     # The same hybrid with SmolLM2's vocabulary, served over HTTP with
     # SmolLM2's tokenizer and template (tests/hybrid_session.rs).
     "qwen3_5_vocab49152": (
