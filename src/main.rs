@@ -479,7 +479,7 @@ fn follow_pipeline(
     // A model or split that cannot be served this way is refused before waiting for the others.
     let n = ring::Hostfile::read(hostfile).unwrap_or_else(|e| fail(1, e)).size();
     let (total, split) = pipeline::plan(spec, n, split).unwrap_or_else(|e| fail(1, e));
-    let (_, group) = ring::connect(hostfile, Some(rank), timeout).unwrap_or_else(|e| fail(1, e));
+    let (_, group) = ring::connect(hostfile, Some(rank), timeout, split == pipeline::Split::Layers).unwrap_or_else(|e| fail(1, e));
     let group = std::sync::Arc::new(group);
     let t0 = std::time::Instant::now();
     let (m, range) = pipeline::load_share(spec, &group, total, split).unwrap_or_else(|e| fail(1, e));
@@ -491,7 +491,14 @@ fn follow_pipeline(
     }
     match pipeline::follow(&group, &m.model, shares.as_ref()) {
         Ok(done) => {
-            eprintln!("rank {rank}: rank 0 stopped; {} steps, {} tokens computed here; {} snapshots kept quantized", done.steps, done.tokens, done.packed);
+            eprintln!(
+                "rank {rank}: rank 0 stopped; {} steps, {} tokens computed here; {} snapshots kept quantized; {:.2} s working on rank 0's messages, {:.2} s waiting for them",
+                done.steps,
+                done.tokens,
+                done.packed,
+                done.working.as_secs_f64(),
+                done.waiting.as_secs_f64()
+            );
             drop(m);
             kvserve::mlx::exit(0)
         }
@@ -603,7 +610,7 @@ fn run() -> Result<()> {
             if bytes == 0 || bytes > 1 << 30 {
                 bail!("--bytes is {bytes}; it must be from 1 to 1073741824 (1 GiB)");
             }
-            let (_, group) = ring::connect(&hostfile, rank, std::time::Duration::from_secs_f64(timeout)).map_err(anyhow::Error::msg)?;
+            let (_, group) = ring::connect(&hostfile, rank, std::time::Duration::from_secs_f64(timeout), false).map_err(anyhow::Error::msg)?;
             let m = ring::measure(&group, bytes).map_err(anyhow::Error::msg)?;
             println!(
                 "rank {} of {}: all_sum checked ({}); step latency {:.0} us; all_sum of {:.1} MB per rank at {:.2} GB/s",
@@ -834,7 +841,7 @@ fn run_pipeline_generate(spec: &str, prompt: &str, system: Option<&str>, max_tok
     if rank > 0 {
         follow_pipeline(spec, hostfile, rank, timeout, Some(pipeline::Split::Layers), None);
     }
-    let group = ring::join(&hosts, rank, timeout).map_err(anyhow::Error::msg)?;
+    let group = ring::join(&hosts, rank, timeout, true).map_err(anyhow::Error::msg)?;
     let t0 = std::time::Instant::now();
     let m = pipeline::lead(spec, std::sync::Arc::new(group), Some(pipeline::Split::Layers), false).map_err(anyhow::Error::msg)?;
     eprintln!("rank 0 of {}: loaded in {:.1}s", hosts.size(), t0.elapsed().as_secs_f64());

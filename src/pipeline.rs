@@ -604,6 +604,10 @@ pub struct Followed {
     pub tokens: u64,
     /// Snapshots kept quantized here (rank 0's `--kv-bits`).
     pub packed: u64,
+    /// Time spent waiting for rank 0's next message, and from its arrival
+    /// to this rank's part of it done (the step's layers, passing it on).
+    pub waiting: std::time::Duration,
+    pub working: std::time::Duration,
 }
 
 /// A follower's loop (every rank but 0): apply rank 0's cache operations
@@ -626,8 +630,11 @@ pub fn follow(group: &Group, model: &Transformer, shares: Option<&crate::cache::
     let lost_to = |peer: usize| move |e: MlxError| format!("rank {rank} of {n} lost its link to rank {peer}: {}", link_error(&e.message));
     let lost = lost_to(rank - 1);
     loop {
+        let t0 = std::time::Instant::now();
         let len = group.recv(&[1], Dtype::Int32, rank - 1).map_err(lost)?;
         len.eval().map_err(|e| lost(e.into()))?;
+        let t1 = std::time::Instant::now();
+        done.waiting += t1 - t0;
         let len = len.as_slice::<i32>()[0];
         let words = group.recv(&[len], Dtype::Uint32, rank - 1).map_err(lost)?;
         words.eval().map_err(|e| lost(e.into()))?;
@@ -797,5 +804,6 @@ pub fn follow(group: &Group, model: &Transformer, shares: Option<&crate::cache::
         if rank + 1 < n && !passed_on {
             send_message(group, rank + 1, &words, None).map_err(lost_to(rank + 1))?;
         }
+        done.working += t1.elapsed();
     }
 }

@@ -67,6 +67,42 @@ pub fn exit_immediately(code: i32) -> ! {
 /// it runs only on a core nothing else wants, so background work (writing
 /// snapshot files: hashing and copying hundreds of MB) never delays the
 /// engine. Returns whether it took effect (false elsewhere than Linux).
+/// The ids of this process's threads (Linux; empty elsewhere).
+pub fn thread_ids() -> Vec<i32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|rd| rd.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+/// The calling thread's id (Linux; 0 elsewhere).
+pub fn this_thread_id() -> i32 {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: gettid takes nothing and cannot fail.
+        unsafe { libc::gettid() }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        0
+    }
+}
+
+/// Put thread `tid` of this process in Linux's idle scheduling class (see
+/// [`make_this_thread_idle`]); false where that is not possible.
+pub fn make_thread_idle(tid: i32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads `param` only; `tid` names one thread.
+        unsafe { libc::sched_setscheduler(tid, libc::SCHED_IDLE, &param) == 0 }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = tid;
+        false
+    }
+}
+
 pub fn make_this_thread_idle() -> bool {
     #[cfg(target_os = "linux")]
     {
