@@ -142,6 +142,17 @@ fn tiny_with_smollm2_tokenizer(name: &str) -> PathBuf {
     dir
 }
 
+/// Two turns of a conversation about rivers, and one process's answers to them.
+fn two_turns_alone(model: &str) -> (Value, Value, String, String) {
+    let turn1 = conversation(&[("Tell me about rivers.", None)]);
+    let one = Server::start(&["--model", model]);
+    let (a1, _) = chat(&one.addr, &turn1);
+    let turn2 = conversation(&[("Tell me about rivers.", Some(&a1)), ("And lakes?", None)]);
+    let (a2, _) = chat(&one.addr, &turn2);
+    one.stop();
+    (turn1, turn2, a1, a2)
+}
+
 /// POST, or `None` when the server closed the connection without answering.
 fn try_post(addr: &str, body: Value) -> Option<common::Reply> {
     let addr = addr.to_string();
@@ -381,12 +392,7 @@ fn a_model_with_recurrent_state_splits_by_layers() {
     let _one = serial();
     let dir = tiny_with_smollm2_tokenizer("qwen3_5_vocab49152");
     let m = dir.to_str().unwrap();
-    let turn1 = conversation(&[("Tell me about rivers.", None)]);
-    let one = Server::start(&["--model", m]);
-    let (a1, _) = chat(&one.addr, &turn1);
-    let turn2 = conversation(&[("Tell me about rivers.", Some(&a1)), ("And lakes?", None)]);
-    let (a2, _) = chat(&one.addr, &turn2);
-    one.stop();
+    let (turn1, turn2, a1, a2) = two_turns_alone(m);
     let h = hostfile("hybrid", 2);
     let mut f = follower(&dir, &h, 1, "hybrid", "pipeline");
     let lead = Server::start_env(&["--model", m, "--hostfile", h.to_str().unwrap(), "--rank", "0"], Some(&log_path("hybrid", 0)), &[]);
@@ -597,12 +603,7 @@ fn mixtures_of_experts_split_by_heads() {
     for (name, layers) in [("qwen3_moe_vocab49152", 2u64), ("glm4_moe_vocab49152", 3), ("gpt_oss_vocab49152", 4)] {
         let dir = tiny_with_smollm2_tokenizer(name);
         let m = dir.to_str().unwrap();
-        let turn1 = conversation(&[("Tell me about rivers.", None)]);
-        let one = Server::start(&["--model", m]);
-        let (a1, _) = chat(&one.addr, &turn1);
-        let turn2 = conversation(&[("Tell me about rivers.", Some(&a1)), ("And lakes?", None)]);
-        let (a2, _) = chat(&one.addr, &turn2);
-        one.stop();
+        let (turn1, turn2, a1, a2) = two_turns_alone(m);
         assert!(!a1.is_empty() && !a2.is_empty(), "{name}: answers to compare: {a1:?} {a2:?}");
         let h = hostfile("moe", 2);
         let mut f = follower(&dir, &h, 1, "moe", "tensor");

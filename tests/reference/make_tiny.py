@@ -169,77 +169,6 @@ MODELS = {
         },
         (64, 4),
     ),
-    # A mixture of experts with SmolLM2's vocabulary, served over HTTP split
-    # by heads over 2 ranks (tests/pipeline_serve.rs): its expert widths
-    # (128) are two quantization groups, so each rank keeps whole groups.
-    "qwen3_moe_vocab49152": (
-        "qwen3_moe",
-        {
-            "vocab_size": 49152,
-            "rope_theta": 1000000.0,
-            "tie_word_embeddings": True,
-            "head_dim": 32,
-            "num_experts": 8,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 128,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-            "norm_topk_prob": True,
-            "eos_token_id": 2,
-        },
-        (64, 4),
-    ),
-    # glm4_moe likewise (a dense first layer, a shared expert, the grouped
-    # sigmoid router, q/k/v biases, q/k norms, partial rotary).
-    "glm4_moe_vocab49152": (
-        "glm4_moe",
-        {
-            "vocab_size": 49152,
-            "num_hidden_layers": 3,
-            "rope_theta": 1000000.0,
-            "rope_scaling": None,
-            "tie_word_embeddings": False,
-            "head_dim": 32,
-            "n_routed_experts": 8,
-            "num_experts_per_tok": 2,
-            "moe_intermediate_size": 128,
-            "norm_topk_prob": True,
-            "n_group": 4,
-            "topk_group": 2,
-            "n_shared_experts": 1,
-            "routed_scaling_factor": 2.5,
-            "first_k_dense_replace": 1,
-            "use_qk_norm": True,
-            "attention_bias": True,
-            "partial_rotary_factor": 0.5,
-            "eos_token_id": 2,
-        },
-        (64, 4),
-    ),
-    # gpt_oss likewise (attention sinks, sliding windows on every other
-    # layer, biases on o_proj and the experts, YaRN).
-    "gpt_oss_vocab49152": (
-        "gpt_oss",
-        {
-            "vocab_size": 49152,
-            "num_hidden_layers": 4,
-            "head_dim": 32,
-            "num_local_experts": 8,
-            "num_experts_per_tok": 2,
-            "intermediate_size": 128,
-            "sliding_window": 8,
-            "rope_theta": 150000.0,
-            "rope_scaling": {
-                "rope_type": "yarn",
-                "factor": 32.0,
-                "beta_fast": 32.0,
-                "beta_slow": 1.0,
-                "original_max_position_embeddings": 4096,
-            },
-            "eos_token_id": 2,
-        },
-        (64, 4),
-    ),
     # The same hybrid with SmolLM2's vocabulary, served over HTTP with
     # SmolLM2's tokenizer and template (tests/hybrid_session.rs).
     "qwen3_5_vocab49152": (
@@ -259,6 +188,24 @@ MODELS = {
         (64, 4),
     ),
 }
+
+
+def with_smollm2_vocab(name, **changes):
+    """A tiny model of MODELS with SmolLM2's vocabulary (and `changes`), for
+    tests that serve it over HTTP with SmolLM2's tokenizer."""
+    module, extra, quant = MODELS[name]
+    return (module, {**extra, "vocab_size": 49152, "eos_token_id": 2, **changes}, quant)
+
+
+# Mixtures of experts served split by heads over 2 ranks
+# (tests/pipeline_serve.rs): their expert widths (128) are two quantization
+# groups, so each rank keeps whole groups. glm4_moe has a dense first layer,
+# a shared expert, the grouped sigmoid router, q/k/v biases, q/k norms and
+# partial rotary; gpt_oss attention sinks, sliding windows, biases on o_proj
+# and the experts, and YaRN. (mlx-lm's glm4_moe and gpt_oss keep an lm_head.)
+MODELS["qwen3_moe_vocab49152"] = with_smollm2_vocab("qwen3_moe_q4", moe_intermediate_size=128, tie_word_embeddings=True)
+MODELS["glm4_moe_vocab49152"] = with_smollm2_vocab("glm4_moe_q4", moe_intermediate_size=128)
+MODELS["gpt_oss_vocab49152"] = with_smollm2_vocab("gpt_oss_q4", intermediate_size=128)
 
 PROMPT = [5, 17, 42, 99, 7, 250, 3, 3, 128, 64, 31, 200, 11, 0, 19, 77, 301, 150, 22, 9]
 GREEDY = 32
