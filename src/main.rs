@@ -483,8 +483,10 @@ fn follow_pipeline(
     let group = std::sync::Arc::new(group);
     let t0 = std::time::Instant::now();
     let (m, range) = pipeline::load_share(spec, &group, total, split).unwrap_or_else(|e| fail(1, e));
-    pipeline::handshake(&group, &m.model, split, &range, cache.is_some()).unwrap_or_else(|e| fail(1, e));
+    // The folder is opened first: a rank that cannot keep its shares must
+    // not let rank 0 write files no snapshot could be read back from.
     let shares = cache.and_then(|(root, disk)| pipeline::share_store(root, disk, &m, rank, n, split, &range));
+    pipeline::handshake(&group, &m.model, split, &range, shares.is_some()).unwrap_or_else(|e| fail(1, e));
     match split {
         pipeline::Split::Layers => eprintln!("rank {rank} of {n}: layers {}..{} of {total} loaded in {:.1}s; following rank 0", range.start, range.end, t0.elapsed().as_secs_f64()),
         pipeline::Split::Heads => eprintln!("rank {rank} of {n}: {} attention heads of each of {total} layers loaded in {:.1}s; following rank 0", m.model.config.num_heads, t0.elapsed().as_secs_f64()),

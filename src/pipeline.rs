@@ -555,7 +555,7 @@ pub fn handshake(group: &Group, model: &Transformer, split: Split, range: &std::
             return Err(format!("rank {r} splits the model {}, rank {} {}: start every rank with the same --split", if row[5] == 1 { "by heads" } else { "by layers" }, group.rank(), if code == 1 { "by heads" } else { "by layers" }));
         }
         if row[6] != mine[6] {
-            let says = |p: i32| if p == 1 { "keeps snapshot files (--cache-dir)" } else { "keeps snapshots in memory only (no --cache-dir)" };
+            let says = |p: i32| if p == 1 { "keeps snapshot files (--cache-dir)" } else { "keeps snapshots in memory only (no --cache-dir, or its folder could not be opened: its log says why)" };
             return Err(format!("rank {r} {}, rank {} {}: start every rank with --cache-dir, or none", says(row[6]), group.rank(), says(mine[6])));
         }
         if row[..3] != mine[..3] {
@@ -714,6 +714,10 @@ pub fn follow(group: &Group, model: &Transformer, shares: Option<&crate::cache::
                 remote::UNLINK => {
                     let key = [arg(i + 1)?, arg(i + 2)?, arg(i + 3)?];
                     if let Some(store) = shares {
+                        // A write of it still queued would bring it back.
+                        if store.pending() > 0 {
+                            store.flush();
+                        }
                         let _ = std::fs::remove_file(store.path_for_key(key));
                     }
                     i += 4;
@@ -728,6 +732,10 @@ pub fn follow(group: &Group, model: &Transformer, shares: Option<&crate::cache::
                     let status = match shares {
                         None => share::NO_FOLDER,
                         Some(store) => {
+                            // Shares still queued for writing are on disk first.
+                            if store.pending() > 0 {
+                                store.flush();
+                            }
                             let path = store.path_for_key(key);
                             match crate::cache::store::load(&path, layers, tokens, &store.fingerprint) {
                                 Ok(l) => {

@@ -97,7 +97,7 @@ pub fn rank_of(rank: Option<usize>, hosts: &Hostfile) -> Result<usize, String> {
 /// class. They wait for data by polling their socket without sleeping, so
 /// a rank waiting for the next message keeps one core busy; in the idle
 /// class they yield to any other work. Right for a pipeline, whose ranks
-/// wait for each other in turn (2 ranks sharing 2 cores: 25.0 -> 16.5 ms a
+/// wait for each other in turn (2 ranks sharing 2 cores: 25.0 -> 12.5 ms a
 /// decode step); wrong for ranks split by heads that outnumber the cores,
 /// where a rank's all_sum then waits for the others' compute (3 ranks on 2
 /// cores: 276 -> 861 ms).

@@ -472,8 +472,11 @@ impl PackedKv {
     /// dimension; one they cannot pack they keep as it is).
     pub fn pack(l: &LayerKv, bits: i32) -> Result<Option<Self>, MlxError> {
         if let Some(r) = &l.remote {
-            // Their f16 bytes, at `bits` a value plus a scale and a bias (f16) per group of 64.
-            let nbytes = (l.kv_nbytes() as f64 * (bits as f64 / 8.0 + 4.0 / 64.0) / 2.0) as usize;
+            // Their f16 bytes for the valid tokens, at `bits` a value plus a
+            // scale and a bias (f16) per group of 64 (of 32 for head
+            // dimensions that are not a multiple of 64: a little more).
+            let f16 = l.offset.max(0) as usize * remote::bytes_per_token();
+            let nbytes = (f16 as f64 * (bits as f64 / 8.0 + 4.0 / 64.0) / 2.0) as usize;
             return Ok((l.offset > 0).then(|| PackedKv { held: Held::Far { r: r.pack(bits), nbytes }, offset: l.offset }));
         }
         let Some((k, v)) = l.state() else { return Ok(None) };

@@ -99,6 +99,9 @@ fn load_snapshot(store: &Store, path: &Path, layers: usize, tokens: usize) -> Re
     if !remote::enabled() {
         return store::load(path, layers, tokens, &store.fingerprint).map_err(|e| e.to_string());
     }
+    if crate::pipeline::broken() {
+        return Err(crate::pipeline::why_broken());
+    }
     let mut here = store::load(path, layers - 1, tokens, &store.fingerprint).map_err(|e| e.to_string())?;
     let key = store::key_of(path).ok_or_else(|| format!("{}: not a snapshot file's name", path.display()))?;
     let far = remote::load(key, tokens as i32).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -416,6 +419,12 @@ impl CachePolicy {
                             self.cache.replace(hit.id, Snapshot { layers: Some(l.clone()), file: Some(f.clone()), prompt_len: hit.value.prompt_len });
                         }
                         l
+                    }
+                    // The other ranks are gone: the file is not at fault (kept,
+                    // for the group's restart); the request fails on its first step.
+                    Err(_) if crate::pipeline::broken() => {
+                        self.cache.release(hit.id);
+                        return Lookup { live: new_cache(self.layers), read: 0, held: Held::default() };
                     }
                     Err(e) => {
                         tracing::warn!("ignoring a cached snapshot: {e}");

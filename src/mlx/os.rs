@@ -63,10 +63,6 @@ pub fn exit_immediately(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
-/// Puts the calling thread in Linux's idle scheduling class (`SCHED_IDLE`):
-/// it runs only on a core nothing else wants, so background work (writing
-/// snapshot files: hashing and copying hundreds of MB) never delays the
-/// engine. Returns whether it took effect (false elsewhere than Linux).
 /// The ids of this process's threads (Linux; empty elsewhere).
 pub fn thread_ids() -> Vec<i32> {
     std::fs::read_dir("/proc/self/task")
@@ -103,6 +99,10 @@ pub fn make_thread_idle(tid: i32) -> bool {
     }
 }
 
+/// Puts the calling thread in Linux's idle scheduling class (`SCHED_IDLE`):
+/// it runs only on a core nothing else wants, so background work (writing
+/// snapshot files: hashing and copying hundreds of MB) never delays the
+/// engine. Returns whether it took effect (false elsewhere than Linux).
 pub fn make_this_thread_idle() -> bool {
     #[cfg(target_os = "linux")]
     {
