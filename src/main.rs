@@ -477,9 +477,10 @@ fn follow_pipeline(
         kvserve::mlx::exit(code)
     };
     // A model or split that cannot be served this way is refused before waiting for the others.
-    let n = ring::Hostfile::read(hostfile).unwrap_or_else(|e| fail(1, e)).size();
+    let hosts = ring::Hostfile::read(hostfile).unwrap_or_else(|e| fail(1, e));
+    let n = hosts.size();
     let (total, split) = pipeline::plan(spec, n, split).unwrap_or_else(|e| fail(1, e));
-    let (_, group) = ring::connect(hostfile, Some(rank), timeout, split == pipeline::Split::Layers).unwrap_or_else(|e| fail(1, e));
+    let group = ring::join(&hosts, rank, timeout, split == pipeline::Split::Layers).unwrap_or_else(|e| fail(1, e));
     let group = std::sync::Arc::new(group);
     let t0 = std::time::Instant::now();
     let (m, range) = pipeline::load_share(spec, &group, total, split).unwrap_or_else(|e| fail(1, e));
@@ -843,9 +844,10 @@ fn run_pipeline_generate(spec: &str, prompt: &str, system: Option<&str>, max_tok
     if rank > 0 {
         follow_pipeline(spec, hostfile, rank, timeout, Some(pipeline::Split::Layers), None);
     }
+    let planned = pipeline::plan(spec, hosts.size(), Some(pipeline::Split::Layers)).map_err(anyhow::Error::msg)?;
     let group = ring::join(&hosts, rank, timeout, true).map_err(anyhow::Error::msg)?;
     let t0 = std::time::Instant::now();
-    let m = pipeline::lead(spec, std::sync::Arc::new(group), Some(pipeline::Split::Layers), false).map_err(anyhow::Error::msg)?;
+    let m = pipeline::lead(spec, std::sync::Arc::new(group), planned, false).map_err(anyhow::Error::msg)?;
     eprintln!("rank 0 of {}: loaded in {:.1}s", hosts.size(), t0.elapsed().as_secs_f64());
     let done = generate_with(&m, prompt, system, max_tokens, SamplingParams::default(), raw);
     if let Some(stage) = m.model.stage() {

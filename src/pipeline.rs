@@ -469,11 +469,6 @@ pub fn plan(spec: &str, ranks: usize, asked: Option<Split>) -> Result<(i32, Spli
     Ok((c.num_layers, split))
 }
 
-/// The layers of the MLX model `spec`, checked to split over `ranks` ranks.
-pub fn layers_to_split(spec: &str, ranks: usize) -> Result<i32, String> {
-    plan(spec, ranks, Some(Split::Layers)).map(|(l, _)| l)
-}
-
 /// Load rank `rank`'s share of `spec` split `split` over the group's ranks:
 /// the model and the layers it holds.
 pub fn load_share(spec: &str, group: &std::sync::Arc<Group>, layers: i32, split: Split) -> Result<(crate::model::source::LoadedModel, std::ops::Range<i32>), String> {
@@ -493,12 +488,12 @@ pub fn load_share(spec: &str, group: &std::sync::Arc<Group>, layers: i32, split:
 }
 
 /// Rank 0's part of a group the ranks joined (`group`): load its share of
-/// `spec` split `split` (none: by layers), check every rank loaded the same
+/// `spec` of `total` layers split `split` (as [`plan`] settled before the
+/// ranks joined), check every rank loaded the same
 /// model the same way, and lead the others: every cache made from now on
 /// ends with the other ranks' entry.
-pub fn lead(spec: &str, group: std::sync::Arc<Group>, split: Option<Split>, persist: bool) -> Result<crate::model::source::LoadedModel, String> {
+pub fn lead(spec: &str, group: std::sync::Arc<Group>, (total, split): (i32, Split), persist: bool) -> Result<crate::model::source::LoadedModel, String> {
     let n = group.size();
-    let (total, split) = plan(spec, n, split)?;
     let (mut m, range) = load_share(spec, &group, total, split)?;
     let ranges = handshake(&group, &m.model, split, &range, persist)?;
     let c = &m.model.config;
@@ -715,9 +710,7 @@ pub fn follow(group: &Group, model: &Transformer, shares: Option<&crate::cache::
                     let key = [arg(i + 1)?, arg(i + 2)?, arg(i + 3)?];
                     if let Some(store) = shares {
                         // A write of it still queued would bring it back.
-                        if store.pending() > 0 {
-                            store.flush();
-                        }
+                        store.flush();
                         let _ = std::fs::remove_file(store.path_for_key(key));
                     }
                     i += 4;
@@ -733,9 +726,7 @@ pub fn follow(group: &Group, model: &Transformer, shares: Option<&crate::cache::
                         None => share::NO_FOLDER,
                         Some(store) => {
                             // Shares still queued for writing are on disk first.
-                            if store.pending() > 0 {
-                                store.flush();
-                            }
+                            store.flush();
                             let path = store.path_for_key(key);
                             match crate::cache::store::load(&path, layers, tokens, &store.fingerprint) {
                                 Ok(l) => {

@@ -97,10 +97,7 @@ pub fn enforce(root: &Path, budget: u64, keep: Option<&Path>) -> Vec<PathBuf> {
         }
         match std::fs::remove_file(&f.path) {
             Ok(()) => {
-                // Rank 0 of a pipeline: the other ranks' shares of it go too.
-                if let (true, Some(key)) = (super::kv::remote::enabled(), super::store::key_of(&f.path)) {
-                    super::kv::remote::unlink(key);
-                }
+                super::store::forget_shares(&f.path);
                 total -= f.bytes;
                 freed += f.bytes;
                 n += 1;

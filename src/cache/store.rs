@@ -81,14 +81,18 @@ pub fn key_of(path: &Path) -> Option<[u32; 3]> {
     Some([word(0)?, word(1)?, word(2)?])
 }
 
-/// Delete a snapshot file rank 0 no longer indexes; when other ranks of a
-/// pipeline hold shares of it, theirs go too (with the next message).
+/// Delete a snapshot file rank 0 no longer indexes, and the other ranks'
+/// shares of it ([`forget_shares`]).
 pub fn delete(path: &Path) {
     let _ = std::fs::remove_file(path);
-    if crate::cache::kv::remote::enabled() {
-        if let Some(key) = key_of(path) {
-            crate::cache::kv::remote::unlink(key);
-        }
+    forget_shares(path);
+}
+
+/// Rank 0 of a pipeline deleted the snapshot file `path`: the other ranks'
+/// shares of it go too (with the next message). Nothing elsewhere.
+pub fn forget_shares(path: &Path) {
+    if let (true, Some(key)) = (crate::cache::kv::remote::enabled(), key_of(path)) {
+        crate::cache::kv::remote::unlink(key);
     }
 }
 

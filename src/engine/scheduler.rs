@@ -492,10 +492,10 @@ fn lead_pipeline(cfg: &EngineConfig, p: &super::worker::PipelineConfig) -> Resul
     use crate::pipeline;
     let spec = cfg.model.as_str();
     // A model or split that cannot be served this way is refused before waiting for the others.
-    let ranks = crate::ring::Hostfile::read(&p.hostfile)?.size();
-    let (_, split) = pipeline::plan(spec, ranks, p.split)?;
-    let (_, group) = crate::ring::connect(&p.hostfile, Some(0), p.join_timeout, split == pipeline::Split::Layers)?;
-    let m = pipeline::lead(spec, Arc::new(group), p.split, cfg.cache_dir.is_some())?;
+    let hosts = crate::ring::Hostfile::read(&p.hostfile)?;
+    let planned = pipeline::plan(spec, hosts.size(), p.split)?;
+    let group = crate::ring::join(&hosts, 0, p.join_timeout, planned.1 == pipeline::Split::Layers)?;
+    let m = pipeline::lead(spec, Arc::new(group), planned, cfg.cache_dir.is_some())?;
     pipeline::watch_steps(p.step_timeout);
     Ok(m)
 }
