@@ -158,17 +158,20 @@ impl Weights {
             c.eval()?;
             Ok(c)
         };
-        let dim = |a: &Array, from_end: usize| a.shape()[a.ndim() - from_end];
+        // (A file's tensor of too few dimensions is an error, never an index out of bounds.)
+        let dim = |a: &Array, from_end: usize| -> Result<i32> {
+            a.ndim().checked_sub(from_end).map(|i| a.shape()[i]).ok_or_else(|| bad(format!("a tensor of {} dimensions where {from_end} at least belong", a.ndim())))
+        };
         let weight = match (&weight, part) {
-            (LinearWeight::Dense(w), Part::Rows) => LinearWeight::Dense(cut(w, share(dim(w, 2), "rows")?, false)?),
-            (LinearWeight::Dense(w), Part::Cols) => LinearWeight::Dense(cut(w, share(dim(w, 1), "columns")?, true)?),
+            (LinearWeight::Dense(w), Part::Rows) => LinearWeight::Dense(cut(w, share(dim(w, 2)?, "rows")?, false)?),
+            (LinearWeight::Dense(w), Part::Cols) => LinearWeight::Dense(cut(w, share(dim(w, 1)?, "columns")?, true)?),
             (LinearWeight::Quantized(q), Part::Rows) => {
-                let r = share(dim(&q.packed, 2), "rows")?;
+                let r = share(dim(&q.packed, 2)?, "rows")?;
                 LinearWeight::Quantized(QuantizedMatrix { packed: cut(&q.packed, r.clone(), false)?, scales: cut(&q.scales, r.clone(), false)?, biases: cut(&q.biases, r, false)?, ..q.clone() })
             }
             (LinearWeight::Quantized(q), Part::Cols) => {
                 // Columns in groups: each rank's share is whole groups (and whole u32 words).
-                let groups = share(dim(&q.scales, 1), &format!("groups of {}", q.group_size))?;
+                let groups = share(dim(&q.scales, 1)?, &format!("groups of {}", q.group_size))?;
                 if (q.group_size * q.bits) % 32 != 0 {
                     return Err(bad(format!("a group of {} {}-bit values is not whole 32-bit words", q.group_size, q.bits)));
                 }
@@ -178,7 +181,7 @@ impl Weights {
             }
         };
         let bias = match (bias, part) {
-            (Some(b), Part::Rows) => Some(cut(&b, share(dim(&b, 1), "rows")?, true)?),
+            (Some(b), Part::Rows) => Some(cut(&b, share(dim(&b, 1)?, "rows")?, true)?),
             // The ranks' outputs are summed: the bias is added once, by rank 0.
             (Some(b), Part::Cols) => (sh.rank == 0).then_some(b),
             (None, _) => None,
@@ -189,7 +192,7 @@ impl Weights {
     /// This rank's share of a per-head vector (`[heads]`) when sharded.
     fn heads_share(&self, prefix: &str, a: Array) -> Result<Array> {
         let Some(sh) = &self.shard else { return Ok(a) };
-        let n = a.shape()[a.ndim() - 1];
+        let Some(&n) = a.shape().last() else { return Err(ModelError::Invalid(format!("{prefix}: a scalar where one value per head belongs"))) };
         if n % sh.ranks != 0 {
             return Err(ModelError::Invalid(format!("{prefix}: {n} heads do not divide over {} ranks", sh.ranks)));
         }
