@@ -74,7 +74,7 @@ def main():
     alone = None
     for i, (ranks, split) in enumerate([(1, "-"), (2, "pipeline"), (3, "pipeline"), (3, "tensor")]):
         try:
-            lead, procs, addr = start(model, ranks, split, 23500 + 10 * i + (os.getpid() % 500) * 50)
+            lead, procs, addr = start(model, ranks, split, 23500 + 10 * i + (os.getpid() % 150) * 50)  # below Linux's ephemeral ports (32768)
         except (Exception, SystemExit) as e:
             # Said, and the next configuration tried (a rank that did not start says why in its log).
             print(f"{ranks} rank(s) {split:8}: did not start: {str(e)[-1500:]}", flush=True)

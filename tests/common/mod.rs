@@ -217,10 +217,12 @@ pub fn request_ok(addr: &str, path: &str) -> Option<serde_json::Value> {
 /// file named after `name`. Each test that joins a ring has its own `slot`
 /// (0..16, across the test files), and each test process its own ports, so
 /// tests running at once never share a port: a rank that meets another
-/// ring's rank joins the wrong ring.
+/// ring's rank joins the wrong ring. The ports stay below 32768, where
+/// Linux's outgoing connections take their local ports (a rank once failed
+/// to bind 34670, held by another connection: error 98).
 pub fn ring_hostfile(name: &str, slot: usize, ranks: usize) -> PathBuf {
     assert!(slot < 16 && ranks <= 5, "slot {slot}, {ranks} ranks: beyond the port ranges");
-    let base = 20000 + (std::process::id() % 550) as usize * 80 + slot * 5;
+    let base = 20000 + (std::process::id() % 150) as usize * 80 + slot * 5;
     let list: Vec<Vec<String>> = (0..ranks).map(|r| vec![format!("127.0.0.1:{}", base + r)]).collect();
     let path = std::env::temp_dir().join(format!("kvserve-ring-{name}-{}.json", std::process::id()));
     std::fs::write(&path, serde_json::to_string(&list).unwrap()).unwrap();
