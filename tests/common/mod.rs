@@ -228,3 +228,59 @@ pub fn ring_hostfile(name: &str, slot: usize, ranks: usize) -> PathBuf {
     std::fs::write(&path, serde_json::to_string(&list).unwrap()).unwrap();
     path
 }
+
+/// A scripted OpenAI-compatible upstream on loopback: for each request it
+/// calls `script` with the request body and writes the pieces it returns as
+/// separate writes (each after its delay), then closes the connection, so a
+/// proxy in front of it sees exactly those network frames.
+pub struct FakeUpstream {
+    pub addr: String,
+}
+
+pub type Pieces = Vec<(std::time::Duration, Vec<u8>)>;
+
+impl FakeUpstream {
+    pub fn start(script: fn(&str) -> Pieces) -> FakeUpstream {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                std::thread::spawn(move || Self::answer(s, script));
+            }
+        });
+        FakeUpstream { addr }
+    }
+
+    fn answer(mut s: std::net::TcpStream, script: fn(&str) -> Pieces) {
+        use std::io::{Read, Write};
+        s.set_nodelay(true).unwrap();
+        let mut raw = vec![];
+        let mut buf = [0u8; 65536];
+        let body = loop {
+            let Ok(n) = s.read(&mut buf) else { return };
+            if n == 0 {
+                return;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+            let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+            let len: usize = head.lines().find_map(|l| l.strip_prefix("content-length:")).and_then(|v| v.trim().parse().ok()).unwrap_or(0);
+            if raw.len() >= end + 4 + len {
+                break String::from_utf8_lossy(&raw[end + 4..end + 4 + len]).to_string();
+            }
+        };
+        for (delay, bytes) in script(&body) {
+            std::thread::sleep(delay);
+            if s.write_all(&bytes).and_then(|_| s.flush()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A process's resident memory in KiB (Linux's /proc).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+}
