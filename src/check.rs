@@ -49,7 +49,11 @@ fn generate(engine: &Engine, prompt: Vec<u32>) -> Result<(String, PromptUsage), 
 }
 
 fn http_post(addr: &str, path: &str, body: &Value) -> Result<u16, String> {
-    crate::launch::http_request(addr, "POST", path, Some(&body.to_string())).map(|(status, _)| status)
+    use crate::server::client;
+    let headers = [("content-type", "application/json")];
+    client::fetch_blocking(hyper::Method::POST, &format!("http://{addr}{path}"), &headers, body.to_string(), std::time::Duration::from_secs(120))
+        .map(|r| r.status)
+        .map_err(|e| e.to_string())
 }
 
 /// Run every check for `model`; true when none failed. `config` is the
@@ -167,6 +171,7 @@ pub fn run(model: &str, config: Option<&std::path::Path>) -> bool {
                 trace: TraceConfig { dir: None, bodies: false, max_file_bytes: 0, redact: vec![] },
                 aliases: vec![],
                 strict_model: false,
+                limits: Default::default(),
             },
         );
         let listener = rt.block_on(server::bind("127.0.0.1:0".parse().expect("valid address"))).map_err(|e| e.to_string())?;

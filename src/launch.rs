@@ -237,36 +237,19 @@ fn watch(child: Arc<Mutex<Child>>, stopping: Arc<AtomicBool>, port: u16, args: V
     }
 }
 
-/// One plain HTTP/1.1 request to a local server (`addr` is host:port); the
-/// status and the raw body (a chunked body keeps its chunk lines).
-pub fn http_request(addr: &str, method: &str, path: &str, json_body: Option<&str>) -> Result<(u16, String), String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("no server at {addr}: {e}"))?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(120))).map_err(|e| e.to_string())?;
-    let body = json_body.unwrap_or("");
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(|e| e.to_string())?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| e.to_string())?;
-    let status = out.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("{addr} gave no HTTP status"))?;
-    Ok((status, out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default()))
-}
+/// Seconds a question to a server (its model list) may take.
+const ASK_TIMEOUT: Duration = Duration::from_secs(120);
 
-/// A server's `GET /v1/models` list as JSON.
+/// A server's `GET /v1/models` list as JSON (`url`: `http://` or `https://`).
 fn models_list(url: &str) -> Result<serde_json::Value, LaunchError> {
-    let hostport = url.trim_start_matches("http://").trim_end_matches('/');
-    let (status, body) = http_request(hostport, "GET", "/v1/models", None).map_err(LaunchError)?;
-    if status != 200 {
-        return Err(LaunchError(format!("{url} answered GET /v1/models with status {status}: {}", body.chars().take(300).collect::<String>())));
+    use crate::server::client;
+    let target = client::url(url.trim_end_matches('/').trim_end_matches("/v1"), "/v1/models").map_err(|e| LaunchError(e.to_string()))?;
+    let reply = client::fetch_blocking(hyper::Method::GET, &target.to_string(), &[], bytes::Bytes::new(), ASK_TIMEOUT)
+        .map_err(|e| LaunchError(e.to_string()))?;
+    if reply.status != 200 {
+        return Err(LaunchError(format!("{url} answered GET /v1/models with status {}: {}", reply.status, reply.text().chars().take(300).collect::<String>())));
     }
-    let json = body.as_str();
-    // A chunked body: the JSON object is between the first '{' and the last '}'.
-    let json = json.find('{').and_then(|a| json.rfind('}').map(|b| &json[a..=b])).unwrap_or("");
-    serde_json::from_str(json).map_err(|_| LaunchError(format!("{url} did not answer GET /v1/models")))
+    serde_json::from_slice(&reply.body).map_err(|e| LaunchError(format!("{url} answered GET /v1/models with something that is not JSON: {e}")))
 }
 
 /// The model an already running server serves (GET /v1/models).

@@ -242,6 +242,16 @@ struct ServeArgs {
     /// Largest request body, bytes or with K/M/G suffix.
     #[arg(long, value_parser = parse_bytes, default_value = "32M")]
     max_body: usize,
+    /// Seconds a client has to send a request's headers; slower connections are closed.
+    #[arg(long, default_value_t = 30.0)]
+    header_timeout: f64,
+    /// Seconds a client may read nothing of an answer before its connection
+    /// is closed (a streamed answer's generation stops with it).
+    #[arg(long, default_value_t = 120.0)]
+    stall_timeout: f64,
+    /// Open connections at most; one more is answered 503 and closed.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
     /// The most prompt tokens computed in one step (smaller chunks are
     /// chosen while other requests decode). Default: 512 on the CPU, 2048 on
     /// a GPU (mlx-lm's prefill step; 512 made a cold 13.5K-token prompt 1.7x
@@ -343,6 +353,35 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
+/// The per-client limits, checked.
+fn limits(args: &ServeArgs) -> Result<kvserve::server::Limits> {
+    let secs = |v: f64, flag: &str| {
+        if v > 0.0 && v <= 86_400.0 {
+            Ok(std::time::Duration::from_secs_f64(v))
+        } else {
+            Err(anyhow::anyhow!("--{flag} is {v}; it must be a number of seconds above 0, at most 86400"))
+        }
+    };
+    Ok(kvserve::server::Limits {
+        header_timeout: secs(args.header_timeout, "header-timeout")?,
+        stall_timeout: secs(args.stall_timeout, "stall-timeout")?,
+        max_connections: args.max_connections as usize,
+    })
+}
+
+/// Said at start (stderr and the log) when the port is reachable from
+/// other machines and no key is required.
+fn warn_if_open(local: std::net::SocketAddr, api_key: Option<&str>) {
+    if !local.ip().is_loopback() && api_key.is_none() {
+        let msg = format!(
+            "WARNING: listening on {local}, reachable beyond this machine, without --api-key: anyone who can reach this port can use the model \
+             and see the dashboard's recent requests. Give --api-key KEY (or KVSERVE_API_KEY), or --host 127.0.0.1"
+        );
+        eprintln!("{msg}");
+        tracing::warn!("{msg}");
+    }
+}
+
 fn serve_proxy(args: &ServeArgs, upstream: &str) -> Result<()> {
     use kvserve::server::{self, proxy};
     let state = proxy::ProxyState::new(proxy::ProxyConfig {
@@ -351,12 +390,16 @@ fn serve_proxy(args: &ServeArgs, upstream: &str) -> Result<()> {
         connect_timeout: std::time::Duration::from_secs(args.upstream_timeout.max(1)),
         idle_timeout: std::time::Duration::from_secs(args.upstream_idle.max(1)),
         max_body_bytes: args.max_body,
-    });
+        api_key: args.api_key.clone(),
+        limits: limits(args)?,
+    })
+    .map_err(|e| anyhow::anyhow!("--proxy: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async {
         let addr: std::net::SocketAddr = format!("{}:{}", args.host, args.port).parse().context("not a valid address")?;
         let listener = server::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         let local = listener.local_addr()?;
+        warn_if_open(local, args.api_key.as_deref());
         println!("kvserve listening on http://{local}");
         println!("model: {} (proxy to {upstream})", args.upstream_model.as_deref().unwrap_or("as requested"));
         println!("prompt cache: the upstream's (its cached_tokens are reported as cache reads)");
@@ -374,6 +417,7 @@ fn serve(args: ServeArgs) -> Result<()> {
     if let Some(upstream) = args.proxy.clone() {
         return serve_proxy(&args, &upstream);
     }
+    let limits = limits(&args)?;
     let cache_bytes = args.cache_bytes.unwrap_or_else(default_cache_bytes);
     let (cache_dir, cache_disk) = cache_folder(args.cache_dir.as_deref(), args.cache_disk_bytes)?;
     kvserve::mlx::set_cache_limit(args.mlx_cache_limit).context("cannot set MLX's cache limit")?;
@@ -434,10 +478,9 @@ fn serve(args: ServeArgs) -> Result<()> {
             trace,
             aliases: args.alias.clone(),
             strict_model: args.strict_model,
+            limits,
         });
-        if !local.ip().is_loopback() && args.api_key.is_none() {
-            tracing::warn!("listening on {local} beyond this machine without --api-key: anyone who can reach it can use it");
-        }
+        warn_if_open(local, args.api_key.as_deref());
         println!("kvserve listening on http://{local}");
         println!("model: {} ({})", info.name, info.path.display());
         println!(

@@ -15,6 +15,35 @@ use crate::engine::worker::Load;
 
 type Labels = Vec<(String, String)>;
 
+/// The paths a route serves; every other path is counted as `other`, so
+/// requests to made-up paths cannot grow the label set (or the scrape).
+pub const ROUTES: [&str; 10] = [
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/chat/completions",
+    "/v1/models",
+    "/health",
+    "/metrics",
+    "/",
+    "/v1/requests/recent",
+    "/v1/cache/stats",
+    "/v1/cache",
+];
+
+/// A request path's `route` label: the path when a route serves it, else `other`.
+pub fn route_label(path: &str) -> &'static str {
+    ROUTES.iter().find(|r| **r == path).copied().unwrap_or("other")
+}
+
+/// A status's label: the code for the ones HTTP defines (100-599), else `other`.
+fn status_label(status: u16) -> String {
+    if (100..600).contains(&status) {
+        status.to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<Labels, Counter>,
@@ -82,11 +111,12 @@ impl Metrics {
         m
     }
 
-    pub fn request(&self, api: &str, route: &str, status: u16) {
-        let labels = vec![("api".into(), api.into()), ("route".into(), route.into()), ("status".into(), status.to_string())];
+    /// One answered request; `route` is one of [`ROUTES`] or `other` ([`route_label`]).
+    pub fn request(&self, api: &'static str, route: &'static str, status: u16) {
+        let labels = vec![("api".into(), api.into()), ("route".into(), route.into()), ("status".into(), status_label(status))];
         self.requests.get_or_create(&labels).inc();
         if status >= 400 {
-            self.errors.get_or_create(&vec![("api".into(), api.into()), ("status".into(), status.to_string())]).inc();
+            self.errors.get_or_create(&vec![("api".into(), api.into()), ("status".into(), status_label(status))]).inc();
         }
     }
 
@@ -114,5 +144,22 @@ impl Metrics {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_served_routes_are_labels() {
+        for r in ROUTES {
+            assert_eq!(route_label(r), r);
+        }
+        for p in ["/v1/messages/", "/x", "/v1/chat/completions?x=1", "/metrics/../metrics", ""] {
+            assert_eq!(route_label(p), "other", "{p}");
+        }
+        assert_eq!(status_label(404), "404");
+        assert_eq!(status_label(999), "other");
     }
 }

@@ -4,6 +4,7 @@
 //! thread and streams back through a per-request channel.
 
 pub mod anthropic;
+pub mod client;
 pub mod error;
 pub mod fields;
 pub mod finish;
@@ -11,6 +12,7 @@ pub mod metrics;
 pub mod openai;
 pub mod proxy;
 pub mod recent;
+pub mod sse;
 pub mod stream;
 pub mod trace;
 #[cfg(test)]
@@ -46,6 +48,25 @@ pub type Body = BoxBody<Bytes, Infallible>;
 /// Seconds between keep-alive events while a prompt is being computed.
 const PING_SECS: u64 = 3;
 
+/// What one client may hold of the server: time to send its headers, time a
+/// stream may wait on a client that stopped reading, connections at once.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// A connection that has not sent a whole request head in this time is closed.
+    pub header_timeout: Duration,
+    /// A streamed answer whose client has read nothing for this long is cut
+    /// (the generation stops; what the engine made meanwhile is bounded by it).
+    pub stall_timeout: Duration,
+    /// Open connections at most; one more is answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { header_timeout: Duration::from_secs(30), stall_timeout: Duration::from_secs(120), max_connections: 1024 }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
     /// Required as `Authorization: Bearer` or `x-api-key` when set.
@@ -58,6 +79,7 @@ pub struct ServerConfig {
     /// Refuse (404) model names that are neither the model's nor an alias;
     /// otherwise any name is answered by the served model.
     pub strict_model: bool,
+    pub limits: Limits,
 }
 
 pub struct State {
@@ -154,7 +176,38 @@ fn json_response(status: u16, v: &Value) -> Response<Body> {
 }
 
 fn error_response(api: Api, e: &ApiError) -> Response<Body> {
-    json_response(e.status(api), &e.body(api))
+    let mut r = json_response(e.status(api), &e.body(api));
+    let h = r.headers_mut();
+    match e.kind {
+        // When the queue has room again is not known; a short wait is the hint.
+        Kind::Overloaded => {
+            h.insert("retry-after", hyper::header::HeaderValue::from_static(RETRY_AFTER_SECS));
+        }
+        // The body was not read: the connection cannot carry another request.
+        Kind::TooLarge => {
+            h.insert("connection", hyper::header::HeaderValue::from_static("close"));
+        }
+        _ => {}
+    }
+    r
+}
+
+/// Bytes of answer the kernel may hold for one connection (it doubles this
+/// for its own bookkeeping); at tokens' pace (KB/s) it never slows a reader.
+const SEND_BUFFER: usize = 128 << 10;
+
+/// Seconds a client told 429/529 (the queue is full) should wait.
+const RETRY_AFTER_SECS: &str = "2";
+
+/// The 404 for a path no route takes; a long path is shortened in the message.
+fn no_route(method: &Method, path: &str) -> ApiError {
+    let shown: String = path.chars().take(200).collect();
+    let more = if shown.len() < path.len() { format!("... ({} bytes)", path.len()) } else { String::new() };
+    ApiError::new(Kind::NotFound, format!("no route for {method} {shown}{more}"))
+}
+
+fn unauthorized() -> ApiError {
+    ApiError::new(Kind::Authentication, "invalid API key: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`")
 }
 
 /// Equal in time independent of where they differ.
@@ -166,8 +219,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-fn authorized(cfg: &ServerConfig, req: &Request<Incoming>) -> bool {
-    let Some(key) = &cfg.api_key else { return true };
+fn authorized(key: Option<&str>, req: &Request<Incoming>) -> bool {
+    let Some(key) = key else { return true };
     let h = req.headers();
     let bearer = h.get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
     let x = h.get("x-api-key").and_then(|v| v.to_str().ok());
@@ -176,11 +229,15 @@ fn authorized(cfg: &ServerConfig, req: &Request<Incoming>) -> bool {
 
 /// The body as JSON, within the size limit.
 async fn read_json(req: Request<Incoming>, limit: usize) -> Result<Value, ApiError> {
+    let too_large = || ApiError::new(Kind::TooLarge, format!("request body is over the limit of {limit} bytes"));
+    // A declared length over the limit is refused before a byte of it is read.
+    let declared = req.headers().get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
     let bytes = match Limited::new(req.into_body(), limit).collect().await {
         Ok(c) => c.to_bytes(),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Err(ApiError::new(Kind::TooLarge, format!("request body is over the limit of {} bytes", limit)));
-        }
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => return Err(too_large()),
         Err(e) => return Err(ApiError::invalid("body", format!("cannot read the request body: {e}"))),
     };
     let text = std::str::from_utf8(&bytes).map_err(|e| ApiError::invalid("body", format!("request body is not valid UTF-8: {e}")))?;
@@ -193,7 +250,8 @@ async fn read_json(req: Request<Incoming>, limit: usize) -> Result<Value, ApiErr
 /// Serve until `shutdown` completes; then let the engine finish its queue
 /// and write its snapshot files.
 pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl std::future::Future<Output = ()>) {
-    accept_loop(listener, state.clone(), shutdown, handle).await;
+    let limits = state.cfg.limits.clone();
+    accept_loop(listener, state.clone(), &limits, shutdown, handle).await;
     let s = state.clone();
     let _ = tokio::task::spawn_blocking(move || {
         s.engine.shutdown();
@@ -203,14 +261,20 @@ pub async fn serve(listener: TcpListener, state: Arc<State>, shutdown: impl std:
 }
 
 /// Accept connections until `shutdown` completes, each served over HTTP/1.1
-/// by `handler` (the local server's or the proxy's).
-async fn accept_loop<S, F, Fut>(listener: TcpListener, state: Arc<S>, shutdown: impl std::future::Future<Output = ()>, handler: F)
-where
+/// by `handler` (the local server's or the proxy's), within `limits`.
+async fn accept_loop<S, F, Fut>(
+    listener: TcpListener,
+    state: Arc<S>,
+    limits: &Limits,
+    shutdown: impl std::future::Future<Output = ()>,
+    handler: F,
+) where
     S: Send + Sync + 'static,
     F: Fn(Arc<S>, Request<Incoming>) -> Fut + Copy + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
 {
     tokio::pin!(shutdown);
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     loop {
         let (stream, _peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -223,12 +287,121 @@ where
             },
             _ = &mut shutdown => return,
         };
+        // A fixed send buffer (Linux otherwise grows it to 4 MB): what a
+        // client that stops reading leaves queued in the kernel stays small,
+        // and --stall-timeout starts counting soon after it stops.
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER);
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            tokio::spawn(refuse_connection(stream, limits.max_connections));
+            continue;
+        };
         let state = state.clone();
+        let (header_timeout, stall_timeout) = (limits.header_timeout, limits.stall_timeout);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| handler(state.clone(), req));
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(TokioIo::new(Stalls::new(stream, stall_timeout)), service)
+                .await;
+            drop(permit);
         });
     }
+}
+
+/// A connection whose writes fail once the client has taken nothing for
+/// `stall`: hyper then drops the connection and the answer's body, which
+/// stops its generation. What waits meanwhile is bounded by the socket's
+/// buffers and the answer's channel.
+struct Stalls {
+    inner: tokio::net::TcpStream,
+    stall: Duration,
+    since: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Stalls {
+    fn new(inner: tokio::net::TcpStream, stall: Duration) -> Self {
+        Stalls { inner, stall, since: None }
+    }
+
+    /// A write's outcome: ready resets the clock; pending starts it, and
+    /// past `stall` it is an error.
+    fn watch<T>(&mut self, cx: &mut std::task::Context<'_>, r: std::task::Poll<std::io::Result<T>>) -> std::task::Poll<std::io::Result<T>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match r {
+            Poll::Ready(r) => {
+                self.since = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let stall = self.stall;
+                let timer = self.since.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the client read nothing for {stall:?} (--stall-timeout)"),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for Stalls {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Stalls {
+    fn poll_write(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &[u8]) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, r)
+    }
+
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A connection over `--max-connections`: a 503 naming the limit, then closed.
+async fn refuse_connection(mut stream: tokio::net::TcpStream, max: usize) {
+    use tokio::io::AsyncWriteExt;
+    let body = json!({"error": {"message": format!("too many open connections (--max-connections {max}); retry shortly"), "type": "overloaded_error"}}).to_string();
+    let head = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nretry-after: {RETRY_AFTER_SECS}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = stream.write_all(head.as_bytes()).await;
+        let _ = stream.write_all(body.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// Bind `addr` (port 0: any free port).
@@ -246,8 +419,8 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
     };
     // The dashboard page holds no data: it asks for the key, then sends it.
     let open = matches!(path.as_str(), "/health" | "/metrics" | "/");
-    let resp = if !open && !authorized(&state.cfg, &req) {
-        Err(ApiError::new(Kind::Authentication, "invalid API key: send it as `Authorization: Bearer KEY` or `x-api-key: KEY`"))
+    let resp = if !open && !authorized(state.cfg.api_key.as_deref(), &req) {
+        Err(unauthorized())
     } else {
         route(&state, &method, &path, req).await
     };
@@ -257,7 +430,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Result<Response<Bo
         }
         error_response(api, &e)
     });
-    state.metrics.request(api.label(), &path, resp.status().as_u16());
+    state.metrics.request(api.label(), metrics::route_label(&path), resp.status().as_u16());
     Ok(resp)
 }
 
@@ -385,7 +558,7 @@ async fn route(state: &Arc<State>, method: &Method, path: &str, req: Request<Inc
             let removed = state.engine.clear_cache().await?;
             Ok(json_response(200, &json!({"removed": removed, "stats": state.engine.cache_stats()})))
         }
-        _ => Err(ApiError::new(Kind::NotFound, format!("no route for {method} {path}"))),
+        _ => Err(no_route(method, path)),
     }
 }
 
@@ -515,6 +688,7 @@ where
                 Err(_) => {
                     let ka = if anthropic && started { anthropic::sse("ping", &json!({"type": "ping"})) } else { ": keep-alive\n\n".into() };
                     if tx.send(Ok(Frame::data(Bytes::from(ka)))).await.is_err() {
+                        trace.cut("the client disconnected");
                         break;
                     }
                     continue;
@@ -523,8 +697,9 @@ where
             started |= matches!(o, Out::Started(_));
             trace.on(&o, &state.metrics);
             if tx.send(Ok(Frame::data(Bytes::from(render(&o))))).await.is_err() {
-                // The client left: dropping `gen` stops the engine within a token.
-                trace.cut("the client disconnected");
+                // The client left, or read nothing for --stall-timeout (its
+                // connection was closed): dropping `gen` stops the engine within a token.
+                trace.cut("the client disconnected or stopped reading");
                 break;
             }
         }

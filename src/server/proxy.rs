@@ -11,17 +11,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
 use super::anthropic::{self, error_event, Blocks};
+use super::client::{self, ClientError, HttpClient};
 use super::error::{Api, ApiError, Kind};
 use super::finish::Finish;
+use super::sse;
 use super::{error_response, json_response, read_json, Body};
 use crate::engine::request::ChatRequest;
 
@@ -36,49 +36,39 @@ pub struct ProxyConfig {
     /// Time allowed between two pieces of a streamed answer.
     pub idle_timeout: Duration,
     pub max_body_bytes: usize,
+    /// Required from clients as the local server requires it.
+    pub api_key: Option<String>,
+    pub limits: super::Limits,
 }
 
 pub struct ProxyState {
     cfg: ProxyConfig,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: HttpClient,
 }
 
 impl ProxyState {
-    pub fn new(mut cfg: ProxyConfig) -> Arc<Self> {
+    /// The upstream URL is checked here: `http://` or `https://` with a host.
+    pub fn new(mut cfg: ProxyConfig) -> Result<Arc<Self>, ClientError> {
         cfg.upstream = cfg.upstream.trim_end_matches('/').trim_end_matches("/v1").to_string();
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(cfg.connect_timeout));
-        Arc::new(ProxyState { cfg, client: Client::builder(TokioExecutor::new()).build(http) })
-    }
-
-    fn url(&self, path: &str) -> Result<hyper::Uri, ApiError> {
-        format!("{}{path}", self.cfg.upstream)
-            .parse()
-            .map_err(|e| ApiError::new(Kind::Internal, format!("upstream URL '{}' is not valid: {e}", self.cfg.upstream)))
+        client::url(&cfg.upstream, "/v1/models")?;
+        let client = client::client(cfg.connect_timeout);
+        Ok(Arc::new(ProxyState { cfg, client }))
     }
 
     /// Send a request upstream; errors name the upstream and what happened.
     async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Result<Response<Incoming>, ApiError> {
-        let mut req = Request::builder().method(method).uri(self.url(path)?).header("content-type", "application/json");
-        if let Some(k) = std::env::var("KVSERVE_UPSTREAM_KEY").ok().filter(|k| !k.is_empty()) {
-            req = req.header("authorization", format!("Bearer {k}"));
+        let uri = client::url(&self.cfg.upstream, path).map_err(|e| ApiError::new(Kind::Internal, e.to_string()))?;
+        let key = std::env::var("KVSERVE_UPSTREAM_KEY").ok().filter(|k| !k.is_empty()).map(|k| format!("Bearer {k}"));
+        let mut headers = vec![("content-type", "application/json")];
+        if let Some(k) = &key {
+            headers.push(("authorization", k.as_str()));
         }
         let bytes = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
-        let req = req.body(Full::new(bytes)).map_err(|e| ApiError::new(Kind::Internal, e.to_string()))?;
-        match tokio::time::timeout(self.cfg.connect_timeout, self.client.request(req)).await {
-            Ok(Ok(r)) => Ok(r),
-            Ok(Err(e)) => {
-                // The cause ("connection refused") is at the end of the source chain.
-                let mut why = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    why = format!("{why}: {s}");
-                    src = s.source();
-                }
-                Err(upstream_error(502, format!("upstream {} is unreachable: {why}", self.cfg.upstream)))
-            }
-            Err(_) => Err(upstream_error(504, format!("upstream {} did not answer within {:?}", self.cfg.upstream, self.cfg.connect_timeout))),
-        }
+        client::send(&self.client, method, uri, &headers, bytes, self.cfg.connect_timeout).await.map_err(|e| match e {
+            ClientError::Timeout { after, .. } => upstream_error(504, format!("upstream {} did not answer within {after:?}", self.cfg.upstream)),
+            ClientError::Unreachable { why, .. } => upstream_error(502, format!("upstream {} is unreachable: {why}", self.cfg.upstream)),
+            e => upstream_error(502, e.to_string()),
+        })
     }
 }
 
@@ -237,7 +227,10 @@ async fn messages(state: &Arc<ProxyState>, body: Value) -> Result<Response<Body>
             return;
         }
         let mut body = resp.into_body();
-        let mut buf = String::new();
+        let mut reader = sse::Reader::new();
+        // OpenAI streams end with `data: [DONE]`; a finish_reason is enough
+        // from servers that leave it out.
+        let mut done = false;
         loop {
             let frame = match tokio::time::timeout(idle, body.frame()).await {
                 Ok(Some(Ok(f))) => f,
@@ -252,21 +245,42 @@ async fn messages(state: &Arc<ProxyState>, body: Value) -> Result<Response<Body>
                 }
             };
             let Ok(data) = frame.into_data() else { continue };
-            buf.push_str(&String::from_utf8_lossy(&data));
-            while let Some(i) = buf.find('\n') {
-                let line: String = buf.drain(..=i).collect();
-                let Some(payload) = line.trim().strip_prefix("data:") else { continue };
-                let payload = payload.trim();
+            for ev in reader.push(&data) {
+                let payload = ev.data.trim();
                 if payload == "[DONE]" {
+                    done = true;
                     continue;
                 }
-                if let Ok(c) = serde_json::from_str::<Value>(payload) {
-                    let out = tr.chunk(&c);
-                    if !out.is_empty() && !send(out).await {
-                        return; // the client left; dropping the upstream body cancels it
+                if ev.event == "error" {
+                    let _ = send(error_event(&format!("upstream sent an error: {}", upstream_message(payload.as_bytes())))).await;
+                    return;
+                }
+                let c = match serde_json::from_str::<Value>(payload) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let shown: String = payload.chars().take(200).collect();
+                        let _ = send(error_event(&format!("upstream sent an event that is not JSON ({e}): {shown}"))).await;
+                        return;
                     }
+                };
+                if c["error"].is_object() {
+                    let _ = send(error_event(&format!("upstream sent an error: {}", upstream_message(payload.as_bytes())))).await;
+                    return;
+                }
+                let out = tr.chunk(&c);
+                done |= tr.finish.is_some();
+                if !out.is_empty() && !send(out).await {
+                    return; // the client left; dropping the upstream body cancels it
                 }
             }
+        }
+        if let Err(e) = reader.finish() {
+            let _ = send(error_event(&format!("upstream closed the connection mid-answer: {e}"))).await;
+            return;
+        }
+        if !done {
+            let _ = send(error_event("upstream closed the connection before the answer finished")).await;
+            return;
         }
         let _ = send(tr.end()).await;
     });
@@ -307,7 +321,12 @@ async fn handle(state: Arc<ProxyState>, req: Request<hyper::body::Incoming>) -> 
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let api = if path.starts_with("/v1/messages") { Api::Anthropic } else { Api::OpenAi };
-    Ok(route(&state, &method, &path, req).await.unwrap_or_else(|e| error_response(api, &e)))
+    let resp = if path != "/health" && !super::authorized(state.cfg.api_key.as_deref(), &req) {
+        Err(super::unauthorized())
+    } else {
+        route(&state, &method, &path, req).await
+    };
+    Ok(resp.unwrap_or_else(|e| error_response(api, &e)))
 }
 
 async fn route(state: &Arc<ProxyState>, method: &Method, path: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
@@ -324,13 +343,14 @@ async fn route(state: &Arc<ProxyState>, method: &Method, path: &str, req: Reques
         }
         (&Method::GET, "/v1/models") => passthrough(state, Method::GET, "/v1/models", None).await,
         (&Method::GET, "/health") => Ok(json_response(200, &json!({"status": "ok", "proxy": state.cfg.upstream}))),
-        _ => Err(ApiError::new(Kind::NotFound, format!("no route for {method} {path}"))),
+        _ => Err(super::no_route(method, path)),
     }
 }
 
 /// Serve the proxy until `shutdown` completes.
 pub async fn serve(listener: TcpListener, state: Arc<ProxyState>, shutdown: impl std::future::Future<Output = ()>) {
-    super::accept_loop(listener, state, shutdown, handle).await;
+    let limits = state.cfg.limits.clone();
+    super::accept_loop(listener, state, &limits, shutdown, handle).await;
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ fn a_panicking_request_gets_a_500_and_the_engine_goes_on() {
     .unwrap();
     let name = engine.info.name.clone();
     let trace = TraceConfig { dir: None, bodies: false, max_file_bytes: 1 << 20, redact: vec![] };
-    let state = State::new(engine, ServerConfig { api_key: None, max_body_bytes: 1 << 20, trace, aliases: vec![], strict_model: false });
+    let state = State::new(engine, ServerConfig { api_key: None, max_body_bytes: 1 << 20, trace, aliases: vec![], strict_model: false, limits: Default::default() });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let listener = rt.block_on(super::bind("127.0.0.1:0".parse().unwrap())).unwrap();
     let addr = listener.local_addr().unwrap().to_string();

@@ -136,22 +136,23 @@ impl Reply {
     }
 }
 
-/// Send one HTTP/1.1 request with raw bytes as the body; read the whole reply.
+/// Send one HTTP/1.1 request with raw bytes as the body (through the crate's
+/// own client); read the whole reply.
 pub fn request_raw(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
-    for (k, v) in headers {
-        head += &format!("{k}: {v}\r\n");
-    }
-    head += "\r\n";
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(body).unwrap();
-    let mut raw = vec![];
-    s.read_to_end(&mut raw).unwrap();
-    parse_reply(&raw)
+    try_request(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
 }
 
+/// [`request_raw`], or the client's error (nothing listens, the connection was cut).
+pub fn try_request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Result<Reply, String> {
+    use kvserve::server::client;
+    let method = hyper::Method::from_bytes(method.as_bytes()).map_err(|e| e.to_string())?;
+    let r = client::fetch_blocking(method, &format!("http://{addr}{path}"), headers, body.to_vec(), std::time::Duration::from_secs(900))
+        .map_err(|e| e.to_string())?;
+    let headers = r.headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.clone())).collect();
+    Ok(Reply { status: r.status, headers, body: String::from_utf8(r.body.to_vec()).expect("UTF-8 body") })
+}
+
+/// A reply read off a raw socket: the head, then the body (chunks joined).
 pub fn parse_reply(raw: &[u8]) -> Reply {
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a header block");
     let head = String::from_utf8_lossy(&raw[..split]).to_string();
@@ -203,14 +204,9 @@ pub fn run_reference_script(script: &str, args: &[String], done_line: &str) -> S
 
 /// GET `path` as JSON, or `None` while nothing answers there (a server restarting).
 pub fn request_ok(addr: &str, path: &str) -> Option<serde_json::Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-    let mut raw = vec![];
-    s.read_to_end(&mut raw).ok()?;
-    let r = parse_reply(&raw);
-    (r.status == 200).then(|| serde_json::from_str(&r.body).ok()).flatten()
+    use kvserve::server::client;
+    let r = client::fetch_blocking(hyper::Method::GET, &format!("http://{addr}{path}"), &[], Vec::new(), std::time::Duration::from_secs(10)).ok()?;
+    (r.status == 200).then(|| serde_json::from_slice(&r.body).ok()).flatten()
 }
 
 /// An MLX ring hostfile of `ranks` ranks on 127.0.0.1, written to a temp
