@@ -92,7 +92,7 @@ $(DEFAULT_MODEL)/.complete: $(SMOL_GGUF) | build
 
 # Test fixtures generated at test time: tiny random models of every
 # architecture built by mlx-lm, with mlx-lm's outputs for them.
-fixtures: $(FIXTURES)/tiny/.complete $(FIXTURES)/smollm2.json $(FIXTURES)/tokenizer-smollm2.json $(FIXTURES)/tokenizer-qwen3.json $(FIXTURES)/gguf-blocks.json $(FIXTURES)/gguf/.complete
+fixtures: $(FIXTURES)/tiny/.complete $(FIXTURES)/whitespace/.complete $(FIXTURES)/smollm2.json $(FIXTURES)/tokenizer-smollm2.json $(FIXTURES)/tokenizer-qwen3.json $(FIXTURES)/gguf-blocks.json $(FIXTURES)/gguf/.complete
 # A SmolLM2-shaped GGUF in every type kvserve converts (random blocks) and its
 # F32 twin dequantized by the gguf package (tests/gguf_models.rs).
 $(FIXTURES)/gguf/.complete: tests/reference/gguf_twin.py $(SMOL_GGUF) $(VENV)/.installed
@@ -111,6 +111,11 @@ $(FIXTURES)/tokenizer-smollm2.json: tests/reference/tokenizer_reference.py $(DEF
 	$(PYTHON) tests/reference/tokenizer_reference.py $(DEFAULT_MODEL) $@
 $(FIXTURES)/smollm2.json: tests/reference/real_reference.py tests/reference/kv16.py $(DEFAULT_MODEL)/.complete $(VENV)/.installed
 	$(PYTHON) tests/reference/real_reference.py $(DEFAULT_MODEL) $@
+# A tiny llama that answers only whitespace, with SmolLM2's tokenizer (tests/streaming.rs).
+$(FIXTURES)/whitespace/.complete: tests/reference/whitespace_model.py $(DEFAULT_MODEL)/.complete $(VENV)/.installed
+	rm -rf $(FIXTURES)/whitespace
+	$(PYTHON) tests/reference/whitespace_model.py $(DEFAULT_MODEL) $(FIXTURES)/whitespace
+	touch $@
 $(FIXTURES)/tiny/.complete: tests/reference/make_tiny.py tests/reference/kv16.py $(VENV)/.installed | venv
 	rm -rf $(FIXTURES)/tiny
 	$(PYTHON) tests/reference/make_tiny.py $(FIXTURES)/tiny

@@ -12,8 +12,8 @@ is that workload's; workload 6 starts them fresh for each prompt size):
                that kvserve's model was converted from (--llama-gguf PATH; the
                Makefile passes SmolLM2's Q4_1 GGUF for the default model; with
                no GGUF llama.cpp is skipped with a note). Run as a user would
-               on this CPU: --no-repack (this CPU advertises AMX, and repacked
-               weights crash with SIGILL/SIGSEGV here), --parallel 4 slots with
+               on this CPU: --no-repack only where the CPU advertises AMX
+               (repacked weights crashed with SIGILL/SIGSEGV there), --parallel 4 slots with
                --kv-unified -c 32768 (one KV pool of 32768 tokens that any slot
                may fill: without --kv-unified each slot gets -c / 4), the RAM
                prompt cache on (--cache-ram 8192, its default),
@@ -557,14 +557,26 @@ def streams(server, reps, tokens, n):
 
 def llama_command(binary, gguf, context):
     """llama-server as a user would run it on this CPU (see the docstring)."""
-    cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", "{port}", "--no-repack", "--parallel", "4",
+    cmd = [binary, "-m", gguf, "--host", "127.0.0.1", "--port", "{port}", "--parallel", "4",
            "--kv-unified", "--cache-ram", "8192", "-t", str(os.cpu_count())]
+    if cpu_has_amx():
+        cmd.append("--no-repack")
     if context:
         cmd += ["-c", str(context)]
         trained = gguf_context_length(gguf)
         if trained and trained[1] < context:
             cmd += ["--override-kv", f"{trained[0]}=int:{context}"]
     return cmd
+
+
+def cpu_has_amx():
+    """Whether this CPU advertises AMX: llama.cpp's repacked weights crash there
+    (SIGILL/SIGSEGV seen), so it runs with --no-repack; elsewhere as users run it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx" in line for line in f)
+    except OSError:
+        return False
 
 
 def gguf_context_length(path):

@@ -10,10 +10,15 @@
 //!   shares a long prefix with one being computed right now waits for that
 //!   prefix to be done and kept as a snapshot instead of computing it too.
 //! - **Which prefill.** The sequence with the fewest prompt tokens left.
-//! - **Chunk size.** Chosen from the last measured prefill speed so that a
-//!   chunk takes about [`CHUNK_SECS_DECODING`] while others decode (their
-//!   next token waits for it) and [`CHUNK_SECS_ALONE`] otherwise (a request
-//!   that arrives waits for it), up to the configured maximum. On the CPU a
+//! - **Chunk size.** Chosen from the last chunk's measured cost, split into
+//!   a fixed part (dequantizing the weights, the same for any length) and a
+//!   part per token ([`ChunkCost`]), so that a chunk takes about
+//!   [`CHUNK_SECS_DECODING`] while others decode (their next token waits for
+//!   it) and [`CHUNK_SECS_ALONE`] otherwise (a request that arrives waits for
+//!   it), up to the configured maximum; but never so short that the fixed
+//!   part is more than [`MAX_FIXED_SHARE`] of it (a large model's chunks
+//!   would otherwise shrink toward the floor, each paying the fixed part
+//!   again, making prefill slower still). On the CPU a
 //!   chunk of at most 32 tokens runs on kvserve's kernels and a larger one on
 //!   dequantize + BLAS, which round differently; so that a prompt computes
 //!   the same whatever runs beside it, a chunk is never that small unless it
@@ -48,6 +53,9 @@ pub const CHUNK_SECS_DECODING: f64 = 0.25;
 /// tok/s), at 12K 1.9/3.4/7.1 s (67/74/72 tok/s); so 1.2 s costs a cold
 /// prompt little and keeps a side call's wait well under 2 s.
 pub const CHUNK_SECS_ALONE: f64 = 1.2;
+/// The most of a chunk's time its fixed cost may take: a model whose
+/// weights take 0.4 s to dequantize gets chunks of at least 1.6 s.
+pub const MAX_FIXED_SHARE: f64 = 0.25;
 /// The first chunk, before any was measured.
 pub const FIRST_CHUNK: usize = 128;
 /// The smallest chunk but a prompt's whole rest: one more than the rows the
@@ -73,7 +81,7 @@ pub(super) struct Scheduler {
     next_id: u64,
     queued: Arc<AtomicUsize>,
     /// Prompt tokens per second of the last prefill chunk.
-    prefill_tps: Option<f64>,
+    prefill_cost: Option<ChunkCost>,
     /// Test hook: the next job panics at its first text.
     pub inject_panic: Arc<AtomicBool>,
     /// Published after every step.
@@ -137,7 +145,7 @@ impl Scheduler {
             running: vec![],
             next_id: 0,
             queued,
-            prefill_tps: None,
+            prefill_cost: None,
             inject_panic: Arc::new(AtomicBool::new(false)),
             load,
         };
@@ -349,8 +357,8 @@ impl Scheduler {
         };
         s.last_chunk = Instant::now();
         let secs = if decoding { CHUNK_SECS_DECODING } else { CHUNK_SECS_ALONE };
-        let target = match self.prefill_tps {
-            Some(tps) => (tps * secs) as usize,
+        let target = match self.prefill_cost {
+            Some(cost) => cost.tokens_for(secs),
             None => FIRST_CHUNK,
         };
         let pos = s.pos();
@@ -376,11 +384,13 @@ impl Scheduler {
             }
         }
         let t = Instant::now();
+        let dequant0 = crate::kernels::qgemm::dequant_nanos();
         let part = s.prompt()[pos..pos + chunk].to_vec();
         prefill(&self.model, &mut s.live, &part, chunk).map_err(|e| StepError(vec![s.id], e.to_string()))?;
         let secs = t.elapsed().as_secs_f64();
-        self.prefill_tps = Some(chunk as f64 / secs.max(1e-6));
-        tracing::debug!("prefill chunk of {chunk} tokens at {pos} in {:.0} ms ({} decoding)", secs * 1e3, decoding);
+        let fixed = (crate::kernels::qgemm::dequant_nanos() - dequant0) as f64 * 1e-9;
+        self.prefill_cost = Some(ChunkCost::measured(chunk, secs, fixed));
+        tracing::debug!("prefill chunk of {chunk} tokens at {pos} in {:.0} ms ({:.0} ms fixed; {} decoding)", secs * 1e3, fixed * 1e3, decoding);
         let end = pos + chunk;
         // Exactly here: a cache point, a waiting request's shared prefix, or
         // the prompt's end (all but the token the first decode step feeds).
@@ -500,6 +510,30 @@ fn lead_pipeline(cfg: &EngineConfig, p: &super::worker::PipelineConfig) -> Resul
     Ok(m)
 }
 
+/// What the last prompt chunk cost: a fixed part (dequantizing weights) and
+/// the rest per token.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ChunkCost {
+    pub fixed_secs: f64,
+    pub per_token_secs: f64,
+}
+
+impl ChunkCost {
+    /// From a chunk of `tokens` that took `secs`, `fixed` of them dequantizing.
+    pub fn measured(tokens: usize, secs: f64, fixed: f64) -> Self {
+        let fixed = fixed.clamp(0.0, secs);
+        ChunkCost { fixed_secs: fixed, per_token_secs: ((secs - fixed) / tokens.max(1) as f64).max(1e-7) }
+    }
+
+    /// Tokens for a chunk of about `secs`, or more where the fixed part
+    /// would be more than [`MAX_FIXED_SHARE`] of it.
+    pub fn tokens_for(&self, secs: f64) -> usize {
+        let by_time = (secs - self.fixed_secs).max(0.0) / self.per_token_secs;
+        let by_share = self.fixed_secs * (1.0 / MAX_FIXED_SHARE - 1.0) / self.per_token_secs;
+        by_time.max(by_share).min(1e9) as usize
+    }
+}
+
 /// The next chunk of a prompt with `left` tokens to compute, about `target`
 /// long: the whole rest when it is at most [`MIN_CHUNK`] past the target
 /// (so no chunk of a prompt is a small one but a small whole rest), else
@@ -542,6 +576,18 @@ mod tests {
         assert_eq!(chunk_len(512, 540), 540, "a 28-token rest joins the chunk");
         assert_eq!(chunk_len(512, 545), 512, "a 33-token rest is a chunk of its own");
         assert_eq!(chunk_len(10, 2000), MIN_CHUNK, "the target is raised to the smallest chunk");
+        // A large model: 0.4 s to dequantize, 15 ms a token. Alone, 1.2 s
+        // would give 53 tokens, but then the fixed part is a third: 80.
+        let big = ChunkCost::measured(33, 0.4 + 33.0 * 0.015, 0.4);
+        assert!((big.per_token_secs - 0.015).abs() < 1e-9);
+        assert!((79..=80).contains(&big.tokens_for(CHUNK_SECS_ALONE)), "{}", big.tokens_for(CHUNK_SECS_ALONE));
+        assert!((79..=80).contains(&big.tokens_for(CHUNK_SECS_DECODING)), "the fixed share rules while others decode too");
+        // A small one: 10 ms fixed, 2 ms a token: the time rules.
+        let small = ChunkCost::measured(128, 0.01 + 0.256, 0.01);
+        assert!((594..=595).contains(&small.tokens_for(CHUNK_SECS_ALONE)));
+        assert!((119..=120).contains(&small.tokens_for(CHUNK_SECS_DECODING)));
+        // No fixed part measured (MLX's own path): tokens per second as before.
+        assert!((119..=120).contains(&ChunkCost::measured(100, 1.0, 0.0).tokens_for(1.2)));
         assert_eq!(chunk_len(40, 20), 20, "a small whole rest");
         // Every way of cutting a prompt keeps all its chunks on one side of the kernels' limit.
         for left in 1..300 {

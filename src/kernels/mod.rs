@@ -8,6 +8,7 @@
 pub mod attn;
 #[allow(unsafe_code)]
 mod pool;
+pub mod qgemm;
 pub mod qmv;
 
 pub use qmv::{

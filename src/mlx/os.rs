@@ -115,3 +115,70 @@ pub fn make_this_thread_idle() -> bool {
         false
     }
 }
+
+/// `cblas_sgemm`'s C signature (CBLAS enums as ints).
+type SgemmFn = unsafe extern "C" fn(
+    layout: c_int,
+    trans_a: c_int,
+    trans_b: c_int,
+    m: c_int,
+    n: c_int,
+    k: c_int,
+    alpha: f32,
+    a: *const f32,
+    lda: c_int,
+    b: *const f32,
+    ldb: c_int,
+    beta: f32,
+    c: *mut f32,
+    ldc: c_int,
+);
+
+/// The process's `cblas_sgemm` (OpenBLAS, linked ahead of the wheel's netlib
+/// BLAS; MLX's own products call the same one), looked up once.
+fn sgemm_symbol() -> Option<SgemmFn> {
+    static SYM: std::sync::OnceLock<Option<SgemmFn>> = std::sync::OnceLock::new();
+    *SYM.get_or_init(|| {
+        let name = CString::new("cblas_sgemm").ok()?;
+        // SAFETY: dlsym with RTLD_DEFAULT only reads the loaded objects' tables.
+        let addr = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+        if addr.is_null() {
+            return None;
+        }
+        // SAFETY: every CBLAS exports cblas_sgemm with this signature.
+        Some(unsafe { std::mem::transmute::<*mut libc::c_void, SgemmFn>(addr) })
+    })
+}
+
+/// Whether [`sgemm_nt`] can run (a CBLAS is loaded).
+pub fn has_sgemm() -> bool {
+    sgemm_symbol().is_some()
+}
+
+/// `c[i][ldc-strided j] = sum_k a[i][k] * b[j][k]` for row-major `a: [m, k]`
+/// (row stride `k`), `b: [n, k]` (row stride `k`) and `c` rows of stride
+/// `ldc >= n`: one BLAS product `A B^T`. False (nothing written) when no
+/// CBLAS is loaded or a slice is too short for the sizes.
+pub fn sgemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], ldc: usize) -> bool {
+    let Some(f) = sgemm_symbol() else { return false };
+    if m == 0 || n == 0 {
+        return true;
+    }
+    let fits = |x: usize| c_int::try_from(x).is_ok();
+    if !(fits(m) && fits(n) && fits(k.max(1)) && fits(ldc)) || ldc < n || k == 0 {
+        return false;
+    }
+    if a.len() < m * k || b.len() < n * k || c.len() < (m - 1) * ldc + n {
+        return false;
+    }
+    const ROW_MAJOR: c_int = 101;
+    const NO_TRANS: c_int = 111;
+    const TRANS: c_int = 112;
+    // SAFETY: the lengths were checked against the sizes and strides above,
+    // so BLAS reads and writes only inside the three slices; `c` is borrowed
+    // mutably, so nothing else reads it meanwhile.
+    unsafe {
+        f(ROW_MAJOR, NO_TRANS, TRANS, m as c_int, n as c_int, k as c_int, 1.0, a.as_ptr(), k as c_int, b.as_ptr(), k as c_int, 0.0, c.as_mut_ptr(), ldc as c_int);
+    }
+    true
+}

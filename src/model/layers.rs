@@ -354,9 +354,44 @@ fn quantized_forward(q: &QuantizedMatrix, x: &Array, on_cpu: bool) -> std::resul
         }
     }
     if on_cpu && rows(x) >= CPU_DEQUANT_MIN_ROWS {
+        if cpu_kernels_enabled() {
+            if let Some(y) = cpu_quantized_gemm(q, x)? {
+                return Ok(y);
+            }
+        }
         return Ok(x.matmul(dense_host(q)?.t())?);
     }
     q.matmul(x)
+}
+
+/// `x W^T` for many rows on the CPU: W dequantized a panel at a time into a
+/// buffer that stays in cache, each panel through the process's BLAS
+/// ([`kernels::qgemm`]); the same values as dequantizing W whole for MLX's
+/// BLAS product. `None` when it does not apply (no CBLAS loaded, another
+/// dtype or bit width): the caller takes that path.
+fn cpu_quantized_gemm(q: &QuantizedMatrix, x: &Array) -> std::result::Result<Option<Array>, MlxError> {
+    let m = rows(x) as usize;
+    if x.dtype() != Dtype::Float32 || m == 0 || !matches!(q.bits, 4 | 8) || !crate::mlx::os::has_sgemm() {
+        return Ok(None);
+    }
+    let (out, cols) = q.shape();
+    if x.shape().last() != Some(&cols) {
+        return Ok(None);
+    }
+    x.eval()?;
+    let x = if x.try_as_slice::<f32>().is_ok() { x.clone() } else { x.contiguous()? };
+    let (Ok(xs), Some(w)) = (x.try_as_slice::<f32>(), quant_matrix(q)) else {
+        return Ok(None);
+    };
+    let mut y = vec![0f32; m * out as usize];
+    if kernels::qgemm::qgemm(&w, xs, m, &mut y, &crate::mlx::os::sgemm_nt).is_err() {
+        return Ok(None);
+    }
+    let mut shape = x.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = out;
+    }
+    Ok(Some(crate::mlx::array_from_vec(y, &shape)?))
 }
 
 /// The dense matrix `q` stands for, for a BLAS product: dequantized by

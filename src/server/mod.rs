@@ -93,6 +93,8 @@ pub struct State {
     recent: recent::Recent,
     /// Where MLX computes, and kvserve's own CPU kernels where they serve.
     backend: String,
+    /// The model's template knows `<think>`: an answer may open with it.
+    may_think: bool,
     started: f64,
 }
 
@@ -112,7 +114,9 @@ impl State {
         } else {
             "MLX on the GPU".to_string()
         };
+        let may_think = engine.info.tokenizer.chat_template.as_deref().is_some_and(|t| t.contains("<think>"));
         Arc::new(State {
+            may_think,
             engine,
             metrics: Metrics::new(),
             cfg,
@@ -667,7 +671,7 @@ async fn start(state: &State, request: &ChatRequest, id: &str) -> Result<Generat
     };
     let thinking_open = prompt.text.trim_end().ends_with("<think>");
     state.engine.submit(Job { prompt: prompt.ids, opts, events: tx, cache_points: prompt.cache_points })?;
-    let tools = ToolStream::new(state.tool_format, &request.tools, thinking_open, id);
+    let tools = ToolStream::new(state.tool_format, &request.tools, thinking_open, state.may_think, id);
     Ok(Generation::new(rx, tools))
 }
 

@@ -258,11 +258,22 @@ pub fn qmv(w: &QuantMatrix, x: &[f32], m: usize, y: &mut [f32]) -> Result<(), Ke
 /// and shift ops, on one thread) took about a quarter of a second per
 /// prompt chunk for SmolLM2's matrices here.
 pub fn dequantize(w: &QuantMatrix, out: &mut [f32]) -> Result<(), KernelError> {
-    validate_format(w)?;
     let n = validate_lengths(w, 1)?;
     length("out", n, out.len(), w, 1)?;
-    if n == 0 {
+    dequantize_rows(w, 0, out)
+}
+
+/// Rows `r0 .. r0 + out.len() / cols` of [`dequantize`]'s matrix into `out`
+/// (whole rows), split across the thread pool as it does.
+pub fn dequantize_rows(w: &QuantMatrix, r0: usize, out: &mut [f32]) -> Result<(), KernelError> {
+    validate_format(w)?;
+    validate_lengths(w, 1)?;
+    if w.cols == 0 || out.is_empty() {
         return Ok(());
+    }
+    let rows = out.len() / w.cols;
+    if out.len() % w.cols != 0 || r0 + rows > w.rows {
+        return Err(KernelError::Length { what: "out", expected: (w.rows - r0.min(w.rows)) * w.cols, got: out.len(), rows: w.rows, cols: w.cols, m: 1 });
     }
     let simd = selected().isa != Isa::Scalar;
     let rows_fn = |r0: usize, part: &mut [f32]| {
@@ -275,8 +286,8 @@ pub fn dequantize(w: &QuantMatrix, out: &mut [f32]) -> Result<(), KernelError> {
     };
     // Pieces of at least 16 rows, several per thread.
     let pool = Pool::global(MAX_THREADS);
-    let chunk = w.rows.div_ceil((4 * pool.threads()).clamp(1, w.rows.div_ceil(16)));
-    pool.each(out.chunks_mut(chunk * w.cols).collect(), &|p, part| rows_fn(p * chunk, part));
+    let chunk = rows.div_ceil((4 * pool.threads()).clamp(1, rows.div_ceil(16)));
+    pool.each(out.chunks_mut(chunk * w.cols).collect(), &|p, part| rows_fn(r0 + p * chunk, part));
     Ok(())
 }
 

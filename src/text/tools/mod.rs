@@ -70,6 +70,9 @@ pub struct ToolStream {
     id_prefix: String,
     /// The last piece was a call: whitespace is held, and dropped before another call.
     after_call: bool,
+    /// The model may open its answer with `<think>` (its template knows the
+    /// tag): leading whitespace is held until the answer shows whether it does.
+    may_think: bool,
 }
 
 /// The longest suffix of `s` that is a proper prefix of `marker` (bytes).
@@ -82,9 +85,10 @@ fn partial_suffix(s: &str, marker: &str) -> usize {
 
 impl ToolStream {
     /// `format`: how calls look (none: all output is text); `tools`: their
-    /// definitions (parameter types guide XML values); `thinking`: the
-    /// answer may open with `<think>` (or already did, in the prompt).
-    pub fn new(format: Option<ToolFormat>, tools: &[Value], thinking_open: bool, id_prefix: &str) -> Self {
+    /// definitions (parameter types guide XML values); `thinking_open`: the
+    /// prompt already opened `<think>`; `may_think`: the answer may open with
+    /// `<think>` (else leading whitespace streams at once, as any text).
+    pub fn new(format: Option<ToolFormat>, tools: &[Value], thinking_open: bool, may_think: bool, id_prefix: &str) -> Self {
         ToolStream {
             format: if tools.is_empty() { None } else { format },
             tools: tools.to_vec(),
@@ -93,6 +97,7 @@ impl ToolStream {
             calls: 0,
             id_prefix: id_prefix.to_string(),
             after_call: false,
+            may_think,
         }
     }
 
@@ -113,16 +118,23 @@ impl ToolStream {
             match self.mode {
                 Mode::Start => {
                     let t = self.buf.trim_start();
+                    let llama3 = self.format == Some(ToolFormat::Llama3);
+                    // Leading whitespace is held only while `<think>` or a
+                    // Llama 3 call could still follow it.
                     if t.is_empty() {
-                        return out;
+                        if self.may_think || llama3 {
+                            return out;
+                        }
+                        self.mode = Mode::Text;
+                        continue;
                     }
-                    if t.starts_with(THINK_OPEN) {
+                    if self.may_think && t.starts_with(THINK_OPEN) {
                         let skip = self.buf.len() - t.len() + THINK_OPEN.len();
                         self.buf.drain(..skip);
                         self.mode = Mode::Thinking;
-                    } else if THINK_OPEN.starts_with(t) || (self.format == Some(ToolFormat::Llama3) && PYTHON_TAG.starts_with(t)) {
+                    } else if (self.may_think && THINK_OPEN.starts_with(t)) || (llama3 && PYTHON_TAG.starts_with(t)) {
                         return out;
-                    } else if self.format == Some(ToolFormat::Llama3) && (t.starts_with('{') || t.starts_with(PYTHON_TAG)) {
+                    } else if llama3 && (t.starts_with('{') || t.starts_with(PYTHON_TAG)) {
                         self.mode = Mode::WholeJson;
                     } else {
                         self.mode = Mode::Text;
@@ -242,7 +254,7 @@ mod tests {
 
     /// Feed `text` in pieces of `step` bytes (at char boundaries) and collect.
     fn run(format: ToolFormat, text: &str, step: usize) -> (Vec<Piece>, bool) {
-        let mut s = ToolStream::new(Some(format), &tools(), false, "call");
+        let mut s = ToolStream::new(Some(format), &tools(), false, true, "call");
         let mut out = vec![];
         for piece in crate::text::char_chunks(text, step) {
             out.extend(s.push(piece));
@@ -334,10 +346,27 @@ mod tests {
     fn thinking_is_split_from_the_answer() {
         let (p, _) = run(ToolFormat::Hermes, "<think>\nadd 2 and 2\n</think>\n\nIt is 4.", 3);
         assert_eq!(p, vec![Piece::Thinking("\nadd 2 and 2\n".into()), Piece::Text("It is 4.".into())]);
-        let mut s = ToolStream::new(None, &[], true, "c");
+        let mut s = ToolStream::new(None, &[], true, true, "c");
         let mut out = s.push("plan</think>\n\nanswer");
         out.extend(s.finish().0);
         assert_eq!(out, vec![Piece::Thinking("plan".into()), Piece::Text("answer".into())]);
+    }
+
+    #[test]
+    fn leading_whitespace_streams_unless_a_tag_could_follow() {
+        // A model that cannot think: every whitespace piece goes out as it comes.
+        let mut s = ToolStream::new(Some(ToolFormat::Hermes), &tools(), false, false, "c");
+        for ws in [" ", "\n", "  ", "\t"] {
+            assert_eq!(s.push(ws), vec![Piece::Text(ws.into())], "{ws:?}");
+        }
+        assert_eq!(s.push("<think>x"), vec![Piece::Text("<think>x".into())], "not a tag it knows");
+        // One that may: held until the answer shows.
+        let mut s = ToolStream::new(None, &[], false, true, "c");
+        assert_eq!(s.push("\n"), vec![]);
+        assert_eq!(s.push("<think>a</think>\n\nb"), vec![Piece::Thinking("a".into()), Piece::Text("b".into())]);
+        let mut s = ToolStream::new(None, &[], false, true, "c");
+        assert_eq!(s.push(" "), vec![]);
+        assert_eq!(s.push("hi"), vec![Piece::Text(" hi".into())]);
     }
 
     #[test]
