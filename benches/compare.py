@@ -683,7 +683,10 @@ def main():
             servers.append("mlx-lm+BLAS")
     json_path = os.path.splitext(args.out)[0] + ".json"
     os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
-    weight_bytes = sum(os.path.getsize(os.path.join(args.model, f)) for f in os.listdir(args.model) if f.endswith(".safetensors"))
+    if os.path.isdir(args.model):
+        weight_bytes = sum(os.path.getsize(os.path.join(args.model, f)) for f in os.listdir(args.model) if f.endswith(".safetensors"))
+    else:  # a GGUF file: its size is its weights' (the metadata is small beside them)
+        weight_bytes = os.path.getsize(args.model)
     import mlx.core as mx
     import mlx_lm
     res = {

@@ -10,9 +10,10 @@
 //!   shares a long prefix with one being computed right now waits for that
 //!   prefix to be done and kept as a snapshot instead of computing it too.
 //! - **Which prefill.** The sequence with the fewest prompt tokens left.
-//! - **Chunk size.** Chosen from the last chunk's measured cost, split into
-//!   a fixed part (dequantizing the weights, the same for any length) and a
-//!   part per token ([`ChunkCost`]), so that a chunk takes about
+//! - **Chunk size.** Chosen from the recent chunks' measured costs, fitted
+//!   as a fixed part (dequantizing the weights, running each layer's graph:
+//!   the same for any length) plus a part per token ([`ChunkCost`]), so
+//!   that a chunk takes about
 //!   [`CHUNK_SECS_DECODING`] while others decode (their next token waits for
 //!   it) and [`CHUNK_SECS_ALONE`] otherwise (a request that arrives waits for
 //!   it), up to the configured maximum; but never so short that the fixed
@@ -55,7 +56,15 @@ pub const CHUNK_SECS_DECODING: f64 = 0.25;
 pub const CHUNK_SECS_ALONE: f64 = 1.2;
 /// The most of a chunk's time its fixed cost may take: a model whose
 /// weights take 0.4 s to dequantize gets chunks of at least 1.6 s.
-pub const MAX_FIXED_SHARE: f64 = 0.25;
+pub const MAX_FIXED_SHARE: f64 = 0.15;
+/// The smallest chunk while nothing decodes (unless the prompt's rest is
+/// smaller): below about 128 rows a BLAS product runs well under its peak
+/// (a 1.1B model here: 128 tokens at 17 ms each past a 0.6 s fixed part,
+/// 33 at 36 ms each), so a large model's chunks stop at this even where
+/// [`CHUNK_SECS_ALONE`] would want fewer tokens; a small model's reach it anyway.
+pub const ALONE_MIN_CHUNK: usize = 128;
+/// Chunks the cost line is fitted over.
+pub const COST_SAMPLES: usize = 8;
 /// The first chunk, before any was measured.
 pub const FIRST_CHUNK: usize = 128;
 /// The smallest chunk but a prompt's whole rest: one more than the rows the
@@ -82,6 +91,8 @@ pub(super) struct Scheduler {
     queued: Arc<AtomicUsize>,
     /// Prompt tokens per second of the last prefill chunk.
     prefill_cost: Option<ChunkCost>,
+    /// The last chunks' (tokens, seconds, seconds dequantizing), for the fit.
+    chunk_samples: VecDeque<(usize, f64, f64)>,
     /// Test hook: the next job panics at its first text.
     pub inject_panic: Arc<AtomicBool>,
     /// Published after every step.
@@ -146,6 +157,7 @@ impl Scheduler {
             next_id: 0,
             queued,
             prefill_cost: None,
+            chunk_samples: VecDeque::new(),
             inject_panic: Arc::new(AtomicBool::new(false)),
             load,
         };
@@ -358,7 +370,10 @@ impl Scheduler {
         s.last_chunk = Instant::now();
         let secs = if decoding { CHUNK_SECS_DECODING } else { CHUNK_SECS_ALONE };
         let target = match self.prefill_cost {
-            Some(cost) => cost.tokens_for(secs),
+            // Alone, never below the rows BLAS needs to run near its peak.
+            Some(cost) if decoding => cost.tokens_for(secs),
+            // Until the line is known, one chunk of twice the length shows its slope.
+            Some(cost) => cost.tokens_for(secs).max(ALONE_MIN_CHUNK) * if cost.fitted { 1 } else { 2 },
             None => FIRST_CHUNK,
         };
         let pos = s.pos();
@@ -389,7 +404,11 @@ impl Scheduler {
         prefill(&self.model, &mut s.live, &part, chunk).map_err(|e| StepError(vec![s.id], e.to_string()))?;
         let secs = t.elapsed().as_secs_f64();
         let fixed = (crate::kernels::qgemm::dequant_nanos() - dequant0) as f64 * 1e-9;
-        self.prefill_cost = Some(ChunkCost::measured(chunk, secs, fixed));
+        if self.chunk_samples.len() == COST_SAMPLES {
+            self.chunk_samples.pop_front();
+        }
+        self.chunk_samples.push_back((chunk, secs, fixed));
+        self.prefill_cost = Some(ChunkCost::fit(self.chunk_samples.make_contiguous(), self.prefill_cost));
         tracing::debug!("prefill chunk of {chunk} tokens at {pos} in {:.0} ms ({:.0} ms fixed; {} decoding)", secs * 1e3, fixed * 1e3, decoding);
         let end = pos + chunk;
         // Exactly here: a cache point, a waiting request's shared prefix, or
@@ -516,13 +535,48 @@ fn lead_pipeline(cfg: &EngineConfig, p: &super::worker::PipelineConfig) -> Resul
 pub struct ChunkCost {
     pub fixed_secs: f64,
     pub per_token_secs: f64,
+    /// Fitted through chunks of different lengths (else the fixed part is
+    /// only the dequantizing measured, a lower bound).
+    pub fitted: bool,
 }
 
 impl ChunkCost {
     /// From a chunk of `tokens` that took `secs`, `fixed` of them dequantizing.
     pub fn measured(tokens: usize, secs: f64, fixed: f64) -> Self {
         let fixed = fixed.clamp(0.0, secs);
-        ChunkCost { fixed_secs: fixed, per_token_secs: ((secs - fixed) / tokens.max(1) as f64).max(1e-7) }
+        ChunkCost { fixed_secs: fixed, per_token_secs: ((secs - fixed) / tokens.max(1) as f64).max(1e-7), fitted: false }
+    }
+
+    /// The cost line through recent chunks `(tokens, secs, secs dequantizing)`
+    /// by least squares, when their lengths differ enough to show a slope
+    /// (a quarter of their mean); else `last` (the fit so far), else the
+    /// newest chunk alone with its dequantizing as the fixed part. The fixed
+    /// part is never below the dequantizing measured (it is part of it).
+    pub fn fit(samples: &[(usize, f64, f64)], last: Option<ChunkCost>) -> Self {
+        let Some(&(n, t, f)) = samples.last() else { return last.unwrap_or(ChunkCost { fixed_secs: 0.0, per_token_secs: 1e-3, fitted: false }) };
+        let single = Self::measured(n, t, f);
+        let k = samples.len() as f64;
+        let (mn, mt) = samples.iter().fold((0.0, 0.0), |(a, b), &(n, t, _)| (a + n as f64 / k, b + t / k));
+        let dequant = samples.iter().map(|s| s.2).sum::<f64>() / k;
+        let (lo, hi) = samples.iter().fold((usize::MAX, 0), |(lo, hi), s| (lo.min(s.0), hi.max(s.0)));
+        if (hi - lo) as f64 >= 0.25 * mn {
+            let var: f64 = samples.iter().map(|&(n, _, _)| (n as f64 - mn).powi(2)).sum();
+            let cov: f64 = samples.iter().map(|&(n, t, _)| (n as f64 - mn) * (t - mt)).sum();
+            let b = cov / var;
+            let a = mt - b * mn;
+            if b > 0.0 && a.is_finite() {
+                let fixed = a.max(dequant).min(mt);
+                // Through the mean point: the slope b unless the fixed part was raised.
+                return ChunkCost { fixed_secs: fixed, per_token_secs: ((mt - fixed) / mn.max(1.0)).max(1e-7), fitted: true };
+            }
+        }
+        match last {
+            // Chunks of one length: the line keeps its fixed part, the slope follows the newest.
+            Some(l) if l.fixed_secs < t => {
+                ChunkCost { fixed_secs: l.fixed_secs.max(f), per_token_secs: ((t - l.fixed_secs.max(f)) / n.max(1) as f64).max(1e-7), fitted: l.fitted }
+            }
+            _ => single,
+        }
     }
 
     /// Tokens for a chunk of about `secs`, or more where the fixed part
@@ -588,6 +642,19 @@ mod tests {
         assert!((119..=120).contains(&small.tokens_for(CHUNK_SECS_DECODING)));
         // No fixed part measured (MLX's own path): tokens per second as before.
         assert!((119..=120).contains(&ChunkCost::measured(100, 1.0, 0.0).tokens_for(1.2)));
+        // Seen with a 1.1B model here: 128 tokens in 2.84 s, 33 in 1.19 s (0.2 s
+        // dequantizing each): the line has 0.62 s fixed and 17 ms a token, so
+        // chunks of about 110 tokens, not 33.
+        let seen = [(128, 2.84, 0.2), (33, 1.19, 0.2)];
+        let line = ChunkCost::fit(&seen, None);
+        assert!((line.fixed_secs - 0.617).abs() < 0.01 && (line.per_token_secs - 0.01737).abs() < 1e-4, "{line:?}");
+        assert!((100..=110).contains(&line.tokens_for(CHUNK_SECS_ALONE)), "{}", line.tokens_for(CHUNK_SECS_ALONE));
+        // Then chunks of one length keep the fixed part found.
+        let same = ChunkCost::fit(&[(107, 2.5, 0.2), (107, 2.5, 0.2)], Some(line));
+        assert_eq!(same.fixed_secs, line.fixed_secs);
+        assert!((same.per_token_secs - (2.5 - line.fixed_secs) / 107.0).abs() < 1e-12);
+        // One sample and nothing before: as measured.
+        assert_eq!(ChunkCost::fit(&[(100, 1.0, 0.1)], None), ChunkCost::measured(100, 1.0, 0.1));
         assert_eq!(chunk_len(40, 20), 20, "a small whole rest");
         // Every way of cutting a prompt keeps all its chunks on one side of the kernels' limit.
         for left in 1..300 {
