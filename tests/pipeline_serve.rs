@@ -496,11 +496,16 @@ fn snapshot_files_are_kept_by_every_rank_and_read_after_a_restart() {
     let turn2 = |a1: &str| conversation(&[("Which rivers flow into the Black Sea?", Some(a1)), ("Which is the longest?", None)]);
     // One process with no cache: both turns computed whole. (A warm turn
     // computes in other chunks than a cold one, and here that turns one
-    // greedy token: the cold answer is the reference for a miss.)
+    // greedy token: the cold answer is the reference for a miss.) Turn 2's
+    // reference is a fresh process's first request, as run 3's miss is a
+    // fresh group's: chunk sizes follow the speeds measured so far, and a
+    // process that has answered turn 1 cuts turn 2 otherwise.
     let one = Server::start(&["--model", m, "--cache-bytes", "0"]);
     let (cold1, _) = chat(&one.addr, &turn1);
-    let (cold2, _) = chat(&one.addr, &turn2(&cold1));
     one.stop();
+    let fresh = Server::start(&["--model", m, "--cache-bytes", "0"]);
+    let (cold2, _) = chat(&fresh.addr, &turn2(&cold1));
+    fresh.stop();
 
     // Run 1: two turns, then a clean stop (every snapshot written on both ranks).
     let (f, lead) = group("run 1");
