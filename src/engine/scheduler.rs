@@ -89,7 +89,7 @@ pub(super) struct Scheduler {
     running: Vec<Sequence>,
     next_id: u64,
     queued: Arc<AtomicUsize>,
-    /// Prompt tokens per second of the last prefill chunk.
+    /// What a prefill chunk costs, fitted over `chunk_samples`.
     prefill_cost: Option<ChunkCost>,
     /// The last chunks' (tokens, seconds, seconds dequantizing), for the fit.
     chunk_samples: VecDeque<(usize, f64, f64)>,
@@ -529,8 +529,8 @@ fn lead_pipeline(cfg: &EngineConfig, p: &super::worker::PipelineConfig) -> Resul
     Ok(m)
 }
 
-/// What the last prompt chunk cost: a fixed part (dequantizing weights) and
-/// the rest per token.
+/// What a prompt chunk costs: a fixed part (dequantizing weights, each
+/// layer's graph) and the rest per token.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ChunkCost {
     pub fixed_secs: f64,

@@ -165,7 +165,7 @@ pub fn sgemm_nt(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32
         return true;
     }
     let fits = |x: usize| c_int::try_from(x).is_ok();
-    if !(fits(m) && fits(n) && fits(k.max(1)) && fits(ldc)) || ldc < n || k == 0 {
+    if !(fits(m) && fits(n) && fits(k) && fits(ldc)) || ldc < n || k == 0 {
         return false;
     }
     if a.len() < m * k || b.len() < n * k || c.len() < (m - 1) * ldc + n {

@@ -312,29 +312,44 @@ fn host_error(message: String) -> MlxError {
 /// when they do not apply (another dtype or bit width), so MLX's kernel runs.
 /// `x` is evaluated here: the step's graph is cut at each such product.
 pub fn cpu_quantized_matmul(q: &QuantizedMatrix, x: &Array) -> std::result::Result<Option<Array>, MlxError> {
+    cpu_product(q, x, |w, xs, _, y| {
+        let cols = w.cols;
+        xs.chunks(kernels::MAX_M * cols).zip(y.chunks_mut(kernels::MAX_M * w.rows)).all(|(xt, yt)| kernels::qmv(w, xt, xt.len() / cols, yt).is_ok())
+    })
+}
+
+/// `x W^T` on the CPU by `product` over `x`'s f32 rows read in place
+/// (`x` evaluated here, so the step's graph is cut at the product): the
+/// checks, the reading and the output's shape that the kernel paths share.
+/// `None` when it does not apply (another dtype or bit width, or `product`
+/// refused): the caller takes MLX's path.
+fn cpu_product(
+    q: &QuantizedMatrix,
+    x: &Array,
+    product: impl FnOnce(&QuantMatrix, &[f32], usize, &mut [f32]) -> bool,
+) -> std::result::Result<Option<Array>, MlxError> {
     let m = rows(x) as usize;
     if x.dtype() != Dtype::Float32 || m == 0 || !matches!(q.bits, 4 | 8) {
         return Ok(None);
     }
     let (out, cols) = q.shape();
-    let x = if x.shape().last() == Some(&cols) { x.clone() } else { return Ok(None) };
+    if x.shape().last() != Some(&cols) {
+        return Ok(None);
+    }
     x.eval()?;
-    let x = if x.try_as_slice::<f32>().is_ok() { x } else { x.contiguous()? };
+    let x = if x.try_as_slice::<f32>().is_ok() { x.clone() } else { x.contiguous()? };
     let (Ok(xs), Some(w)) = (x.try_as_slice::<f32>(), quant_matrix(q)) else {
         return Ok(None);
     };
-    let (out_n, cols_n) = (out as usize, cols as usize);
-    let mut y = vec![0f32; m * out_n];
-    for (xt, yt) in xs.chunks(kernels::MAX_M * cols_n).zip(y.chunks_mut(kernels::MAX_M * out_n)) {
-        if kernels::qmv(&w, xt, xt.len() / cols_n, yt).is_err() {
-            return Ok(None);
-        }
+    let mut y = vec![0f32; m * out as usize];
+    if !product(&w, xs, m, &mut y) {
+        return Ok(None);
     }
     let mut shape = x.shape().to_vec();
     if let Some(last) = shape.last_mut() {
         *last = out;
     }
-    Ok(Some(Array::from_slice(&y, &shape)))
+    Ok(Some(crate::mlx::array_from_vec(y, &shape)?))
 }
 
 /// Up to this many rows, a CPU product runs on kvserve's kernels in tiles of
@@ -370,28 +385,10 @@ fn quantized_forward(q: &QuantizedMatrix, x: &Array, on_cpu: bool) -> std::resul
 /// BLAS product. `None` when it does not apply (no CBLAS loaded, another
 /// dtype or bit width): the caller takes that path.
 fn cpu_quantized_gemm(q: &QuantizedMatrix, x: &Array) -> std::result::Result<Option<Array>, MlxError> {
-    let m = rows(x) as usize;
-    if x.dtype() != Dtype::Float32 || m == 0 || !matches!(q.bits, 4 | 8) || !crate::mlx::os::has_sgemm() {
+    if !crate::mlx::os::has_sgemm() {
         return Ok(None);
     }
-    let (out, cols) = q.shape();
-    if x.shape().last() != Some(&cols) {
-        return Ok(None);
-    }
-    x.eval()?;
-    let x = if x.try_as_slice::<f32>().is_ok() { x.clone() } else { x.contiguous()? };
-    let (Ok(xs), Some(w)) = (x.try_as_slice::<f32>(), quant_matrix(q)) else {
-        return Ok(None);
-    };
-    let mut y = vec![0f32; m * out as usize];
-    if kernels::qgemm::qgemm(&w, xs, m, &mut y, &crate::mlx::os::sgemm_nt).is_err() {
-        return Ok(None);
-    }
-    let mut shape = x.shape().to_vec();
-    if let Some(last) = shape.last_mut() {
-        *last = out;
-    }
-    Ok(Some(crate::mlx::array_from_vec(y, &shape)?))
+    cpu_product(q, x, |w, xs, m, y| kernels::qgemm::qgemm(w, xs, m, y, &crate::mlx::os::sgemm_nt).is_ok())
 }
 
 /// The dense matrix `q` stands for, for a BLAS product: dequantized by
